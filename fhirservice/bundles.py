@@ -1,0 +1,282 @@
+"""Batch and transaction Bundles posted to the FHIR base.
+
+Each entry runs as a sub-request through the same middleware and views as a plain REST call,
+so validation, If-Match, Prefer and per-request state (such as the Group members-written flag)
+behave exactly as they would for a single request. A transaction runs all of its entries in
+one metadata transaction: the first failing entry rolls everything back and its
+OperationOutcome is the answer. Before a transaction runs, ``urn:uuid`` full URLs get server
+ids and conditional references (``Patient?identifier=…``) are resolved, and every reference in
+the Bundle is rewritten to the ids the server assigned.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from django.core.handlers.base import BaseHandler
+from django.core.handlers.wsgi import WSGIRequest
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse
+
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import BadRequest, FhirError, PreconditionFailed
+from fhirservice.fhir.resource_types import is_resource_type
+from fhirservice.search.query import search_keys
+
+MSG_NOT_A_BUNDLE = "The body must be a Bundle of type batch or transaction"
+MSG_ENTRY_INVALID = "Entry {index}: {problem}"
+MSG_ENTRY_FAILED = "Transaction failed at entry {index} ({method} {url}): {diagnostics}"
+MSG_CONDITIONAL_REF = "Conditional reference {reference!r} matches {count} resources"
+
+ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+@dataclass
+class Entry:
+    """One Bundle entry's request, normalised."""
+
+    index: int
+    method: str
+    url: str
+    resource: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    assigned_id: str | None = None
+    full_url: str | None = None
+
+
+class _SubRequestHandler(BaseHandler):
+    """Django's request handler with the project's middleware, loaded once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.load_middleware()
+
+
+_handler: _SubRequestHandler | None = None
+
+
+def _sub_handler() -> _SubRequestHandler:
+    global _handler
+    if _handler is None:
+        _handler = _SubRequestHandler()
+    return _handler
+
+
+def _parse_entries(bundle: Any) -> tuple[str, list[Entry]]:
+    if (
+        not isinstance(bundle, dict)
+        or bundle.get("resourceType") != "Bundle"
+        or bundle.get("type") not in ("batch", "transaction")
+    ):
+        raise BadRequest(MSG_NOT_A_BUNDLE, detail_code="MSG_BUNDLE_TYPE")
+    entries = []
+    raw_entries = bundle.get("entry") or []
+    if not isinstance(raw_entries, list):
+        raise BadRequest(MSG_NOT_A_BUNDLE, detail_code="MSG_BUNDLE_TYPE", expression="Bundle.entry")
+    for index, raw in enumerate(raw_entries):
+        request = raw.get("request") if isinstance(raw, dict) else None
+        if not isinstance(request, dict):
+            raise BadRequest(
+                MSG_ENTRY_INVALID.format(index=index, problem="no request"),
+                expression=f"Bundle.entry[{index}].request",
+            )
+        method = str(request.get("method", "")).upper()
+        url = request.get("url")
+        if method not in ORDER or not isinstance(url, str) or not url:
+            raise BadRequest(
+                MSG_ENTRY_INVALID.format(index=index, problem="bad method or url"),
+                expression=f"Bundle.entry[{index}].request",
+            )
+        headers = {}
+        for element, header in (
+            ("ifMatch", "HTTP_IF_MATCH"),
+            ("ifNoneExist", "HTTP_IF_NONE_EXIST"),
+            ("ifNoneMatch", "HTTP_IF_NONE_MATCH"),
+        ):
+            if isinstance(request.get(element), str):
+                headers[header] = request[element]
+        entries.append(
+            Entry(
+                index=index,
+                method=method,
+                url=url.lstrip("/"),
+                resource=raw.get("resource"),
+                headers=headers,
+                full_url=raw.get("fullUrl"),
+            )
+        )
+    return bundle["type"], entries
+
+
+def _resolve_conditional(reference: str) -> str:
+    resource_type, _, query = reference.partition("?")
+    if not is_resource_type(resource_type):
+        raise BadRequest(MSG_CONDITIONAL_REF.format(reference=reference, count=0))
+    keys = search_keys(resource_type, query, limit=2)
+    if len(keys) != 1:
+        raise PreconditionFailed(
+            MSG_CONDITIONAL_REF.format(reference=reference, count=len(keys)),
+            detail_code="MSG_CONDITIONAL_REFERENCE",
+        )
+    return keys[0]
+
+
+def _rewrite(value: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                if item in mapping:
+                    item = mapping[item]
+                elif "?" in item and is_resource_type(item.split("?", 1)[0]):
+                    item = mapping.setdefault(item, _resolve_conditional(item))
+            out[key] = _rewrite(item, mapping)
+        return out
+    if isinstance(value, list):
+        return [_rewrite(item, mapping) for item in value]
+    return value
+
+
+def _prepare_transaction(entries: list[Entry]) -> None:
+    """Assign ids to POST entries and rewrite every reference to server ids."""
+    mapping: dict[str, str] = {}
+    for entry in entries:
+        if entry.method == "POST" and isinstance(entry.resource, dict):
+            resource_type = entry.url.split("?")[0]
+            existing = None
+            if "HTTP_IF_NONE_EXIST" in entry.headers:
+                keys = search_keys(resource_type, entry.headers["HTTP_IF_NONE_EXIST"], limit=2)
+                if len(keys) > 1:
+                    raise PreconditionFailed(
+                        MSG_CONDITIONAL_REF.format(
+                            reference=entry.headers["HTTP_IF_NONE_EXIST"], count=len(keys)
+                        )
+                    )
+                existing = keys[0] if keys else None
+            key = existing or f"{resource_type}/{uuid.uuid4()}"
+            if existing is None:
+                entry.assigned_id = key.split("/", 1)[1]
+            if entry.full_url:
+                mapping[entry.full_url] = key
+    for entry in entries:
+        if entry.resource is not None:
+            entry.resource = _rewrite(entry.resource, mapping)
+
+
+def _sub_request(outer: HttpRequest, entry: Entry) -> HttpResponse:
+    parts = urlsplit(entry.url)
+    body = b""
+    content_type = ""
+    if entry.method in ("POST", "PUT"):
+        body = orjson.dumps(entry.resource)
+        content_type = "application/fhir+json"
+    elif entry.method == "PATCH":
+        if isinstance(entry.resource, dict) and entry.resource.get("resourceType") == "Binary":
+            import base64
+
+            body = base64.b64decode(entry.resource.get("data", ""))
+            content_type = entry.resource.get("contentType", "application/json-patch+json")
+        else:
+            body = orjson.dumps(entry.resource)
+            content_type = "application/json-patch+json"
+    environ = {
+        key: value
+        for key, value in outer.META.items()
+        if not key.startswith(("HTTP_IF_", "CONTENT_", "wsgi.input"))
+    }
+    environ.update(
+        {
+            "REQUEST_METHOD": entry.method,
+            "PATH_INFO": f"/{fhir_settings.BASE_PATH}/{parts.path}",
+            "QUERY_STRING": parts.query,
+            "CONTENT_TYPE": content_type,
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body),
+            "HTTP_X_REQUEST_ID": getattr(outer, "request_id", ""),
+            **entry.headers,
+        }
+    )
+    sub = WSGIRequest(environ)
+    sub.fhir_assigned_id = entry.assigned_id
+    sub.user = getattr(outer, "user", None)
+    return _sub_handler().get_response(sub)
+
+
+def _entry_response(entry: Entry, response: HttpResponse) -> tuple[dict[str, Any], bytes | None]:
+    content = b"".join(response) if response.streaming else response.content
+    status = response.status_code
+    fields: dict[str, Any] = {"status": f"{status} {response.reason_phrase}"}
+    for header, element in (
+        ("Location", "location"),
+        ("Content-Location", "location"),
+        ("ETag", "etag"),
+    ):
+        if response.has_header(header):
+            fields[element] = response[header]
+    if response.has_header("Last-Modified"):
+        from email.utils import parsedate_to_datetime
+
+        fields["lastModified"] = parsedate_to_datetime(response["Last-Modified"]).isoformat()
+    resource = None
+    if content:
+        if status >= 400:
+            fields["outcome"] = orjson.loads(content)
+        else:
+            resource = content
+    return {"response": fields}, resource
+
+
+class EntryFailed(Exception):
+    """A transaction entry failed: roll back and answer with its outcome."""
+
+    def __init__(self, entry: Entry, response: HttpResponse) -> None:
+        self.entry = entry
+        self.response = response
+
+
+def process_bundle(request: HttpRequest, bundle: Any) -> tuple[dict[str, Any], list]:
+    """Run a batch or transaction; returns (response Bundle header, entries in input order)."""
+    kind, entries = _parse_entries(bundle)
+    results: dict[int, tuple[dict[str, Any], bytes | None]] = {}
+    if kind == "batch":
+        for entry in entries:
+            try:
+                results[entry.index] = _entry_response(entry, _sub_request(request, entry))
+            except FhirError as exc:
+                results[entry.index] = (
+                    {"response": {"status": str(exc.status), "outcome": exc.outcome()}},
+                    None,
+                )
+    else:
+        try:
+            with transaction.atomic():
+                _prepare_transaction(entries)
+                for entry in sorted(entries, key=lambda e: (ORDER[e.method], e.index)):
+                    response = _sub_request(request, entry)
+                    if response.status_code >= 400:
+                        raise EntryFailed(entry, response)
+                    results[entry.index] = _entry_response(entry, response)
+        except EntryFailed as failed:
+            content = failed.response.content
+            outcome = orjson.loads(content) if content else {}
+            diagnostics = "; ".join(i.get("diagnostics", "") for i in outcome.get("issue", []))
+            error = FhirError(
+                MSG_ENTRY_FAILED.format(
+                    index=failed.entry.index,
+                    method=failed.entry.method,
+                    url=failed.entry.url,
+                    diagnostics=diagnostics,
+                ),
+                expression=f"Bundle.entry[{failed.entry.index}]",
+            )
+            error.status = failed.response.status_code
+            error.code = (outcome.get("issue") or [{}])[0].get("code", "processing")
+            error.detail_code = "MSG_TRANSACTION_FAILED"
+            raise error from None
+    header = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": f"{kind}-response"}
+    return header, [results[e.index] for e in entries]

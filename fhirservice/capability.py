@@ -1,0 +1,117 @@
+"""The CapabilityStatement: built from what is registered, so it lists exactly what works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
+from fhirservice.search.extract import PARAMS
+from fhirservice.search.query import CUSTOM_PARAMS
+
+INTERACTIONS = [
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+]
+COMMON_SEARCH = [
+    {
+        "name": "_id",
+        "type": "token",
+        "definition": "http://hl7.org/fhir/SearchParameter/Resource-id",
+    },
+    {
+        "name": "_lastUpdated",
+        "type": "date",
+        "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+    },
+]
+# Operation contributions: (resource type or None for system, name, definition URL). Filled
+# by the operations and groups apps at start-up.
+OPERATIONS: list[tuple[str | None, str, str]] = []
+
+
+def register_operation(resource_type: str | None, name: str, definition: str) -> None:
+    """List an $operation in the CapabilityStatement."""
+    entry = (resource_type, name, definition)
+    if entry not in OPERATIONS:
+        OPERATIONS.append(entry)
+
+
+def _search_params(resource_type: str) -> list[dict[str, Any]]:
+    params = list(COMMON_SEARCH)
+    for param in PARAMS.get(resource_type, {}).values():
+        params.append(
+            {
+                "name": param.name,
+                "type": param.type,
+                "documentation": param.documentation,
+                "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{param.name}",
+            }
+        )
+    for (type_name, name), (_, doc) in CUSTOM_PARAMS.items():
+        if type_name == resource_type:
+            params.append(
+                {
+                    "name": name,
+                    "type": "reference",
+                    "documentation": doc,
+                    "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{name}",
+                }
+            )
+    return params
+
+
+def capability_statement(base: str, date: str) -> dict[str, Any]:
+    """The server's CapabilityStatement (kind instance, FHIR 4.0.1)."""
+    resources = []
+    for resource_type in sorted(R4_RESOURCE_TYPES):
+        entry: dict[str, Any] = {
+            "type": resource_type,
+            "interaction": [{"code": code} for code in INTERACTIONS],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchParam": _search_params(resource_type),
+        }
+        operations = [
+            {"name": name, "definition": url}
+            for type_name, name, url in OPERATIONS
+            if type_name == resource_type
+        ]
+        if operations:
+            entry["operation"] = operations
+        resources.append(entry)
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "resource": resources,
+        "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+    }
+    system_ops = [
+        {"name": name, "definition": url}
+        for type_name, name, url in OPERATIONS
+        if type_name is None
+    ]
+    if system_ops:
+        rest["operation"] = system_ops
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "publisher": "fhirservice",
+        "kind": "instance",
+        "software": {"name": "fhirservice", "version": "0.1.0"},
+        "implementation": {"description": "FHIR R4 data service", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [rest],
+    }

@@ -1,0 +1,70 @@
+"""Django system checks for the backend configuration (``manage.py check``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+
+SUPPORTED_ENGINES = {
+    "django.db.backends.sqlite3": "SQLite",
+    "django.db.backends.postgresql": "PostgreSQL",
+    "django_mongodb_backend": "MongoDB",
+}
+
+
+@checks.register(checks.Tags.database)
+def check_metadata_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The metadata store must be one of the backends we test against."""
+    engine = settings.DATABASES["default"]["ENGINE"]
+    if engine not in SUPPORTED_ENGINES:
+        return [
+            checks.Error(
+                f"DATABASE_URL selects {engine}, which this service does not support",
+                hint="Use sqlite:///path, postgres://user:pass@host:port/db or set MONGODB_URI",
+                id="fhirservice.E001",
+            )
+        ]
+    if engine == "django.db.backends.sqlite3" and settings.DATABASES["default"]["NAME"] in (
+        ":memory:",
+        "",
+    ):
+        return [
+            checks.Warning("SQLite in memory loses every resource at exit", id="fhirservice.W001")
+        ]
+    return []
+
+
+@checks.register()
+def check_clickhouse_url(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """CLICKHOUSE_URL must name chdb (an absolute path) or a ClickHouse server."""
+    url = getattr(settings, "CLICKHOUSE_URL", "")
+    if url.startswith("chdb:///"):
+        return []
+    if url.startswith("clickhouse://") and len(url) > len("clickhouse://"):
+        return []
+    return [
+        checks.Error(
+            f"CLICKHOUSE_URL {url!r} is neither chdb:///abs/path nor clickhouse://host:port/db",
+            id="fhirservice.E002",
+        )
+    ]
+
+
+@checks.register()
+def check_embedded_workers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """chdb allows one process per data path: several gunicorn workers would fail to start."""
+    import os
+
+    url = getattr(settings, "CLICKHOUSE_URL", "")
+    workers = os.environ.get("WEB_CONCURRENCY", "1")
+    if url.startswith("chdb://") and workers.isdigit() and int(workers) > 1:
+        return [
+            checks.Error(
+                "chdb (embedded ClickHouse) allows one worker process per path",
+                hint="Set WEB_CONCURRENCY=1 or use a ClickHouse server",
+                id="fhirservice.E003",
+            )
+        ]
+    return []

@@ -1,0 +1,96 @@
+"""Service settings: one namespaced dict, ``settings.FHIR_SERVICE``, over a table of defaults.
+
+Read values through ``fhir_settings.NAME``. Every value is validated when first read; a bad
+value raises ``ImproperlyConfigured`` naming the key, so a misconfigured server never starts
+serving. Tests change values with ``override_settings(FHIR_SERVICE={...})``; the cache is
+dropped on ``setting_changed``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+DEFAULTS: dict[str, Any] = {
+    # URL prefix of the FHIR API, without slashes.
+    "BASE_PATH": "4_0_0",
+    # Largest request body accepted (bytes); larger bodies answer 413.
+    "MAX_BODY_BYTES": 512 * 1024 * 1024,
+    # PUT on an unknown id creates the resource with that id (FHIR "update as create").
+    "UPDATE_CREATE": True,
+    # Default and largest page size for searches and history.
+    "DEFAULT_COUNT": 50,
+    "MAX_COUNT": 1000,
+    # How many times a write retries after losing a version race before answering 409.
+    "WRITE_RETRIES": 100,
+    # Where Group rosters live: "clickhouse" (member event stream) or "inline" (in the body).
+    "GROUP_ROSTER_STORAGE": "clickhouse",
+    # PUT of a Group without `member` keeps its roster (seed-system clients) instead of
+    # emptying it (the FHIR rule).
+    "GROUP_PUT_KEEPS_ROSTER": False,
+    # Most member operations one PATCH may carry; more answer 400 too-costly.
+    "MAX_PATCH_OPS": 100_000,
+    # Events per outbox row and per ClickHouse insert.
+    "MEMBER_BATCH_SIZE": 50_000,
+}
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "BASE_PATH": lambda v: (
+        isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*", v)
+    ),
+    "MAX_BODY_BYTES": lambda v: isinstance(v, int) and v > 0,
+    "UPDATE_CREATE": lambda v: isinstance(v, bool),
+    "DEFAULT_COUNT": lambda v: isinstance(v, int) and v > 0,
+    "MAX_COUNT": lambda v: isinstance(v, int) and v > 0,
+    "WRITE_RETRIES": lambda v: isinstance(v, int) and v >= 0,
+    "GROUP_ROSTER_STORAGE": lambda v: v in ("clickhouse", "inline"),
+    "GROUP_PUT_KEEPS_ROSTER": lambda v: isinstance(v, bool),
+    "MAX_PATCH_OPS": lambda v: isinstance(v, int) and v > 0,
+    "MEMBER_BATCH_SIZE": lambda v: isinstance(v, int) and v > 0,
+}
+
+
+class FhirSettings:
+    """Attribute access to ``FHIR_SERVICE`` with defaults and validation."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Unknown FHIR_SERVICE setting: {name!r}")
+        if name not in self._cache:
+            user = getattr(settings, "FHIR_SERVICE", {}) or {}
+            unknown = set(user) - set(DEFAULTS)
+            if unknown:
+                raise ImproperlyConfigured(f"FHIR_SERVICE has unknown keys: {sorted(unknown)}")
+            value = user.get(name, DEFAULTS[name])
+            if not _CHECKS[name](value):
+                raise ImproperlyConfigured(f"FHIR_SERVICE[{name!r}] has a bad value: {value!r}")
+            self._cache[name] = value
+        return self._cache[name]
+
+    def validate_all(self) -> None:
+        """Read every setting once so that a bad value fails at start-up."""
+        for name in DEFAULTS:
+            getattr(self, name)
+
+    def reload(self) -> None:
+        """Forget cached values (after settings change in tests)."""
+        self._cache.clear()
+
+
+fhir_settings = FhirSettings()
+
+
+def _reload(*, setting: str, **_: Any) -> None:
+    if setting == "FHIR_SERVICE":
+        fhir_settings.reload()
+
+
+setting_changed.connect(_reload)

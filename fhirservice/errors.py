@@ -1,0 +1,242 @@
+"""One error hierarchy for the whole service, and the one handler that renders it.
+
+Every 4xx/5xx answer is an OperationOutcome. Each error class declares its HTTP status, its
+FHIR issue code and a stable detail code (``MSG_*``) that clients and tests can rely on; the
+human text goes into ``diagnostics``. Unknown exceptions are logged with their traceback and
+answered with a bare 500 outcome that leaks nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.http import Http404
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+DETAIL_SYSTEM = "urn:fhirservice:detail-code"
+
+# Diagnostics texts that tests assert exactly.
+MSG_VERSION_MISMATCH = "If-Match names version {expected}, but the current version is {current}"
+MSG_UNKNOWN_TYPE = "Unknown resource type: {type}"
+MSG_NOT_FOUND = "{type}/{id} is not known"
+MSG_DELETED = "{type}/{id} was deleted (version {version})"
+MSG_VERSION_NOT_FOUND = "{type}/{id} has no version {version}"
+
+
+class FhirError(Exception):
+    """Base class: an error that becomes an OperationOutcome."""
+
+    status = 500
+    code = "exception"
+    detail_code = "MSG_EXCEPTION"
+    default_diagnostics = "The server could not complete the request"
+    severity = "error"
+
+    def __init__(
+        self,
+        diagnostics: str | None = None,
+        *,
+        expression: str | list[str] | None = None,
+        detail_code: str | None = None,
+        issues: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.diagnostics = diagnostics or self.default_diagnostics
+        if detail_code:
+            self.detail_code = detail_code
+        if isinstance(expression, str):
+            expression = [expression]
+        self.expression = expression
+        self.extra_issues = issues or []
+        self.headers = headers or {}
+        super().__init__(self.diagnostics)
+
+    def outcome(self) -> dict[str, Any]:
+        """The OperationOutcome resource for this error."""
+        issue: dict[str, Any] = {
+            "severity": self.severity,
+            "code": self.code,
+            "details": {"coding": [{"system": DETAIL_SYSTEM, "code": self.detail_code}]},
+            "diagnostics": self.diagnostics,
+        }
+        if self.expression:
+            issue["expression"] = self.expression
+        return operation_outcome([issue, *self.extra_issues])
+
+
+class BadRequest(FhirError):
+    """Malformed or semantically wrong input (400 invalid)."""
+
+    status = 400
+    code = "invalid"
+    detail_code = "MSG_BAD_FORMAT"
+    default_diagnostics = "The request is not valid"
+
+
+class InvalidResource(BadRequest):
+    """The resource content is not valid FHIR R4."""
+
+    detail_code = "MSG_INVALID_RESOURCE"
+    default_diagnostics = "The resource is not valid FHIR R4"
+
+
+class UnprocessableEntity(FhirError):
+    """Well-formed input that the server cannot process (422)."""
+
+    status = 422
+    code = "processing"
+    detail_code = "MSG_UNPROCESSABLE"
+    default_diagnostics = "The request could not be processed"
+
+
+class TooCostly(FhirError):
+    """The request asks for more work than a limit allows (400 too-costly)."""
+
+    status = 400
+    code = "too-costly"
+    detail_code = "MSG_TOO_COSTLY"
+    default_diagnostics = "The request exceeds a server limit"
+
+
+class NotFound(FhirError):
+    """Unknown resource, version or route (404)."""
+
+    status = 404
+    code = "not-found"
+    detail_code = "MSG_NO_EXIST"
+    default_diagnostics = "Not found"
+
+
+class Gone(FhirError):
+    """The resource was deleted (410)."""
+
+    status = 410
+    code = "deleted"
+    detail_code = "MSG_DELETED"
+    default_diagnostics = "The resource was deleted"
+
+
+class MethodNotAllowed(FhirError):
+    """The route exists but not for this method (405)."""
+
+    status = 405
+    code = "not-supported"
+    detail_code = "MSG_METHOD_NOT_ALLOWED"
+    default_diagnostics = "Method not allowed"
+
+
+class NotAcceptable(FhirError):
+    """The client accepts no format we produce (406)."""
+
+    status = 406
+    code = "not-supported"
+    detail_code = "MSG_NOT_ACCEPTABLE"
+    default_diagnostics = "Only JSON (application/fhir+json) is produced"
+
+
+class Conflict(FhirError):
+    """A concurrent change or a state conflict (409)."""
+
+    status = 409
+    code = "conflict"
+    detail_code = "MSG_CONFLICT"
+    default_diagnostics = "The request conflicts with the current state"
+
+
+class VersionConflict(Conflict):
+    """An operation named a version that is no longer current (409)."""
+
+    detail_code = "MSG_VERSION_AWARE_CONFLICT"
+
+
+class PreconditionFailed(FhirError):
+    """If-Match or a conditional interaction did not hold (412)."""
+
+    status = 412
+    code = "conflict"
+    detail_code = "MSG_VERSION_MISMATCH"
+    default_diagnostics = "The precondition did not hold"
+
+
+class PayloadTooLarge(FhirError):
+    """The body is larger than MAX_BODY_BYTES (413)."""
+
+    status = 413
+    code = "too-costly"
+    detail_code = "MSG_BODY_TOO_LARGE"
+    default_diagnostics = "The request body is too large"
+
+
+class UnsupportedMediaType(FhirError):
+    """The body's content type is not one we read (415)."""
+
+    status = 415
+    code = "not-supported"
+    detail_code = "MSG_UNSUPPORTED_MEDIA_TYPE"
+    default_diagnostics = "Unsupported content type"
+
+
+class ServiceUnavailable(FhirError):
+    """A backing store is down; the request may succeed later (503)."""
+
+    status = 503
+    code = "transient"
+    detail_code = "MSG_UNAVAILABLE"
+    default_diagnostics = "A backing store is unavailable; try again later"
+
+
+def operation_outcome(issues: list[dict[str, Any]]) -> dict[str, Any]:
+    """Wrap issues in an OperationOutcome resource."""
+    return {"resourceType": "OperationOutcome", "issue": issues}
+
+
+def information_outcome(text: str) -> dict[str, Any]:
+    """An OperationOutcome with one informational issue (for ``return=OperationOutcome``)."""
+    return operation_outcome(
+        [{"severity": "information", "code": "informational", "diagnostics": text}]
+    )
+
+
+_DRF_MAP: dict[type[Exception], type[FhirError]] = {
+    drf_exceptions.ParseError: BadRequest,
+    drf_exceptions.UnsupportedMediaType: UnsupportedMediaType,
+    drf_exceptions.MethodNotAllowed: MethodNotAllowed,
+    drf_exceptions.NotAcceptable: NotAcceptable,
+    drf_exceptions.NotFound: NotFound,
+    drf_exceptions.ValidationError: BadRequest,
+}
+
+
+def as_fhir_error(exc: Exception) -> FhirError:
+    """Turn any exception into a FhirError; unknown ones are logged and become a bare 500."""
+    if isinstance(exc, FhirError):
+        return exc
+    if isinstance(exc, Http404):
+        return NotFound()
+    for drf_class, fhir_class in _DRF_MAP.items():
+        if isinstance(exc, drf_class):
+            return fhir_class(str(exc.detail) if hasattr(exc, "detail") else None)
+    if isinstance(exc, drf_exceptions.APIException):
+        error = FhirError(str(exc.detail))
+        error.status = exc.status_code
+        return error
+    logger.exception("Unhandled error", exc_info=exc)
+    return FhirError()
+
+
+def error_response(exc: Exception) -> Response:
+    """The DRF response for an error."""
+    error = as_fhir_error(exc)
+    response = Response(error.outcome(), status=error.status)
+    for name, value in error.headers.items():
+        response[name] = value
+    return response
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    """DRF's exception handler hook: every error becomes an OperationOutcome."""
+    return error_response(exc)

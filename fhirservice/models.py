@@ -1,0 +1,89 @@
+"""Metadata store of every FHIR resource: current rows, version history and search index.
+
+Portable across SQLite, PostgreSQL and MongoDB (django-mongodb-backend): every model has an
+explicit string primary key, writes use compare-and-set on ``version_id`` instead of row
+locks, and nothing here uses raw SQL. Resource bodies are stored as JSON text exactly as they
+are served (``meta`` included), so reads copy bytes instead of re-encoding.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class StoredResource(models.Model):
+    """The current version of one resource (also kept after delete, as a tombstone)."""
+
+    key = models.CharField(primary_key=True, max_length=160, help_text="Type/id")
+    resource_type = models.CharField(max_length=64)
+    resource_id = models.CharField(max_length=64)
+    version_id = models.PositiveBigIntegerField()
+    # The version at which the current life of this id began (1, or the re-create after a
+    # delete): data keyed by it, such as a Group roster, starts empty for a re-created id.
+    incarnation = models.PositiveBigIntegerField(default=1)
+    last_updated = models.DateTimeField()
+    deleted = models.BooleanField(default=False)
+    body = models.TextField(help_text="The resource as served, JSON")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["resource_type", "last_updated"], name="res_type_updated"),
+            models.Index(fields=["resource_type", "resource_id"], name="res_type_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} v{self.version_id}"
+
+
+class ResourceVersion(models.Model):
+    """One version of a resource: the history that vread and _history serve."""
+
+    key = models.CharField(primary_key=True, max_length=200, help_text="Type/id/_history/vid")
+    resource_type = models.CharField(max_length=64)
+    resource_id = models.CharField(max_length=64)
+    version_id = models.PositiveBigIntegerField()
+    incarnation = models.PositiveBigIntegerField(default=1)
+    last_updated = models.DateTimeField()
+    deleted = models.BooleanField(default=False)
+    method = models.CharField(max_length=8, help_text="POST, PUT, PATCH or DELETE")
+    body = models.TextField(blank=True, default="", help_text="Empty for a delete")
+    request_id = models.CharField(max_length=64, blank=True, default="")
+    actor = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["resource_type", "resource_id", "version_id"], name="ver_type_id_vid"
+            ),
+            models.Index(fields=["resource_type", "last_updated"], name="ver_type_updated"),
+            models.Index(fields=["last_updated"], name="ver_updated"),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class SearchToken(models.Model):
+    """One extracted search value of a current, non-deleted resource."""
+
+    key = models.CharField(primary_key=True, max_length=200, help_text="Type/id#n")
+    resource_key = models.CharField(max_length=160)
+    resource_type = models.CharField(max_length=64)
+    param = models.CharField(max_length=64)
+    system = models.CharField(max_length=255, blank=True, default="")
+    # Normalised value: lower-cased and accent-free for strings, the code for tokens,
+    # "Type/id" for references.
+    value = models.CharField(max_length=255, blank=True, default="")
+    # Date and dateTime values are stored as the instant range they cover.
+    low = models.DateTimeField(null=True, blank=True)
+    high = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["resource_type", "param", "value"], name="tok_type_param_value"),
+            models.Index(fields=["resource_type", "param", "low"], name="tok_type_param_low"),
+            models.Index(fields=["resource_key"], name="tok_resource"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.resource_key} {self.param}={self.system}|{self.value}"

@@ -1,0 +1,1 @@
+"""HTTP plumbing of the FHIR API: content negotiation, rendering, views, routes."""

@@ -1,0 +1,175 @@
+"""The base view every FHIR endpoint derives from.
+
+Shared behaviour lives here once: reading and size-checking JSON bodies, If-Match and Prefer
+headers, the response headers of a version (ETag, Last-Modified, Location), and turning a
+write result into the answer ``Prefer: return=…`` asks for. Concrete views only declare what
+differs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.http import HttpResponse, StreamingHttpResponse
+from django.utils.http import http_date
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    information_outcome,
+)
+from fhirservice.rest.renderers import FHIR_JSON, FhirJsonRenderer
+from fhirservice.rest.rendering import Body, is_streamed, render_resource
+from fhirservice.store import json
+from fhirservice.store.handlers import WriteContext
+from fhirservice.store.services import WriteResult
+
+RESOURCE_MEDIA_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
+PATCH_MEDIA_TYPES = {"application/json-patch+json"}
+ETAG_RE = re.compile(r'\s*(W/)?"?(\d+)"?\s*')
+
+MSG_MEDIA_TYPE = "Content-Type {found!r} is not accepted here; send {expected}"
+MSG_FHIRPATH_PATCH = (
+    "FHIRPath Patch (Parameters) is not supported; send a JSON Patch as application/json-patch+json"
+)
+MSG_BODY_TOO_LARGE = "The body has {size} bytes; the limit is {limit}"
+MSG_BAD_IF_MATCH = 'If-Match must name a version as W/"n": {value!r}'
+
+
+def base_url(request: Request) -> str:
+    """The absolute URL of the FHIR base, without a trailing slash."""
+    return request.build_absolute_uri(f"/{fhir_settings.BASE_PATH}")
+
+
+def version_headers(row: Any) -> dict[str, str]:
+    """ETag and Last-Modified of a stored version."""
+    return {
+        "ETag": f'W/"{row.version_id}"',
+        "Last-Modified": http_date(row.last_updated.timestamp()),
+    }
+
+
+def fhir_http_response(
+    body: Body | None, *, status: int = 200, headers: dict[str, str] | None = None
+) -> HttpResponse:
+    """A response carrying a FHIR body; chunk iterators are streamed."""
+    if body is None:
+        response = HttpResponse(status=status)
+    elif is_streamed(body):
+        response = StreamingHttpResponse(
+            body, status=status, content_type=f"{FHIR_JSON}; charset=utf-8"
+        )
+    else:
+        response = HttpResponse(body, status=status, content_type=f"{FHIR_JSON}; charset=utf-8")
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+class FhirView(APIView):
+    """Base of all FHIR endpoints."""
+
+    renderer_classes = [FhirJsonRenderer]
+
+    def write_context(self) -> WriteContext:
+        """Who is writing, for versions and member events."""
+        return WriteContext.from_request(self.request._request)
+
+    def read_body(self, *, patch: bool = False) -> bytes:
+        """The raw body after content-type and size checks (415, 413)."""
+        request = self.request
+        media = (request.content_type or "").split(";")[0].strip().lower()
+        allowed = PATCH_MEDIA_TYPES if patch else RESOURCE_MEDIA_TYPES
+        if media not in allowed:
+            if patch and media in RESOURCE_MEDIA_TYPES:
+                raise UnsupportedMediaType(MSG_FHIRPATH_PATCH)
+            raise UnsupportedMediaType(
+                MSG_MEDIA_TYPE.format(found=media or "none", expected=" or ".join(sorted(allowed)))
+            )
+        limit = fhir_settings.MAX_BODY_BYTES
+        declared = request.META.get("CONTENT_LENGTH") or "0"
+        size = int(declared) if declared.isdigit() else 0
+        if size > limit:
+            raise PayloadTooLarge(MSG_BODY_TOO_LARGE.format(size=size, limit=limit))
+        data = request._request.body
+        if len(data) > limit:
+            raise PayloadTooLarge(MSG_BODY_TOO_LARGE.format(size=len(data), limit=limit))
+        return data
+
+    def read_json(self, *, patch: bool = False) -> Any:
+        """The decoded JSON body (400 when malformed)."""
+        return json.loads(self.read_body(patch=patch))
+
+    def if_match(self) -> int | None:
+        """The version an If-Match header names, or None."""
+        raw = self.request.META.get("HTTP_IF_MATCH")
+        if raw is None:
+            return None
+        match = ETAG_RE.fullmatch(raw)
+        if not match:
+            raise BadRequest(MSG_BAD_IF_MATCH.format(value=raw), detail_code="MSG_BAD_IF_MATCH")
+        return int(match.group(2))
+
+    def prefer(self, name: str) -> str | None:
+        """A token of the Prefer header, e.g. prefer("return") → "minimal"."""
+        for part in self.request.META.get("HTTP_PREFER", "").split(","):
+            key, _, value = part.strip().partition("=")
+            if key.strip().lower() == name:
+                return value.strip().strip('"')
+        return None
+
+    def strict(self) -> bool:
+        """``Prefer: handling=strict``: unknown search parameters are errors."""
+        return self.prefer("handling") == "strict"
+
+    def summary_params(self) -> tuple[str | None, list[str] | None]:
+        """The ``_summary`` and ``_elements`` query parameters."""
+        params = self.request.query_params
+        summary = params.get("_summary")
+        if summary is not None and summary not in ("true", "false", "text", "data"):
+            raise BadRequest(
+                f"Bad value for _summary: {summary!r}", detail_code="MSG_PARAM_INVALID"
+            )
+        raw = params.get("_elements")
+        elements = [e.strip() for e in raw.split(",") if e.strip()] if raw else None
+        return summary, elements
+
+    def location(self, row: Any) -> str:
+        """The versioned URL of a stored version."""
+        return (
+            f"{base_url(self.request)}/{row.resource_type}/{row.resource_id}"
+            f"/_history/{row.version_id}"
+        )
+
+    def write_response(self, result: WriteResult, *, status: int | None = None) -> HttpResponse:
+        """The answer to a write, shaped by ``Prefer: return``."""
+        row = result.row
+        status = status or (201 if result.created else 200)
+        headers = version_headers(row)
+        headers["Location" if result.created else "Content-Location"] = self.location(row)
+        preferred = self.prefer("return")
+        if preferred == "minimal":
+            return fhir_http_response(None, status=status, headers=headers)
+        if preferred == "OperationOutcome":
+            text = (
+                "Created"
+                if result.created
+                else ("Updated" if result.changed else "No change: the content is identical")
+            )
+            return fhir_http_response(
+                json.dumps(
+                    information_outcome(
+                        f"{text}: {row.resource_type}/{row.resource_id} version {row.version_id}"
+                    )
+                ),
+                status=status,
+                headers=headers,
+            )
+        return fhir_http_response(
+            render_resource(row, current=True), status=status, headers=headers
+        )

@@ -1,0 +1,114 @@
+"""Turning stored rows into response bodies: single resources and Bundles, possibly streamed.
+
+A resource body is ``bytes`` or, when a type handler streams an external part (the Group
+roster), an iterator of byte chunks; Bundles are generated entry by entry, so a history or
+search page never needs its resources in memory all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import orjson
+
+from fhirservice.rest.subsetting import subset, wants_element
+from fhirservice.store.handlers import handler_for
+
+Body = bytes | Iterator[bytes]
+
+
+class VersionRow(Protocol):
+    """What StoredResource and ResourceVersion have in common."""
+
+    resource_type: str
+    resource_id: str
+    version_id: int
+    incarnation: int
+    body: str
+    deleted: bool
+
+
+def render_resource(
+    row: VersionRow,
+    *,
+    current: bool,
+    summary: str | None = None,
+    elements: list[str] | None = None,
+    in_bundle: bool = False,
+) -> Body:
+    """The body of one version: stored JSON, subsetted if asked, roster spliced in if any."""
+    handler = handler_for(row.resource_type)
+    text = row.body.encode()
+    if summary not in (None, "false") or elements:
+        body, _ = subset(orjson.loads(text), summary=summary, elements=elements)
+        text = orjson.dumps(body)
+    roster = handler.external_element
+    if roster is None or not wants_element(
+        roster, summary=summary, elements=elements, resource_type=row.resource_type
+    ):
+        return text
+    chunks = handler.external_chunks(row, current=current, in_bundle=in_bundle)
+    if chunks is None:
+        return text
+    return splice_array(text, roster, chunks)
+
+
+def splice_array(text: bytes, name: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Append ``"name": [chunks…]`` to a JSON object's text; nothing when chunks is empty."""
+    first = next(chunks, None)
+    if first is None:
+        yield text
+        return
+    yield text[:-1] + b',"' + name.encode() + b'":[' + first
+    for chunk in chunks:
+        yield b"," + chunk
+    yield b"]}"
+
+
+def join(body: Body) -> bytes:
+    """A body as one bytes object (for small bodies and tests)."""
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
+def bundle_stream(
+    header: dict[str, Any], entries: Iterable[tuple[dict[str, Any], Body | None]]
+) -> Iterator[bytes]:
+    """Encode a Bundle: ``header`` fields, then each (entry fields, resource body) in turn."""
+    head = orjson.dumps(header)
+    entries = iter(entries)
+    first = True
+    for entry, resource in entries:
+        prefix = head[:-1] + b',"entry":[' if first else b","
+        first = False
+        fields = orjson.dumps(entry)
+        if resource is None:
+            yield prefix + fields
+            continue
+        resource_prefix = b'"resource":'
+        if fields == b"{}":
+            yield prefix + b"{" + resource_prefix
+        else:
+            yield prefix + fields[:-1] + b"," + resource_prefix
+        if isinstance(resource, bytes):
+            yield resource
+        else:
+            yield from resource
+        yield b"}"
+    yield head if first else b"]}"
+
+
+def bundle_body(
+    header: dict[str, Any], entries: Iterable[tuple[dict[str, Any], Body | None]]
+) -> Body:
+    """A Bundle body: bytes when every entry is small, a stream when any entry streams."""
+    entries = list(entries)
+    stream = bundle_stream(header, entries)
+    if any(resource is not None and is_streamed(resource) for _, resource in entries):
+        return stream
+    return b"".join(stream)
+
+
+def is_streamed(body: Body) -> bool:
+    """Whether a body is a chunk iterator rather than bytes."""
+    return not isinstance(body, bytes)

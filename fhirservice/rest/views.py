@@ -1,0 +1,276 @@
+"""FHIR REST interactions: one thin view per route, each calling one service or selector."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from django.http import HttpResponse
+from rest_framework.request import Request
+
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import NotFound, operation_outcome
+from fhirservice.rest.base import FhirView, base_url, fhir_http_response, version_headers
+from fhirservice.rest.rendering import bundle_body, render_resource
+from fhirservice.search.query import parse_search, run_search
+from fhirservice.store.selectors import (
+    history_page,
+    parse_since,
+    resource_read,
+    resource_vread,
+)
+from fhirservice.store.services import (
+    check_type,
+    resource_create,
+    resource_delete,
+    resource_patch,
+    resource_update,
+)
+
+MSG_UNKNOWN_ROUTE = "No FHIR endpoint at {path}"
+METHOD_OF = {"POST": "POST", "PUT": "PUT", "PATCH": "PATCH", "DELETE": "DELETE"}
+
+
+def _page_link(
+    request: Request, path: str, params: list[tuple[str, str]], cursor: str | None
+) -> str:
+    query = [(k, v) for k, v in params if k != "_cursor"]
+    if cursor is not None:
+        query.append(("_cursor", cursor))
+    return f"{base_url(request)}/{path}" + (f"?{urlencode(query)}" if query else "")
+
+
+class TypeView(FhirView):
+    """``[base]/[type]``: search (GET) and create (POST)."""
+
+    def get(self, request: Request, resource_type: str) -> HttpResponse:
+        """Search: a searchset Bundle, keyset-paged."""
+        check_type(resource_type)
+        pairs = list(request.query_params.lists())
+        flat = [(k, v) for k, values in pairs for v in values]
+        spec = parse_search(resource_type, flat, strict=self.strict())
+        page = run_search(spec)
+        base = base_url(request)
+        header: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if page.total is not None:
+            header["total"] = page.total
+        used = [(k, v) for k, v in flat if k not in spec.ignored]
+        links = [
+            {"relation": "self", "url": _page_link(request, resource_type, used, flat_cursor(flat))}
+        ]
+        if page.next_cursor:
+            links.append(
+                {
+                    "relation": "next",
+                    "url": _page_link(request, resource_type, used, page.next_cursor),
+                }
+            )
+        header["link"] = links
+        summary = spec.summary if spec.summary != "count" else None
+
+        def entries():
+            for row in page.rows:
+                yield (
+                    {
+                        "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
+                        "search": {"mode": "match"},
+                    },
+                    render_resource(
+                        row, current=True, summary=summary, elements=spec.elements, in_bundle=True
+                    ),
+                )
+            if spec.ignored:
+                outcome = operation_outcome(
+                    [
+                        {
+                            "severity": "warning",
+                            "code": "not-supported",
+                            "diagnostics": f"Unknown search parameter {name!r} was ignored",
+                        }
+                        for name in spec.ignored
+                    ]
+                )
+                yield {"search": {"mode": "outcome"}}, render_json(outcome)
+
+        return fhir_http_response(bundle_body(header, entries()))
+
+    def post(self, request: Request, resource_type: str) -> HttpResponse:
+        """Create, optionally conditional on If-None-Exist."""
+        body = self.read_json()
+        result = resource_create(
+            resource_type=resource_type,
+            body=body,
+            context=self.write_context(),
+            if_none_exist=request.META.get("HTTP_IF_NONE_EXIST"),
+            assigned_id=getattr(request._request, "fhir_assigned_id", None),
+        )
+        return self.write_response(result, status=201 if result.created else 200)
+
+
+def flat_cursor(flat: list[tuple[str, str]]) -> str | None:
+    """The ``_cursor`` value of the current request, if any."""
+    return next((v for k, v in flat if k == "_cursor"), None)
+
+
+def render_json(value: Any) -> bytes:
+    """JSON-encode a small resource built in code."""
+    from fhirservice.store.json import dumps
+
+    return dumps(value)
+
+
+class InstanceView(FhirView):
+    """``[base]/[type]/[id]``: read, update, patch, delete."""
+
+    def get(self, request: Request, resource_type: str, resource_id: str) -> HttpResponse:
+        """Read the current version (304 when If-None-Match names it)."""
+        row = resource_read(resource_type=resource_type, resource_id=resource_id)
+        headers = version_headers(row)
+        if request.META.get("HTTP_IF_NONE_MATCH", "").strip() == headers["ETag"]:
+            return fhir_http_response(None, status=304, headers=headers)
+        summary, elements = self.summary_params()
+        return fhir_http_response(
+            render_resource(row, current=True, summary=summary, elements=elements), headers=headers
+        )
+
+    def put(self, request: Request, resource_type: str, resource_id: str) -> HttpResponse:
+        """Update (or create with a client id when UPDATE_CREATE is on)."""
+        body = self.read_json()
+        result = resource_update(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            body=body,
+            context=self.write_context(),
+            if_match=self.if_match(),
+        )
+        return self.write_response(result)
+
+    def patch(self, request: Request, resource_type: str, resource_id: str) -> HttpResponse:
+        """JSON Patch."""
+        ops = self.read_json(patch=True)
+        result = resource_patch(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            ops=ops,
+            context=self.write_context(),
+            if_match=self.if_match(),
+        )
+        return self.write_response(result)
+
+    def delete(self, request: Request, resource_type: str, resource_id: str) -> HttpResponse:
+        """Delete: a new version; deleting a deleted resource is harmless (204)."""
+        result = resource_delete(
+            resource_type=resource_type, resource_id=resource_id, context=self.write_context()
+        )
+        headers = version_headers(result.row) if result else {}
+        if self.prefer("return") == "OperationOutcome":
+            from fhirservice.errors import information_outcome
+
+            text = f"Deleted {resource_type}/{resource_id}" if result else "Already deleted"
+            return fhir_http_response(render_json(information_outcome(text)), headers=headers)
+        return fhir_http_response(None, status=204, headers=headers)
+
+
+class VersionView(FhirView):
+    """``[base]/[type]/[id]/_history/[vid]``: vread."""
+
+    def get(
+        self, request: Request, resource_type: str, resource_id: str, version_id: str
+    ) -> HttpResponse:
+        """One version, with the roster as it was then."""
+        row = resource_vread(
+            resource_type=resource_type, resource_id=resource_id, version_id=version_id
+        )
+        summary, elements = self.summary_params()
+        return fhir_http_response(
+            render_resource(row, current=False, summary=summary, elements=elements),
+            headers=version_headers(row),
+        )
+
+
+class HistoryView(FhirView):
+    """History at system, type and instance level: a history Bundle, newest first."""
+
+    def get(
+        self, request: Request, resource_type: str | None = None, resource_id: str | None = None
+    ) -> HttpResponse:
+        """One page of history."""
+        params = request.query_params
+        count = fhir_settings.DEFAULT_COUNT
+        if "_count" in params:
+            from fhirservice.search.query import _parse_count
+
+            count = _parse_count(params["_count"])
+        page = history_page(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            since=parse_since(params.get("_since")),
+            count=count,
+            cursor=params.get("_cursor"),
+        )
+        base = base_url(request)
+        path = "/".join(p for p in (resource_type, resource_id, "_history") if p)
+        flat = [(k, v) for k, values in params.lists() for v in values]
+        links = [{"relation": "self", "url": _page_link(request, path, flat, flat_cursor(flat))}]
+        if page.next_cursor:
+            links.append(
+                {"relation": "next", "url": _page_link(request, path, flat, page.next_cursor)}
+            )
+        header = {"resourceType": "Bundle", "type": "history", "total": page.total, "link": links}
+
+        def entries():
+            for row in page.rows:
+                full_url = f"{base}/{row.resource_type}/{row.resource_id}"
+                method = METHOD_OF.get(row.method, "PUT")
+                entry: dict[str, Any] = {
+                    "fullUrl": full_url,
+                    "request": {
+                        "method": method,
+                        "url": row.resource_type
+                        if method == "POST"
+                        else f"{row.resource_type}/{row.resource_id}",
+                    },
+                    "response": {
+                        "status": "201 Created"
+                        if method == "POST"
+                        else ("204 No Content" if row.deleted else "200 OK"),
+                        "etag": f'W/"{row.version_id}"',
+                        "lastModified": row.last_updated.isoformat().replace("+00:00", "Z"),
+                    },
+                }
+                yield entry, None if row.deleted else render_resource(row, current=False)
+
+        return fhir_http_response(bundle_body(header, entries()))
+
+
+class UnknownRouteView(FhirView):
+    """Any path under the FHIR base that no route matches: 404 for every method."""
+
+    def dispatch_unknown(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponse:
+        """Raise NotFound (rendered as an OperationOutcome)."""
+        raise NotFound(MSG_UNKNOWN_ROUTE.format(path=request.path), detail_code="MSG_UNKNOWN_ROUTE")
+
+    get = post = put = patch = delete = head = dispatch_unknown
+
+
+class SystemView(FhirView):
+    """``[base]``: batch and transaction Bundles (POST)."""
+
+    def post(self, request: Request) -> HttpResponse:
+        """Run a batch or transaction Bundle."""
+        from fhirservice.bundles import process_bundle
+
+        header, entries = process_bundle(request._request, self.read_json())
+        return fhir_http_response(bundle_body(header, entries))
+
+
+class MetadataView(FhirView):
+    """``[base]/metadata``: the CapabilityStatement."""
+
+    def get(self, request: Request) -> HttpResponse:
+        """The CapabilityStatement of this server."""
+        from fhirservice.capability import capability_statement
+        from fhirservice.store.services import format_instant, now
+
+        statement = capability_statement(base_url(request), format_instant(now()))
+        return fhir_http_response(render_json(statement))

@@ -1,0 +1,1 @@
+"""The versioned resource store: services (writes) and selectors (reads) over the ORM models."""

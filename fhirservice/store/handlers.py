@@ -1,0 +1,117 @@
+"""Per-type behaviour hooks of the store, and the post-save signal.
+
+The store is generic. A resource type that needs more (Group: its roster lives in ClickHouse)
+registers a :class:`ResourceHandler` and/or listens to :data:`resource_saved`:
+
+- ``ResourceHandler.prepare`` splits an incoming body into what the metadata store keeps and a
+  payload handled elsewhere (the Group roster), and validates both;
+- ``resource_saved`` is sent inside the write transaction for every new version, once its
+  number is known and before its rows are persisted. Receivers may write rows of their own in
+  the same transaction, set server-computed elements on ``write.body`` (Group.quantity), and
+  set ``write.changed`` when they changed state that the body does not show.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from django.dispatch import Signal
+
+from fhirservice.fhir.validation import validate_resource
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
+
+    from fhirservice.models import StoredResource
+
+resource_saved = Signal()
+
+
+@dataclass
+class WriteContext:
+    """Who asks for a write and through which request (None for commands and operations)."""
+
+    request: HttpRequest | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    actor: str = ""
+    source: str = "rest"
+
+    @classmethod
+    def from_request(cls, request: HttpRequest, *, source: str = "rest") -> WriteContext:
+        """The context of an HTTP request (request id set by RequestIdMiddleware)."""
+        user = getattr(request, "user", None)
+        actor = user.get_username() if user is not None and user.is_authenticated else ""
+        return cls(
+            request=request,
+            request_id=getattr(request, "request_id", uuid.uuid4().hex),
+            actor=actor,
+            source=source,
+        )
+
+
+@dataclass
+class VersionWrite:
+    """A new version on its way into the store; what resource_saved receivers see."""
+
+    resource_type: str
+    resource_id: str
+    version_id: int
+    incarnation: int
+    method: str
+    context: WriteContext
+    previous: StoredResource | None
+    body: dict[str, Any] | None
+    payload: Any = None
+    deleted: bool = False
+    changed: bool = False
+
+    @property
+    def key(self) -> str:
+        """The resource's store key, ``Type/id``."""
+        return f"{self.resource_type}/{self.resource_id}"
+
+
+class ResourceHandler:
+    """Default behaviour: the whole body is stored and validated with the R4 models."""
+
+    # A top-level element kept outside the metadata store and streamed into reads (the Group
+    # roster), or None.
+    external_element: str | None = None
+
+    def external_chunks(self, row: Any, *, current: bool, in_bundle: bool) -> Any:
+        """JSON-encoded items of ``external_element`` for a stored version, or None.
+
+        Called before the response starts, so it may raise (e.g. 503) before any byte is sent.
+        """
+        return None
+
+    def prepare(self, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Validate ``body`` and split it into (stored body, payload)."""
+        validate_resource(body)
+        return body, None
+
+    def patch(self, draft: VersionWrite, ops: list[dict[str, Any]]) -> None:
+        """Apply JSON Patch ops to the current content and set the draft's body."""
+        from fhirservice.store.content import apply_json_patch, without_server_meta
+        from fhirservice.store.json import loads
+
+        document = loads(draft.previous.body)
+        draft.body, draft.payload = self.prepare(
+            without_server_meta(apply_json_patch(document, ops))
+        )
+
+
+_DEFAULT = ResourceHandler()
+_HANDLERS: dict[str, ResourceHandler] = {}
+
+
+def register_handler(resource_type: str, handler: ResourceHandler) -> None:
+    """Use ``handler`` for ``resource_type`` (called from an AppConfig.ready)."""
+    _HANDLERS[resource_type] = handler
+
+
+def handler_for(resource_type: str) -> ResourceHandler:
+    """The handler registered for a type, or the default one."""
+    return _HANDLERS.get(resource_type, _DEFAULT)

@@ -1,0 +1,1 @@
+"""Group app: rosters as a ClickHouse member event stream, member-aware views and commands."""

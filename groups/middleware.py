@@ -1,0 +1,27 @@
+"""The members-written flag: initialised per request, set by the Group PATCH service.
+
+The Group post-save handler diffs the incoming roster and emits member events, unless the
+request already wrote its member events itself (JSON Patch on ``/member``), in which case it
+finds ``request.group_member_events_written`` set and skips member processing. Transaction
+Bundle entries are sub-requests, so each entry starts with the flag cleared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse
+
+FLAG = "group_member_events_written"
+
+
+class GroupMemberEventsMiddleware:
+    """Set ``request.group_member_events_written = False`` on every request."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        """Initialise the flag, then handle the request."""
+        setattr(request, FLAG, False)
+        return self.get_response(request)

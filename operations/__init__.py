@@ -1,0 +1,1 @@
+"""Operation API: business $operations with transactional, version-checked execution."""

@@ -1,0 +1,106 @@
+"""Test helpers: an HTTP client for the FHIR API that checks every body it receives.
+
+Every FHIR JSON body the API returns is parsed with fhirclient's strict R4 models
+(``tests.fhir_check``), an implementation we did not write, so a malformed response fails the
+test that provoked it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from django.test import Client
+
+from tests.fhir_check import assert_strict_r4
+
+BASE = "/4_0_0"
+FHIR_JSON = "application/fhir+json"
+PATCH_JSON = "application/json-patch+json"
+
+
+class FhirResponse:
+    """A response with its decoded, strictly checked FHIR body."""
+
+    def __init__(self, response: Any) -> None:
+        self.raw = response
+        self.status = response.status_code
+        content = b"".join(response.streaming_content) if response.streaming else response.content
+        self.content = content
+        self.headers = response.headers
+        self.body: Any = orjson.loads(content) if content else None
+        if self.body is not None:
+            assert response.headers["Content-Type"].startswith(FHIR_JSON), response.headers
+            assert_strict_r4(self.body)
+
+    def __repr__(self) -> str:
+        return f"<FhirResponse {self.status} {self.content[:300]!r}>"
+
+    @property
+    def etag(self) -> str | None:
+        """The ETag header."""
+        return self.headers.get("ETag")
+
+    def issue_codes(self) -> list[str]:
+        """The issue codes of an OperationOutcome body."""
+        return [i["code"] for i in self.body["issue"]]
+
+    def detail_codes(self) -> list[str]:
+        """The detail codes (MSG_*) of an OperationOutcome body."""
+        return [
+            c["code"] for i in self.body["issue"] for c in i.get("details", {}).get("coding", [])
+        ]
+
+
+class FhirClient:
+    """Thin wrapper around Django's test client speaking FHIR JSON."""
+
+    def __init__(self) -> None:
+        self.client = Client()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = FHIR_JSON,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> FhirResponse:
+        """Send a request to ``BASE + path``; ``raw`` sends bytes as they are."""
+        data = raw if raw is not None else (orjson.dumps(body) if body is not None else b"")
+        response = self.client.generic(
+            method,
+            BASE + path,
+            data=data,
+            content_type=content_type if data else None,
+            headers=headers or {},
+        )
+        return FhirResponse(response)
+
+    def get(self, path: str, **kwargs: Any) -> FhirResponse:
+        """GET."""
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> FhirResponse:
+        """POST a resource."""
+        return self.request("POST", path, body, **kwargs)
+
+    def put(self, path: str, body: Any = None, **kwargs: Any) -> FhirResponse:
+        """PUT a resource."""
+        return self.request("PUT", path, body, **kwargs)
+
+    def patch(self, path: str, ops: Any = None, **kwargs: Any) -> FhirResponse:
+        """PATCH with a JSON Patch document."""
+        kwargs.setdefault("content_type", PATCH_JSON)
+        return self.request("PATCH", path, ops, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> FhirResponse:
+        """DELETE."""
+        return self.request("DELETE", path, **kwargs)
+
+
+def patient(family: str = "Chalmers", given: str = "Peter", **extra: Any) -> dict[str, Any]:
+    """A small valid Patient."""
+    return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}], **extra}
