@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import orjson
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import WSGIRequest
-from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 
+from fhirservice import db
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest, FhirError, PreconditionFailed
 from fhirservice.fhir.resource_types import is_resource_type
@@ -254,7 +254,7 @@ def process_bundle(request: HttpRequest, bundle: Any) -> tuple[dict[str, Any], l
                 )
     else:
         try:
-            with transaction.atomic():
+            with db.atomic():
                 _prepare_transaction(entries)
                 for entry in sorted(entries, key=lambda e: (ORDER[e.method], e.index)):
                     response = _sub_request(request, entry)

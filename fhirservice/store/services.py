@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, OperationalError, transaction
+from django.db import DatabaseError, IntegrityError, OperationalError
 from django.utils import timezone
 
+from fhirservice import db
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import (
     MSG_DELETED,
@@ -109,15 +110,15 @@ def run_write(unit: Callable[[], WriteResult], *, key: str) -> WriteResult:
     Inside an outer transaction (a transaction Bundle, an $operation) a race cannot be retried
     here: it becomes a 409 that rolls the outer transaction back.
     """
-    if transaction.get_connection().in_atomic_block:
+    if db.in_transaction():
         try:
-            with transaction.atomic():
+            with db.atomic():
                 return unit()
         except (VersionRace, IntegrityError) as exc:
             raise Conflict(MSG_CONFLICT_RETRIES.format(key=key)) from exc
     for attempt in range(fhir_settings.WRITE_RETRIES + 1):
         try:
-            with transaction.atomic():
+            with db.atomic():
                 return unit()
         except (VersionRace, IntegrityError):
             pass
