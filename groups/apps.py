@@ -1,4 +1,4 @@
-"""App config of the Group roster app."""
+"""App config of the Group roster app: registers the Group handler, signal and search."""
 
 from django.apps import AppConfig
 
@@ -8,3 +8,19 @@ class GroupsConfig(AppConfig):
 
     name = "groups"
     verbose_name = "Group rosters"
+
+    def ready(self) -> None:
+        """Plug the Group handler, the post-save receiver and ``member`` search in."""
+        from fhirservice.search.query import register_param
+        from fhirservice.store.handlers import register_handler, resource_saved
+        from groups.handlers import GroupHandler, on_resource_saved
+        from groups.search import member_param
+
+        register_handler("Group", GroupHandler())
+        resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
+        register_param(
+            "Group",
+            "member",
+            member_param,
+            "A member of the group (Patient/123); several values mean any of them",
+        )

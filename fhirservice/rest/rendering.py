@@ -40,10 +40,14 @@ def render_resource(
     """The body of one version: stored JSON, subsetted if asked, roster spliced in if any."""
     handler = handler_for(row.resource_type)
     text = row.body.encode()
+    roster = handler.external_element
+    if in_bundle and current and roster is not None and not elements:
+        # Search results carry no external part (a page of 50 million-member rosters is
+        # not a search answer): the entry is tagged SUBSETTED; read the resource for it.
+        elements = [name for name in orjson.loads(text) if name != roster]
     if summary not in (None, "false") or elements:
         body, _ = subset(orjson.loads(text), summary=summary, elements=elements)
         text = orjson.dumps(body)
-    roster = handler.external_element
     if roster is None or not wants_element(
         roster, summary=summary, elements=elements, resource_type=row.resource_type
     ):

@@ -38,6 +38,14 @@ class WriteContext:
     actor: str = ""
     source: str = "rest"
 
+    def __post_init__(self) -> None:
+        # Server-side callers (commands, operations) get a request object of their own, so
+        # per-request state such as the Group members-written flag has a place to live.
+        if self.request is None:
+            from django.http import HttpRequest
+
+            self.request = HttpRequest()
+
     @classmethod
     def from_request(cls, request: HttpRequest, *, source: str = "rest") -> WriteContext:
         """The context of an HTTP request (request id set by RequestIdMiddleware)."""

@@ -1,0 +1,198 @@
+"""Roster reads: ClickHouse state merged with events not yet shipped from the outbox.
+
+Normally nothing is pending and a read is one ClickHouse range scan. When batches wait in the
+outbox (just committed, or ClickHouse was down), their events are applied on top, member by
+member, by position (version << 32 | seq): the newer state wins, so a batch that is shipped
+while we read is never counted twice. Clients therefore always read their own writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+
+from fhirservice.clickhouse import ClickHouseUnavailable
+from fhirservice.errors import ServiceUnavailable
+from fhirservice.models import StoredResource
+from groups.models import MemberOutbox
+from groups.repository import MemberEventRepository, MemberState
+
+MSG_CLICKHOUSE_DOWN = "The member store (ClickHouse) is unavailable; try again later"
+
+
+def roster_key(group_id: str, incarnation: int) -> str:
+    """The key of one life of a Group's roster: a re-created id starts a new, empty one."""
+    return f"{group_id}/{incarnation}"
+
+
+def row_roster_key(row: Any) -> str:
+    """The roster key of a stored Group version (current row or history row)."""
+    return roster_key(row.resource_id, row.incarnation)
+
+
+@contextmanager
+def clickhouse_required() -> Iterator[None]:
+    """Turn an unreachable ClickHouse into a 503 OperationOutcome."""
+    try:
+        yield
+    except ClickHouseUnavailable as exc:
+        raise ServiceUnavailable(MSG_CLICKHOUSE_DOWN, detail_code="MSG_MEMBER_STORE_DOWN") from exc
+
+
+def event_state(version: int, event: list[Any]) -> MemberState:
+    """The member state an outbox event leaves behind."""
+    ref, event_type, seq, member_type, start, end, inactive, extra = event
+    return MemberState(
+        ref,
+        member_type,
+        start,
+        end,
+        bool(inactive),
+        extra,
+        (version << 32) | seq,
+        event_type != "removed",
+    )
+
+
+def pending_states(
+    roster_key: str, *, max_version: int | None = None, refs: set[str] | None = None
+) -> dict[str, MemberState]:
+    """Latest state per member from unshipped outbox batches of a roster."""
+    rows = MemberOutbox.objects.filter(roster_key=roster_key, shipped_at__isnull=True)
+    if max_version is not None:
+        rows = rows.filter(version__lte=max_version)
+    states: dict[str, MemberState] = {}
+    for version, events in rows.order_by("version", "chunk").values_list("version", "events"):
+        for event in orjson.loads(events):
+            if refs is None or event[0] in refs:
+                state = event_state(version, event)
+                known = states.get(state.ref)
+                if known is None or known.pos < state.pos:
+                    states[state.ref] = state
+    return states
+
+
+def merge_states(
+    stream: Iterable[MemberState], overrides: dict[str, MemberState], *, after: str = ""
+) -> Iterator[MemberState]:
+    """Merge a reference-ordered state stream with overrides; yield present members only."""
+    keys = sorted(ref for ref in overrides if ref > after)
+    index = 0
+    for state in stream:
+        while index < len(keys) and keys[index] < state.ref:
+            extra = overrides[keys[index]]
+            if extra.present:
+                yield extra
+            index += 1
+        if index < len(keys) and keys[index] == state.ref:
+            other = overrides[keys[index]]
+            state = other if other.pos >= state.pos else state
+            index += 1
+        if state.present:
+            yield state
+    for key in keys[index:]:
+        if overrides[key].present:
+            yield overrides[key]
+
+
+def iter_members(
+    roster_key: str,
+    *,
+    after: str = "",
+    as_of: int | None = None,
+    overrides: dict[str, MemberState] | None = None,
+    repository: MemberEventRepository | None = None,
+) -> Iterator[MemberState]:
+    """Present members in reference order: ClickHouse, pending batches, then ``overrides``."""
+    repository = repository or MemberEventRepository()
+    merged = pending_states(roster_key, max_version=as_of)
+    if overrides:
+        merged.update(overrides)
+    include_removed = bool(merged)
+    if as_of is None:
+        stream = repository.iter_roster(roster_key, after=after, include_removed=include_removed)
+    else:
+        stream = repository.iter_roster_as_of(
+            roster_key, as_of, after=after, include_removed=include_removed
+        )
+    if not merged:
+        return stream
+    return merge_states(stream, merged, after=after)
+
+
+def member_states(
+    roster_key: str, refs: list[str], *, repository: MemberEventRepository | None = None
+) -> dict[str, MemberState]:
+    """Current state of some members (ClickHouse merged with pending batches)."""
+    repository = repository or MemberEventRepository()
+    states = repository.lookup(roster_key, refs)
+    for ref, state in pending_states(roster_key, refs=set(refs)).items():
+        if ref not in states or states[ref].pos < state.pos:
+            states[ref] = state
+    return states
+
+
+def roster_page(
+    roster_key: str,
+    *,
+    after: str = "",
+    count: int,
+    as_of: int | None = None,
+    active: bool | None = None,
+) -> list[MemberState]:
+    """One page of the roster in reference order, optionally only (in)active members."""
+    page: list[MemberState] = []
+    with clickhouse_required():
+        stream = iter_members(roster_key, after=after, as_of=as_of)
+        try:
+            for state in stream:
+                if active is None or state.active == active:
+                    page.append(state)
+                    if len(page) == count:
+                        break
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+    return page
+
+
+def _pending_by_member(refs: set[str]) -> dict[tuple[str, str], MemberState]:
+    """Latest unshipped state per (member, roster) for some members, over all rosters."""
+    latest: dict[tuple[str, str], MemberState] = {}
+    pending = MemberOutbox.objects.filter(shipped_at__isnull=True)
+    for roster, version, events in pending.values_list("roster_key", "version", "events"):
+        for event in orjson.loads(events):
+            if event[0] in refs:
+                state = event_state(version, event)
+                known = latest.get((state.ref, roster))
+                if known is None or known.pos < state.pos:
+                    latest[(state.ref, roster)] = state
+    return latest
+
+
+def groups_with_members(refs: list[str], *, active_only: bool = False) -> list[str]:
+    """Keys (``Group/id``) of current, non-deleted Groups that have any of these members."""
+    with clickhouse_required():
+        repository = MemberEventRepository()
+        pairs = set(repository.rosters_of(refs, active_only=active_only))
+        for (ref, roster), state in _pending_by_member(set(refs)).items():
+            stored = repository.lookup(roster, [ref]).get(ref)
+            newest = state if stored is None or stored.pos < state.pos else stored
+            if newest.active if active_only else newest.present:
+                pairs.add((ref, roster))
+            else:
+                pairs.discard((ref, roster))
+    candidates: dict[str, int] = {}
+    for _, roster in pairs:
+        group_id, _, incarnation = roster.rpartition("/")
+        candidates[f"Group/{group_id}"] = int(incarnation)
+    current = StoredResource.objects.filter(key__in=list(candidates), deleted=False)
+    return sorted(
+        key
+        for key, incarnation in current.values_list("key", "incarnation")
+        if candidates.get(key) == incarnation
+    )

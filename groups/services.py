@@ -1,0 +1,507 @@
+"""Roster writes: member events into the outbox, shipping to ClickHouse, PATCH and diffs.
+
+One write is one Group version. Its member events get ``seq`` 0, 1, 2 … in the order the
+write produced them, so (version, seq) orders every event of a roster, never the wall clock.
+Events are stored in the outbox inside the version's transaction and shipped after commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonpatch
+import orjson
+from django.utils import timezone
+
+from fhirservice import db
+from fhirservice.clickhouse import ClickHouseUnavailable
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import BadRequest, ServiceUnavailable, TooCostly, UnprocessableEntity
+from fhirservice.models import ResourceVersion, StoredResource
+from fhirservice.store.content import apply_json_patch, parse_patch, without_server_meta
+from fhirservice.store.handlers import VersionWrite
+from fhirservice.store.json import loads
+from groups.members import Member, parse_member
+from groups.middleware import FLAG
+from groups.models import MemberOutbox
+from groups.repository import MemberEventRepository, MemberState, event_row
+from groups.selectors import (
+    MSG_CLICKHOUSE_DOWN,
+    clickhouse_required,
+    iter_members,
+    member_states,
+    pending_states,
+    roster_key,
+)
+
+logger = logging.getLogger(__name__)
+
+MEMBER_PATH = re.compile(r"/member(?:/(?P<index>-|0|[1-9][0-9]*)(?P<rest>/.*)?)?")
+MSG_TOO_MANY_OPS = "The patch has {count} operations; at most {limit} are allowed per request"
+MSG_MEMBER_MOVE = "op {index}: move and copy are not supported on /member"
+MSG_MEMBER_INDEX = "op {index} ({op} {path}): the roster has no member at index {n}"
+MSG_MEMBER_TEST = "op {index} (test {path}): the value differs"
+MSG_MEMBER_OP = "op {index} ({op} {path}): not supported on the roster"
+MSG_ROSTER_NOT_LIST = "Group.member must be an array"
+
+
+# -- member states as patch overlays ------------------------------------------------------
+
+
+def _state_of(member: Member | None, ref: str) -> MemberState:
+    """A patch-local state: newer than anything stored (pos at the top of the range)."""
+    if member is None:
+        return MemberState(ref, "", "", "", False, "", 1 << 63, False)
+    return MemberState(
+        member.ref,
+        member.member_type,
+        member.period_start,
+        member.period_end,
+        member.inactive,
+        member.extra,
+        1 << 63,
+        True,
+    )
+
+
+def _member_of(state: MemberState | None) -> Member | None:
+    if state is None or not state.present:
+        return None
+    return Member(
+        state.ref,
+        state.member_type,
+        state.period_start,
+        state.period_end,
+        state.inactive,
+        state.extra,
+    )
+
+
+def _active(member: Member | None) -> bool:
+    return member is not None and not member.inactive
+
+
+@dataclass
+class RosterSession:
+    """Member changes of one write, applied in op order over the roster's current state."""
+
+    roster_key: str
+    blind: bool = False
+    base: dict[str, Member | None] = field(default_factory=dict)
+    overlay: dict[str, Member | None] = field(default_factory=dict)
+    events: list[list[Any]] = field(default_factory=list)
+
+    def preload(self, refs: list[str]) -> None:
+        """Fetch the stored state of the members the write names, in one query."""
+        missing = [ref for ref in dict.fromkeys(refs) if ref not in self.base]
+        if not missing:
+            return
+        try:
+            states = member_states(self.roster_key, missing)
+        except ClickHouseUnavailable:
+            # Writes go on while ClickHouse is down; the quantity is recounted on shipping.
+            self.blind = True
+            states = pending_states(self.roster_key, refs=set(missing))
+        for ref in missing:
+            self.base[ref] = _member_of(states.get(ref))
+
+    def current(self, ref: str) -> Member | None:
+        """The member as this write has left it so far (None: not in the roster)."""
+        if ref in self.overlay:
+            return self.overlay[ref]
+        if ref not in self.base:
+            self.preload([ref])
+        return self.base[ref]
+
+    def members(self) -> Iterator[MemberState]:
+        """Present members in reference order, as this write has left them so far."""
+        if self.blind:
+            raise ServiceUnavailable(MSG_CLICKHOUSE_DOWN, detail_code="MSG_MEMBER_STORE_DOWN")
+        overrides = {ref: _state_of(m, ref) for ref, m in self.overlay.items()}
+        with clickhouse_required():
+            yield from iter_members(self.roster_key, overrides=overrides)
+
+    def nth(self, n: int) -> Member | None:
+        """The member at index ``n`` of the roster (reference order), or None."""
+        stream = self.members()
+        try:
+            for position, state in enumerate(stream):
+                if position == n:
+                    return _member_of(state)
+        finally:
+            stream.close()
+        return None
+
+    def _emit(self, event_type: str, member: Member) -> None:
+        self.events.append(
+            [
+                member.ref,
+                event_type,
+                len(self.events),
+                member.member_type,
+                member.period_start,
+                member.period_end,
+                member.inactive,
+                member.extra,
+            ]
+        )
+
+    def put(self, member: Member) -> None:
+        """Add a member, or update it when present; identical content is no change."""
+        now = self.current(member.ref)
+        if now == member:
+            return
+        self._emit("updated" if now is not None else "added", member)
+        self.overlay[member.ref] = member
+
+    def remove(self, ref: str) -> bool:
+        """Remove a member; False when it was not in the roster."""
+        now = self.current(ref)
+        if now is None:
+            return False
+        self._emit("removed", now)
+        self.overlay[ref] = None
+        return True
+
+    def replace_all(self, incoming: dict[str, Member]) -> None:
+        """Make the roster equal ``incoming``: remove, update and add what differs."""
+        removed = []
+        for state in self.members():
+            if state.ref not in incoming:
+                removed.append(state.ref)
+            self.base.setdefault(state.ref, _member_of(state))
+        for ref in removed:
+            self.remove(ref)
+        for ref in sorted(incoming):
+            self.base.setdefault(ref, None)
+            self.put(incoming[ref])
+
+    def quantity_delta(self) -> int:
+        """Change in active members this write makes."""
+        return sum(
+            _active(after) - _active(self.base.get(ref)) for ref, after in self.overlay.items()
+        )
+
+
+# -- outbox and shipping --------------------------------------------------------------------
+
+
+def member_events_record(
+    *, write: VersionWrite, roster: str, events: list[list[Any]], recount: bool = False
+) -> list[str]:
+    """Store a version's member events in the outbox (inside its transaction) and ship them
+    after commit. Returns the outbox keys."""
+    if not events:
+        return []
+    size = fhir_settings.MEMBER_BATCH_SIZE
+    moment = timezone.now()
+    context = write.context
+    rows = [
+        MemberOutbox(
+            key=f"{roster}/{write.version_id}/{chunk}",
+            roster_key=roster,
+            group_id=write.resource_id,
+            version=write.version_id,
+            chunk=chunk,
+            event_count=len(events[start : start + size]),
+            events=orjson.dumps(events[start : start + size]).decode(),
+            recorded_at=moment,
+            request_id=context.request_id,
+            source=context.source,
+            actor=context.actor,
+            recount=recount,
+        )
+        for chunk, start in enumerate(range(0, len(events), size))
+    ]
+    MemberOutbox.objects.bulk_create(rows)
+    keys = [row.key for row in rows]
+    db.on_commit(lambda: member_batches_ship(keys=keys))
+    return keys
+
+
+@dataclass
+class ShipReport:
+    """What one shipping run did."""
+
+    batches: int = 0
+    events: int = 0
+    skipped: int = 0
+    failed: int = 0
+    recounted: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def member_batches_ship(
+    *, keys: list[str] | None = None, limit: int | None = None, check_existing: bool = False
+) -> ShipReport:
+    """Ship pending outbox batches to ClickHouse and mark them shipped.
+
+    Idempotent: a batch shipped twice (a crash between insert and mark) only duplicates rows
+    that every read collapses. ``check_existing`` skips the insert when ClickHouse already
+    holds the batch's events (the relay and repair use it; the hot path does not).
+    """
+    report = ShipReport()
+    pending = MemberOutbox.objects.filter(shipped_at__isnull=True)
+    if keys is not None:
+        pending = pending.filter(key__in=keys)
+    pending = pending.order_by("recorded_at", "version", "chunk")
+    if limit is not None:
+        pending = pending[:limit]
+    try:
+        repository = MemberEventRepository()
+        for batch in pending:
+            events = orjson.loads(batch.events)
+            if check_existing and _already_shipped(repository, batch, events):
+                report.skipped += 1
+            else:
+                repository.insert_events(
+                    event_row(
+                        batch.roster_key,
+                        batch.version,
+                        event,
+                        batch.recorded_at,
+                        batch.request_id,
+                        batch.source,
+                        batch.actor,
+                    )
+                    for event in events
+                )
+            MemberOutbox.objects.filter(key=batch.key, shipped_at__isnull=True).update(
+                shipped_at=timezone.now(), attempts=batch.attempts + 1, last_error=""
+            )
+            report.batches += 1
+            report.events += len(events)
+            if batch.recount:
+                group_quantity_recount(group_id=batch.group_id)
+                report.recounted.append(batch.group_id)
+    except ClickHouseUnavailable as exc:
+        report.failed += 1
+        report.error = str(exc)
+        logger.warning("Member events not shipped (ClickHouse unavailable): %s", exc)
+        MemberOutbox.objects.filter(pk__in=[b.pk for b in pending if b.shipped_at is None]).update(
+            last_error=str(exc)[:500]
+        )
+    return report
+
+
+def _already_shipped(
+    repository: MemberEventRepository, batch: MemberOutbox, events: list[list[Any]]
+) -> bool:
+    seqs = {event[2] for event in events}
+    stored = repository.client.execute(
+        "SELECT uniqExact(seq) FROM Group_4_0_0_MemberEvents WHERE roster_key = %(k)s "
+        "AND version = %(v)s AND seq IN %(seqs)s",
+        {"k": batch.roster_key, "v": batch.version, "seqs": tuple(seqs)},
+    )
+    return int(stored[0][0]) == len(seqs)
+
+
+def group_quantity_recount(*, group_id: str) -> int | None:
+    """Set a Group's quantity from its roster (after blind writes); no new version."""
+    row = StoredResource.objects.filter(key=f"Group/{group_id}", deleted=False).first()
+    if row is None:
+        return None
+    key = roster_key(group_id, row.incarnation)
+    count = sum(1 for state in iter_members(key) if state.active)
+    body = loads(row.body)
+    if body.get("quantity") == count:
+        return count
+    body["quantity"] = count
+    text = orjson.dumps(body).decode()
+    StoredResource.objects.filter(key=row.key, version_id=row.version_id).update(body=text)
+    ResourceVersion.objects.filter(key=f"{row.key}/_history/{row.version_id}").update(body=text)
+    return count
+
+
+# -- PATCH ----------------------------------------------------------------------------------
+
+
+def _is_member_path(path: Any) -> bool:
+    return isinstance(path, str) and (path == "/member" or path.startswith("/member/"))
+
+
+def _sub_patch(member: Member, op: dict[str, Any], rest: str, where: str) -> Member:
+    """Apply an op below one member (``/member/N/<rest>``) and re-validate the member."""
+    sub = {**op, "path": rest}
+    try:
+        result = jsonpatch.apply_patch(member.to_dict(), [sub])
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+        raise UnprocessableEntity(f"{where}: {exc}", detail_code="MSG_PATCH_FAILED") from exc
+    return parse_member(result, where)
+
+
+def apply_member_op(session: RosterSession, index: int, op: dict[str, Any]) -> None:
+    """Apply one JSON Patch op on ``/member…`` to the roster session."""
+    name, path = op["op"], op["path"]
+    where = f"op {index} ({name} {path})"
+    match = MEMBER_PATH.fullmatch(path)
+    if match is None:
+        raise UnprocessableEntity(
+            MSG_MEMBER_OP.format(index=index, op=name, path=path), detail_code="MSG_PATCH_FAILED"
+        )
+    position, rest = match.group("index"), match.group("rest")
+    value = op.get("value")
+    if position is None:  # the whole roster
+        if name in ("add", "replace"):
+            if not isinstance(value, list):
+                raise BadRequest(
+                    f"{where}: {MSG_ROSTER_NOT_LIST}", detail_code="MSG_MEMBER_INVALID"
+                )
+            incoming = {}
+            for i, item in enumerate(value):
+                member = parse_member(item, f"{where} value[{i}]")
+                incoming[member.ref] = member
+            session.replace_all(incoming)
+        elif name == "remove" and isinstance(value, dict):
+            # The seed system's removal by reference: {"op": "remove", "path": "/member",
+            # "value": {"entity": {"reference": "Patient/1"}}}.
+            session.remove(parse_member(value, where).ref)
+        elif name == "remove":
+            session.replace_all({})
+        else:
+            raise UnprocessableEntity(
+                MSG_MEMBER_OP.format(index=index, op=name, path=path),
+                detail_code="MSG_PATCH_FAILED",
+            )
+        return
+    if position == "-":
+        if rest is None and name == "add":
+            session.put(parse_member(value, where))
+            return
+        if rest is None and name == "remove" and isinstance(value, dict):
+            session.remove(parse_member(value, where).ref)
+            return
+        raise UnprocessableEntity(
+            MSG_MEMBER_OP.format(index=index, op=name, path=path), detail_code="MSG_PATCH_FAILED"
+        )
+    n = int(position)
+    if name == "add" and rest is None:
+        # The roster is a set ordered by reference: an insert position has no meaning, so
+        # add at an index adds the member like /member/-.
+        session.put(parse_member(value, where))
+        return
+    current = session.nth(n)
+    if current is None:
+        raise UnprocessableEntity(
+            MSG_MEMBER_INDEX.format(index=index, op=name, path=path, n=n),
+            detail_code="MSG_PATCH_FAILED",
+        )
+    if name == "test":
+        target = current.to_dict()
+        if rest is not None:
+            try:
+                target = jsonpatch.JsonPointer(rest).resolve(target)
+            except jsonpatch.JsonPointerException as exc:
+                raise UnprocessableEntity(
+                    MSG_MEMBER_TEST.format(index=index, path=path),
+                    detail_code="MSG_PATCH_TEST_FAILED",
+                ) from exc
+        if target != value:
+            raise UnprocessableEntity(
+                MSG_MEMBER_TEST.format(index=index, path=path), detail_code="MSG_PATCH_TEST_FAILED"
+            )
+        return
+    if name == "remove" and rest is None:
+        session.remove(current.ref)
+        return
+    if name == "replace" and rest is None:
+        new = parse_member(value, where)
+    elif name in ("add", "remove", "replace") and rest is not None:
+        new = _sub_patch(current, op, rest, where)
+    else:
+        raise UnprocessableEntity(
+            MSG_MEMBER_OP.format(index=index, op=name, path=path), detail_code="MSG_PATCH_FAILED"
+        )
+    if new.ref != current.ref:
+        session.remove(current.ref)
+    session.put(new)
+
+
+def group_patch(draft: VersionWrite, ops: list[dict[str, Any]], *, validate: Any) -> None:
+    """Build a Group version from JSON Patch ops: members as events, the rest on the body.
+
+    Member ops and other ops touch disjoint parts of the document, so applying each kind in
+    its own op order equals applying the patch in op order; the version is bumped once.
+    """
+    if len(ops) > fhir_settings.MAX_PATCH_OPS:
+        raise TooCostly(
+            MSG_TOO_MANY_OPS.format(count=len(ops), limit=fhir_settings.MAX_PATCH_OPS),
+            detail_code="MSG_TOO_MANY_OPERATIONS",
+        )
+    parse_patch(ops)
+    previous = without_server_meta(loads(draft.previous.body))
+    member_ops, other_ops = [], []
+    for index, op in enumerate(ops):
+        if _is_member_path(op.get("path")) or _is_member_path(op.get("from")):
+            if op["op"] in ("move", "copy"):
+                raise UnprocessableEntity(
+                    MSG_MEMBER_MOVE.format(index=index), detail_code="MSG_PATCH_FAILED"
+                )
+            member_ops.append((index, op))
+        else:
+            other_ops.append(op)
+    body = previous
+    if other_ops:
+        body = apply_json_patch(previous, other_ops)
+        body.pop("member", None)
+        validate(body)
+    quantity = previous.get("quantity", 0)
+    if member_ops:
+        session = RosterSession(roster_key(draft.resource_id, draft.incarnation))
+        session.preload(
+            [
+                op["value"]["entity"]["reference"]
+                for _, op in member_ops
+                if isinstance(op.get("value"), dict)
+                and isinstance(op["value"].get("entity"), dict)
+                and isinstance(op["value"]["entity"].get("reference"), str)
+            ]
+        )
+        for index, op in member_ops:
+            apply_member_op(session, index, op)
+        quantity += session.quantity_delta()
+        member_events_record(
+            write=draft, roster=session.roster_key, events=session.events, recount=session.blind
+        )
+        draft.changed = bool(session.events)
+    draft.body = {**body, "quantity": max(quantity, 0)}
+    setattr(draft.context.request, FLAG, True)
+
+
+# -- the post-save handler --------------------------------------------------------------------
+
+
+def group_post_save(write: VersionWrite) -> None:
+    """Diff the incoming roster against the current one and emit member events.
+
+    Skipped when the request already wrote its member events (the members-written flag set
+    by PATCH). Runs for POST, PUT, transaction Bundle entries, the admin and operations.
+    ``write.payload`` is the incoming roster ({reference: Member}) or None when the body had
+    no ``member`` element.
+    """
+    if getattr(write.context.request, FLAG, False) or write.deleted:
+        return
+    previous_alive = write.previous is not None and not write.previous.deleted
+    previous_quantity = loads(write.previous.body).get("quantity", 0) if previous_alive else 0
+    incoming = write.payload
+    if incoming is None:
+        if write.method == "PUT" and previous_alive and fhir_settings.GROUP_PUT_KEEPS_ROSTER:
+            write.body = {**write.body, "quantity": previous_quantity}
+            return
+        incoming = {}
+    key = roster_key(write.resource_id, write.incarnation)
+    session = RosterSession(key)
+    if previous_alive:
+        session.replace_all(incoming)
+    else:
+        # A new roster (first create or re-create after delete) is empty: no read needed.
+        for ref in sorted(incoming):
+            session.base[ref] = None
+            session.put(incoming[ref])
+    member_events_record(write=write, roster=key, events=session.events)
+    write.body = {**write.body, "quantity": previous_quantity + session.quantity_delta()}
+    write.changed = write.changed or bool(session.events)
