@@ -126,10 +126,15 @@ def iter_members(
 def member_states(
     roster_key: str, refs: list[str], *, repository: MemberEventRepository | None = None
 ) -> dict[str, MemberState]:
-    """Current state of some members (ClickHouse merged with pending batches)."""
+    """Current state of some members (ClickHouse merged with pending batches).
+
+    The outbox is read before ClickHouse: a batch shipped between the two reads is then seen
+    in one of them, never in neither.
+    """
     repository = repository or MemberEventRepository()
+    pending = pending_states(roster_key, refs=set(refs))
     states = repository.lookup(roster_key, refs)
-    for ref, state in pending_states(roster_key, refs=set(refs)).items():
+    for ref, state in pending.items():
         if ref not in states or states[ref].pos < state.pos:
             states[ref] = state
     return states

@@ -219,7 +219,9 @@ def member_events_record(
     ]
     MemberOutbox.objects.bulk_create(rows)
     keys = [row.key for row in rows]
-    db.on_commit(lambda: member_batches_ship(keys=keys))
+    # Shipping the whole roster's pending batches also ships what an earlier write left
+    # behind (ClickHouse was down then): pending batches ship on the next write.
+    db.on_commit(lambda: member_batches_ship(roster_keys=[roster]))
     return keys
 
 
@@ -236,7 +238,11 @@ class ShipReport:
 
 
 def member_batches_ship(
-    *, keys: list[str] | None = None, limit: int | None = None, check_existing: bool = False
+    *,
+    keys: list[str] | None = None,
+    roster_keys: list[str] | None = None,
+    limit: int | None = None,
+    check_existing: bool = False,
 ) -> ShipReport:
     """Ship pending outbox batches to ClickHouse and mark them shipped.
 
@@ -248,6 +254,8 @@ def member_batches_ship(
     pending = MemberOutbox.objects.filter(shipped_at__isnull=True)
     if keys is not None:
         pending = pending.filter(key__in=keys)
+    if roster_keys is not None:
+        pending = pending.filter(roster_key__in=roster_keys)
     pending = pending.order_by("recorded_at", "version", "chunk")
     if limit is not None:
         pending = pending[:limit]
