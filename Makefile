@@ -1,0 +1,64 @@
+# Developer entry points. Everything runs from the project's .venv (scripts/bootstrap.sh).
+#
+#   make run            serve on 127.0.0.1:$(PORT) with the embedded backends (SQLite + chdb)
+#   make test           the suite on both backend pairs; make test ARGS="-k patient"
+#   make lint           ruff, Django system checks, missing migrations
+#   make bench          benchmarks (python -m bench) on both backend pairs
+#   make migrate        metadata store and ClickHouse schema
+
+SHELL := /bin/bash
+PORT ?= 8000
+ARGS ?=
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint bench migrate bootstrap bootstrap-servers
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+bootstrap-servers:
+	@bash scripts/bootstrap.sh --servers
+
+# SQLite cannot create the directory of its database file: make the var dir first.
+migrate: bootstrap
+	@mkdir -p "$${FHIR_VAR_DIR:-var}"
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py migrate_clickhouse
+
+# One gunicorn worker: chdb allows one process per data path (threads are fine).
+run: migrate
+	@echo "Serving http://127.0.0.1:$(PORT)/$${FHIR_BASE_PATH:-4_0_0}/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLICKHOUSE_URL to change)."
+	$(VENV)/bin/gunicorn fhirservice.wsgi:application --bind 127.0.0.1:$(PORT) --workers 1 --threads 8
+
+test:
+	@bash scripts/run-tests.sh $(ARGS)
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+
+# The same two backend pairs as `make test`, on throwaway servers started here.
+bench: bootstrap-servers
+	@set -u; \
+	tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/fhir-bench.XXXXXX"); chmod 755 "$$tmp"; \
+	trap 'bash scripts/test-servers.sh stop "$$tmp/servers"; rm -rf "$$tmp"' EXIT; \
+	trap 'exit 130' INT; trap 'exit 143' TERM; \
+	bash scripts/test-servers.sh start "$$tmp/servers" || exit 1; \
+	mkdir -p "$$tmp/var" "$$tmp/var2"; \
+	rc=0; \
+	echo "=== bench: embedded (SQLite + chdb)"; \
+	env FHIR_BENCH_PASS=embedded \
+		DATABASE_URL="sqlite:///$$tmp/embedded.sqlite3" \
+		CLICKHOUSE_URL="chdb:///$$tmp/chdb" \
+		FHIR_VAR_DIR="$$tmp/var" \
+		$(PY) -m bench $(ARGS) || rc=1; \
+	echo "=== bench: servers (PostgreSQL + ClickHouse server)"; \
+	env FHIR_BENCH_PASS=servers \
+		DATABASE_URL="postgres://postgres@127.0.0.1:$${PG_PORT:-55432}/fhirservice" \
+		CLICKHOUSE_URL="clickhouse://default@127.0.0.1:$${CH_TCP_PORT:-19000}/fhir_test" \
+		FHIR_VAR_DIR="$$tmp/var2" \
+		$(PY) -m bench $(ARGS) || rc=1; \
+	exit $$rc
