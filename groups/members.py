@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from fhirservice.errors import BadRequest
+from fhirservice.errors import BadRequest, InvalidResource
+from fhirservice.fhir.validation import validate_resource
 from fhirservice.search.values import date_range
 
 MEMBER_TYPES = (
@@ -49,6 +50,7 @@ MSG_BAD_REFERENCE = (
 MSG_BAD_PERIOD = "{where}: member.period must be an object with dateTime start and/or end"
 MSG_PERIOD_ORDER = "{where}: member.period.start {start} is after its end {end}"
 MSG_BAD_INACTIVE = "{where}: member.inactive must be true or false"
+MSG_EXTRA_INVALID = "{where}: {problem}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +127,10 @@ def parse_member(value: Any, where: str) -> Member:
                     detail_code="MSG_MEMBER_INVALID",
                 )
         if start and end:
+            # date_range gives [low, high): a start at or after the end's high bound is later
+            # than every instant the end names ("2021" after "2020", a day after a day).
             start_range, end_range = date_range(start), date_range(end)
-            if start_range is None or end_range is None or start_range[0] > end_range[1]:
+            if start_range is None or end_range is None or start_range[0] >= end_range[1]:
                 raise BadRequest(
                     MSG_PERIOD_ORDER.format(where=where, start=start, end=end),
                     expression=where,
@@ -151,6 +155,8 @@ def parse_member(value: Any, where: str) -> Member:
         if period_rest:
             rest["period"] = period_rest
         extra = orjson.dumps(rest).decode() if rest else ""
+        if extra:
+            _check_extra(value, where)
     return Member(
         ref=ref,
         member_type=match.group("type"),
@@ -159,6 +165,24 @@ def parse_member(value: Any, where: str) -> Member:
         inactive=inactive,
         extra=extra,
     )
+
+
+def _check_extra(value: dict[str, Any], where: str) -> None:
+    """Validate a member with extra content through the models: it is served back as sent.
+
+    Only members carrying more than reference, period bounds and inactive pay for this.
+    """
+    try:
+        validate_resource(
+            {"resourceType": "Group", "type": "person", "actual": True, "member": [value]}
+        )
+    except InvalidResource as exc:
+        problem = exc.diagnostics.removeprefix("Group.member[0].")
+        raise BadRequest(
+            MSG_EXTRA_INVALID.format(where=where, problem=problem),
+            expression=where,
+            detail_code="MSG_MEMBER_INVALID",
+        ) from exc
 
 
 def render_member(ref: str, start: str, end: str, inactive: bool | int, extra: str) -> bytes:

@@ -480,6 +480,60 @@ def group_patch(draft: VersionWrite, ops: list[dict[str, Any]], *, validate: Any
     setattr(draft.context.request, FLAG, True)
 
 
+# -- explicit member changes (operations) ----------------------------------------------------
+
+
+@dataclass
+class RosterDelta:
+    """Member changes named one by one (operations), instead of a whole incoming roster."""
+
+    puts: list[Member] = field(default_factory=list)
+    removes: list[str] = field(default_factory=list)
+
+
+def group_members_change(
+    *, group_id: str, delta: RosterDelta, context: Any, if_match: int | None = None
+) -> Any:
+    """A new Group version that applies ``delta`` to the roster (body otherwise unchanged).
+
+    Runs the post-save handler without the members-written flag, so the events go through
+    the same outbox and shipping as every other roster write.
+    """
+    from fhirservice.store.services import write_version
+
+    def build(draft: VersionWrite) -> None:
+        draft.body = without_server_meta(loads(draft.previous.body))
+        if fhir_settings.GROUP_ROSTER_STORAGE == "inline":
+            draft.body = _inline_apply(draft.body, delta)
+        else:
+            draft.payload = delta
+
+    return write_version(
+        resource_type="Group",
+        resource_id=group_id,
+        method="PATCH",
+        context=context,
+        build=build,
+        if_match=if_match,
+        must_exist=True,
+    )
+
+
+def _inline_apply(body: dict[str, Any], delta: RosterDelta) -> dict[str, Any]:
+    """Apply a delta to a Group stored whole (inline mode); quantity counts active members."""
+    members = {parse_member(m, "Group.member").ref: m for m in body.get("member", [])}
+    for ref in delta.removes:
+        members.pop(ref, None)
+    for member in delta.puts:
+        members[member.ref] = member.to_dict()
+    roster = [members[ref] for ref in sorted(members)]
+    out = {k: v for k, v in body.items() if k != "member"}
+    if roster:
+        out["member"] = roster
+    out["quantity"] = sum(1 for m in roster if not m.get("inactive", False))
+    return out
+
+
 # -- the post-save handler --------------------------------------------------------------------
 
 
@@ -503,7 +557,13 @@ def group_post_save(write: VersionWrite) -> None:
         incoming = {}
     key = roster_key(write.resource_id, write.incarnation)
     session = RosterSession(key)
-    if previous_alive:
+    if isinstance(incoming, RosterDelta):
+        session.preload([*incoming.removes, *(m.ref for m in incoming.puts)])
+        for ref in incoming.removes:
+            session.remove(ref)
+        for member in incoming.puts:
+            session.put(member)
+    elif previous_alive:
         session.replace_all(incoming)
     else:
         # A new roster (first create or re-create after delete) is empty: no read needed.

@@ -23,6 +23,24 @@ from fhirservice.store.selectors import resource_read, resource_vread
 from groups.handlers import clickhouse_rosters
 from groups.repository import MemberState
 from groups.selectors import roster_page, row_roster_key
+from operations.definitions import OperationDef, ParamDef
+
+OPERATION = OperationDef(
+    code="members",
+    resource="Group",
+    instance=True,
+    affects_state=False,
+    title="Members",
+    description="The roster page by page (GET): Parameters with one member parameter per "
+    "member (parts entity, period, inactive), groupVersion, quantity and next.",
+    parameters=(
+        ParamDef("_count", "in", 0, "1", "integer", "Page size (default 1000, at most 10000)"),
+        ParamDef("_cursor", "in", 0, "1", "string", "The cursor of the next link"),
+        ParamDef("active", "in", 0, "1", "boolean", "Only active (true) or inactive (false)"),
+        ParamDef("version", "in", 0, "1", "string", "The roster as of this Group version"),
+        ParamDef("return", "out", 1, "1", "Parameters", "One page of the roster"),
+    ),
+)
 
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000

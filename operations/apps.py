@@ -1,4 +1,4 @@
-"""App config of the Operation API."""
+"""App config of the Operation API: lists every operation in the CapabilityStatement."""
 
 from django.apps import AppConfig
 
@@ -8,3 +8,11 @@ class OperationsConfig(AppConfig):
 
     name = "operations"
     verbose_name = "FHIR operations"
+
+    def ready(self) -> None:
+        """Register each operation's definition with the CapabilityStatement."""
+        from fhirservice.capability import register_operation
+        from operations.registry import DEFINITIONS
+
+        for definition in DEFINITIONS.values():
+            register_operation(definition.resource, definition.code, definition.url)

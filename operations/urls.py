@@ -1,12 +1,22 @@
 """Routes of $operations: ``[base]/$op``, ``[base]/[type]/$op``, ``[base]/[type]/[id]/$op``.
 
-The groups app contributes the roster read ``Group/[id]/$members``.
+``Group/[id]/$members`` (the paged roster) is the groups app's own view; built-in
+OperationDefinitions are served before the generic store sees the id.
 """
 
 from django.urls import re_path
 
 from groups.views import GroupMembersView
+from operations.views import OperationDefinitionView, OperationView
+
+CODE = r"\$(?P<code>[a-z][a-z0-9\-]*)"
+TYPE = r"(?P<resource_type>[A-Z][A-Za-z]+)"
+ID = r"(?P<resource_id>[^/$][^/]*)"
 
 urlpatterns = [
-    re_path(r"^Group/(?P<resource_id>[^/$][^/]*)/\$members$", GroupMembersView.as_view()),
+    re_path(rf"^Group/{ID}/\$members$", GroupMembersView.as_view()),
+    re_path(rf"^OperationDefinition/{ID}$", OperationDefinitionView.as_view()),
+    re_path(rf"^{CODE}$", OperationView.as_view()),
+    re_path(rf"^{TYPE}/{CODE}$", OperationView.as_view()),
+    re_path(rf"^{TYPE}/{ID}/{CODE}$", OperationView.as_view()),
 ]

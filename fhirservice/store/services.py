@@ -59,6 +59,16 @@ class VersionRace(Exception):
     """Another writer changed the row between our read and our compare-and-set."""
 
 
+class WriteRace(Conflict):
+    """A race lost inside an outer transaction: the outer unit may retry as a whole.
+
+    Transaction Bundles answer it as 409; operation regions (``operations.transactions``)
+    retry the region.
+    """
+
+    detail_code = "MSG_CONCURRENT_WRITE"
+
+
 @dataclass
 class WriteResult:
     """What a write did: the current row afterwards, and whether it created or changed it."""
@@ -115,7 +125,7 @@ def run_write(unit: Callable[[], WriteResult], *, key: str) -> WriteResult:
             with db.atomic():
                 return unit()
         except (VersionRace, IntegrityError) as exc:
-            raise Conflict(MSG_CONFLICT_RETRIES.format(key=key)) from exc
+            raise WriteRace(MSG_CONFLICT_RETRIES.format(key=key)) from exc
     for attempt in range(fhir_settings.WRITE_RETRIES + 1):
         try:
             with db.atomic():
@@ -274,7 +284,10 @@ def resource_create(
 
         keys = search_keys(resource_type, if_none_exist, limit=2)
         if len(keys) > 1:
-            raise PreconditionFailed(MSG_CONDITIONAL_MULTIPLE.format(count="several"))
+            raise PreconditionFailed(
+                MSG_CONDITIONAL_MULTIPLE.format(count="several"),
+                detail_code="MSG_CONDITIONAL_MULTIPLE",
+            )
         if keys:
             return WriteResult(
                 row=StoredResource.objects.get(key=keys[0]), created=False, changed=False

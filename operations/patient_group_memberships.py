@@ -1,0 +1,33 @@
+"""``Patient/[id]/$group-memberships``: the Groups a Patient is an active member of.
+
+Read-only (GET allowed), answered from the reverse member table's sort key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhirservice.models import StoredResource
+from fhirservice.store.handlers import WriteContext
+from fhirservice.store.selectors import resource_read
+from groups.selectors import groups_with_members
+from operations.definitions import OperationDef, ParamDef
+
+OPERATION = OperationDef(
+    code="group-memberships",
+    resource="Patient",
+    instance=True,
+    affects_state=False,
+    title="Group memberships",
+    description="A searchset Bundle of the Groups the Patient is an active member of.",
+    parameters=(ParamDef("return", "out", 1, "1", "Bundle", "searchset Bundle of Groups"),),
+)
+
+
+def handle(
+    *, values: dict[str, Any], resource_id: str | None, context: WriteContext
+) -> list[StoredResource]:
+    """The Group rows; the view renders them as a searchset Bundle."""
+    patient = resource_read(resource_type="Patient", resource_id=resource_id)
+    keys = groups_with_members([patient.key], active_only=True)
+    return list(StoredResource.objects.filter(key__in=keys, deleted=False).order_by("key"))

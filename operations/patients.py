@@ -1,0 +1,187 @@
+"""Patients as data-transfer objects: matched by identifier, created by the server.
+
+Clients never build references: an operation names a Patient by an Identifier, or sends a
+Patient DTO that the server matches by its identifiers (or creates). Literal references
+inside a DTO are not trusted: elements holding a ``reference`` are dropped before the
+Patient is stored, and the dropped paths are reported back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fhirservice.errors import BadRequest, Conflict, NotFound
+from fhirservice.models import ResourceVersion, SearchToken, StoredResource
+from fhirservice.search.extract import extract_tokens
+from fhirservice.store import json
+from fhirservice.store.handlers import WriteContext
+from fhirservice.store.services import format_instant, now, resource_create
+
+MSG_NO_PATIENT = "No Patient has the identifier {system}|{value}"
+MSG_AMBIGUOUS = "{count} Patients match the identifier(s) {identifiers}; the match must be unique"
+MSG_DTO_NO_IDENTIFIER = "The patient DTO needs at least one identifier to be matched by"
+BULK_CHUNK = 1000
+
+
+def _token(identifier: dict[str, Any]) -> tuple[str | None, str]:
+    return identifier.get("system"), identifier["value"]
+
+
+def patient_keys(identifier: dict[str, Any]) -> list[str]:
+    """Keys of current Patients carrying an identifier (any system when none is given)."""
+    system, value = _token(identifier)
+    tokens = SearchToken.objects.filter(resource_type="Patient", param="identifier", value=value)
+    if system:
+        tokens = tokens.filter(system=system)
+    return sorted(set(tokens.values_list("resource_key", flat=True)))
+
+
+def patient_by_identifier(identifier: dict[str, Any]) -> str:
+    """The one existing Patient with this identifier: 404 when none, 409 when several."""
+    keys = patient_keys(identifier)
+    if not keys:
+        raise NotFound(
+            MSG_NO_PATIENT.format(system=identifier.get("system", ""), value=identifier["value"]),
+            detail_code="MSG_PATIENT_NOT_FOUND",
+        )
+    if len(keys) > 1:
+        raise Conflict(
+            MSG_AMBIGUOUS.format(count=len(keys), identifiers=identifier["value"]),
+            detail_code="MSG_PATIENT_AMBIGUOUS",
+        )
+    return keys[0]
+
+
+def strip_references(value: Any, path: str = "Patient") -> tuple[Any, list[str]]:
+    """``value`` without any element that holds a literal reference, and the dropped paths."""
+    dropped: list[str] = []
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, dict) and "reference" in item:
+                dropped.append(f"{path}.{key}")
+                continue
+            cleaned, inner = strip_references(item, f"{path}.{key}")
+            dropped.extend(inner)
+            if cleaned not in ({}, []):
+                out[key] = cleaned
+        return out, dropped
+    if isinstance(value, list):
+        items = []
+        for index, item in enumerate(value):
+            if isinstance(item, dict) and "reference" in item:
+                dropped.append(f"{path}[{index}]")
+                continue
+            cleaned, inner = strip_references(item, f"{path}[{index}]")
+            dropped.extend(inner)
+            items.append(cleaned)
+        return items, dropped
+    return value, dropped
+
+
+def patient_match_or_create(
+    dto: dict[str, Any], *, context: WriteContext
+) -> tuple[str, bool, list[str]]:
+    """(Patient key, created?, dropped reference paths) for a Patient DTO."""
+    identifiers = [
+        i
+        for i in dto.get("identifier", [])
+        if isinstance(i, dict) and isinstance(i.get("value"), str)
+    ]
+    if not identifiers:
+        raise BadRequest(
+            MSG_DTO_NO_IDENTIFIER,
+            detail_code="MSG_BAD_FORMAT",
+            expression="Parameters.parameter(patient).resource.identifier",
+        )
+    keys = sorted({key for identifier in identifiers for key in patient_keys(identifier)})
+    if len(keys) > 1:
+        raise Conflict(
+            MSG_AMBIGUOUS.format(
+                count=len(keys), identifiers=", ".join(i["value"] for i in identifiers)
+            ),
+            detail_code="MSG_PATIENT_AMBIGUOUS",
+        )
+    body, dropped = strip_references({k: v for k, v in dto.items() if k not in ("id", "meta")})
+    if keys:
+        return keys[0], False, dropped
+    result = resource_create(resource_type="Patient", body=body, context=context)
+    return result.row.key, True, dropped
+
+
+def patients_resolve_or_create(
+    identifiers: list[dict[str, Any]], *, context: WriteContext
+) -> tuple[list[str], int]:
+    """Patient keys for many identifiers (creating minimal Patients), in bulk.
+
+    Matching is exact on (system, value). One query per 1,000 identifiers, and missing
+    Patients are inserted with bulk writes (version 1, history row, search tokens), so
+    10^5 identifiers take seconds, not minutes.
+    """
+    found: dict[tuple[str, str], str] = {}
+    for start in range(0, len(identifiers), BULK_CHUNK):
+        chunk = identifiers[start : start + BULK_CHUNK]
+        values = {i["value"] for i in chunk}
+        rows = SearchToken.objects.filter(
+            resource_type="Patient", param="identifier", value__in=values
+        )
+        for system, value, key in rows.values_list("system", "value", "resource_key"):
+            previous = found.setdefault((system, value), key)
+            if previous != key:
+                raise Conflict(
+                    MSG_AMBIGUOUS.format(count=2, identifiers=value),
+                    detail_code="MSG_PATIENT_AMBIGUOUS",
+                )
+    keys: list[str] = []
+    missing: dict[tuple[str, str], str] = {}
+    for identifier in identifiers:
+        token = (identifier.get("system") or "", identifier["value"])
+        key = found.get(token) or missing.get(token)
+        if key is None:
+            key = f"Patient/{uuid.uuid4()}"
+            missing[token] = key
+        keys.append(key)
+    _bulk_create_patients(missing, context=context)
+    return keys, len(missing)
+
+
+def _bulk_create_patients(missing: dict[tuple[str, str], str], *, context: WriteContext) -> None:
+    moment = now()
+    instant = format_instant(moment)
+    items = list(missing.items())
+    for start in range(0, len(items), BULK_CHUNK):
+        current, versions, tokens = [], [], []
+        for (system, value), key in items[start : start + BULK_CHUNK]:
+            resource_id = key.split("/", 1)[1]
+            identifier = {"system": system, "value": value} if system else {"value": value}
+            body = {
+                "resourceType": "Patient",
+                "id": resource_id,
+                "meta": {"versionId": "1", "lastUpdated": instant},
+                "identifier": [identifier],
+            }
+            text = json.dumps_str(body)
+            fields = {
+                "resource_type": "Patient",
+                "resource_id": resource_id,
+                "version_id": 1,
+                "incarnation": 1,
+                "last_updated": moment,
+                "deleted": False,
+                "body": text,
+            }
+            current.append(StoredResource(key=key, **fields))
+            versions.append(
+                ResourceVersion(
+                    key=f"{key}/_history/1",
+                    method="POST",
+                    request_id=context.request_id,
+                    actor=context.actor,
+                    **fields,
+                )
+            )
+            tokens.extend(extract_tokens(key, body))
+        StoredResource.objects.bulk_create(current)
+        ResourceVersion.objects.bulk_create(versions)
+        SearchToken.objects.bulk_create(tokens)

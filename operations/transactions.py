@@ -1,0 +1,117 @@
+"""Transactional regions: ACID and serializable, with version checks and bounded retries.
+
+A region runs in one metadata transaction:
+
+- PostgreSQL runs it at ``SERIALIZABLE`` isolation: its serializable snapshot isolation also
+  catches predicate conflicts ("no Patient with this identifier yet, so both create one").
+- SQLite takes the write lock at ``BEGIN IMMEDIATE`` (see settings): regions run one after
+  another, which is serializable by construction.
+- MongoDB runs it as a multi-document transaction (snapshot isolation, write conflicts
+  abort); reads are version-checked at commit so a changed read aborts the region too.
+
+Every resource the region reads is recorded with its version; every write names the version
+it read (compare-and-set), and reads are re-checked before commit. A lost race or a
+serialization failure rolls the region back and runs it again, up to ``WRITE_RETRIES``
+times. A version the *client* named that is not current is not retried: it answers 409
+``MSG_VERSION_AWARE_CONFLICT`` with both versions in the diagnostics.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from django.db import IntegrityError, OperationalError, connection
+
+from fhirservice import db
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import Conflict, VersionConflict
+from fhirservice.models import StoredResource
+from fhirservice.store.handlers import WriteContext
+from fhirservice.store.selectors import resource_read
+from fhirservice.store.services import WriteRace
+
+T = TypeVar("T")
+
+MSG_STALE_VERSION = (
+    "{key}: the client named version {client}, but the server's current version is {server}"
+)
+MSG_REGION_RETRIES = "The operation kept conflicting with concurrent changes; try again"
+
+
+class RegionRace(Exception):
+    """A resource the region read changed before the region committed."""
+
+
+class Region:
+    """The reads and writes of one attempt of a transactional region."""
+
+    def __init__(self, context: WriteContext) -> None:
+        self.context = context
+        self.read_versions: dict[str, int] = {}
+
+    def read(self, resource_type: str, resource_id: str) -> StoredResource:
+        """Read a current resource (404/410 as usual) and remember its version."""
+        row = resource_read(resource_type=resource_type, resource_id=resource_id)
+        self.read_versions.setdefault(row.key, row.version_id)
+        return row
+
+    def expect(self, row: StoredResource, client_version: str | None) -> None:
+        """409 MSG_VERSION_AWARE_CONFLICT when the client named another version."""
+        if client_version is not None and client_version != str(row.version_id):
+            raise VersionConflict(
+                MSG_STALE_VERSION.format(key=row.key, client=client_version, server=row.version_id)
+            )
+
+    def wrote(self, key: str, version: int) -> None:
+        """Record that the region itself produced ``version`` of ``key``."""
+        self.read_versions[key] = version
+
+    def verify(self) -> None:
+        """Re-check every read version; raise RegionRace when one changed."""
+        current = dict(
+            StoredResource.objects.filter(key__in=list(self.read_versions)).values_list(
+                "key", "version_id"
+            )
+        )
+        for key, version in self.read_versions.items():
+            if current.get(key) != version:
+                raise RegionRace(key)
+
+
+def _serializable() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+
+
+def _transient(exc: Exception) -> bool:
+    code = getattr(getattr(exc, "__cause__", None), "sqlstate", None)
+    text = str(exc).lower()
+    return (
+        code in ("40001", "40P01")
+        or "could not serialize" in text
+        or "locked" in text
+        or "deadlock" in text
+    )
+
+
+def run_region(body: Callable[[Region], T], *, context: WriteContext) -> T:
+    """Run ``body`` as a serializable, version-checked transaction, retried on races."""
+    for attempt in range(fhir_settings.WRITE_RETRIES + 1):
+        region = Region(context)
+        try:
+            with db.atomic():
+                _serializable()
+                result = body(region)
+                region.verify()
+            return result
+        except (WriteRace, RegionRace, IntegrityError):
+            pass
+        except OperationalError as exc:
+            if not _transient(exc):
+                raise
+        time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))  # noqa: S311
+    raise Conflict(MSG_REGION_RETRIES, detail_code="MSG_CONCURRENT_WRITE")
