@@ -161,4 +161,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="WARNING")},
+    # The driver logs a traceback per failed connect; ClickHouseUnavailable already says it.
+    "loggers": {"clickhouse_driver": {"level": "ERROR"}},
 }

@@ -1,0 +1,524 @@
+"""The two ClickHouse backends: embedded chdb and a server through clickhouse-driver.
+
+Both present the same values to callers (see the package docstring); the comments below say
+where each backend needs help to get there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from decimal import Decimal
+from functools import lru_cache
+from itertools import islice
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+import pytz
+from clickhouse_driver import Client, defines
+from clickhouse_driver import errors as driver_errors
+from clickhouse_driver.context import Context
+from clickhouse_driver.settings.available import settings as driver_known_settings
+
+from . import (
+    INSERT_BATCH_ROWS,
+    ITER_BLOCK_ROWS,
+    UTC,
+    UTC_ZONE_NAMES,
+    ClickHouseClient,
+    ClickHouseUnavailable,
+    ConnectionPool,
+    escape_context,
+    quote_identifier,
+    setting_literal,
+)
+
+# --------------------------------------------------------------------------------------
+# ClickHouse server (clickhouse-driver, native protocol)
+# --------------------------------------------------------------------------------------
+
+# What a lost, refused or silent server raises inside the driver. Server-side errors
+# (ServerException: bad SQL, unknown table, limits) are deliberately not in this list.
+_UNREACHABLE = (driver_errors.NetworkError, driver_errors.SocketTimeoutError, EOFError, OSError)
+
+
+# (column index, function) pairs for the columns whose values need converting; NULLs pass.
+Converters = tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
+def _convert(row: Sequence[Any], converters: Converters) -> tuple:
+    values = list(row)
+    for index, convert in converters:
+        value = values[index]
+        if value is not None:
+            values[index] = convert(value)
+    return tuple(values)
+
+
+def _strip_wrappers(ch_type: str) -> str:
+    for wrapper in ("LowCardinality(", "Nullable("):
+        if ch_type.startswith(wrapper):
+            ch_type = ch_type[len(wrapper) : -1]
+    return ch_type
+
+
+class DriverClient(ClickHouseClient):
+    """A ClickHouse server through clickhouse-driver, with a small pool of ``Client`` objects.
+
+    On creation it connects once (so a down server fails at once), creates the database if
+    it is missing and reads the server's version and time zone.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        database: str,
+        connect_timeout: float,
+        send_receive_timeout: float,
+        sync_request_timeout: float,
+    ) -> None:
+        self.url = url
+        self.database = database
+        self._client_kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "user": user,
+            "password": password,
+            "connect_timeout": connect_timeout,
+            "send_receive_timeout": send_receive_timeout,
+            "sync_request_timeout": sync_request_timeout,
+            "client_name": "fhirservice",
+            "settings": {"insert_block_size": INSERT_BATCH_ROWS},
+        }
+        self._naive_fix_columns: dict[tuple[str, tuple[str, ...]], tuple[int, ...]] = {}
+        self._bootstrap()
+        self._pool: ConnectionPool[Client] = ConnectionPool(
+            lambda: Client(database=database, **self._client_kwargs),
+            lambda client: client.disconnect(),
+        )
+
+    def _bootstrap(self) -> None:
+        client = Client(database="default", **self._client_kwargs)
+        try:
+            with self._reachable():
+                exists = client.execute(
+                    "SELECT count() FROM system.databases WHERE name = %(name)s",
+                    {"name": self.database},
+                )[0][0]
+                if not exists:
+                    database = quote_identifier(self.database)
+                    client.execute(f"CREATE DATABASE IF NOT EXISTS {database}")
+                info = client.connection.server_info
+        finally:
+            client.disconnect()
+        self._version = info.version_tuple()
+        self.timezone = info.timezone
+        self._server_is_utc = self.timezone in UTC_ZONE_NAMES
+        self._server_zone = pytz.timezone(self.timezone)
+        # Before this revision settings travel in a typed binary form that only settings the
+        # driver knows can take; it skips the others with a warning.
+        revision = getattr(info, "used_revision", info.revision)
+        self._settings_as_strings = (
+            revision >= defines.DBMS_MIN_REVISION_WITH_SETTINGS_SERIALIZED_AS_STRINGS
+        )
+        self._context = escape_context(self.timezone)
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise ClickHouseUnavailable(
+                f"ClickHouse at {self.url_for_logs} cannot be reached: {exc}"
+            ) from exc
+
+    def _escape_context(self) -> Context:
+        return self._context
+
+    @property
+    def server_version(self) -> tuple[int, ...]:
+        """The server's version as reported at connection time."""
+        return self._version
+
+    def supports_setting(self, name: str) -> bool:
+        """Known to the server, and sendable by the driver to this server."""
+        return super().supports_setting(name) and (
+            self._settings_as_strings or name in driver_known_settings
+        )
+
+    def execute(
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> list[tuple]:
+        """Run a query; see ``ClickHouseClient.execute``."""
+        query = self.bind(sql, params)
+        with self._reachable(), self._pool.connection() as client:
+            rows, columns = client.execute(query, with_column_types=True, settings=settings)
+        converters = self._converters(columns)
+        if not converters:
+            return rows
+        return [_convert(row, converters) for row in rows]
+
+    def iter_rows(
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> Iterator[tuple]:
+        """Stream a SELECT with ``execute_iter``; see ``ClickHouseClient.iter_rows``."""
+        query = self.bind(sql, params)
+        return self._stream(query, {"max_block_size": ITER_BLOCK_ROWS, **(settings or {})})
+
+    def _stream(self, query: str, settings: dict[str, Any]) -> Iterator[tuple]:
+        client = self._pool.acquire()
+        finished = False
+        try:
+            with self._reachable():
+                rows = client.execute_iter(query, settings=settings, with_column_types=True)
+                columns = next(rows, None)
+                converters = self._converters(columns or [])
+                if not converters:
+                    yield from rows
+                else:
+                    for row in rows:
+                        yield _convert(row, converters)
+            finished = True
+        finally:
+            if not finished:
+                # The server is still sending the abandoned result: drop the connection
+                # rather than read it to the end.
+                client.disconnect()
+            self._pool.release(client)
+
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """Insert through the native protocol in blocks; see ``ClickHouseClient.insert``."""
+        sql = (
+            f"INSERT INTO {quote_identifier(table)} "
+            f"({', '.join(quote_identifier(column) for column in columns)}) VALUES"
+        )
+        with self._reachable(), self._pool.connection() as client:
+            fix = self._columns_reading_naive_wrongly(client, table, columns)
+            if fix:
+                data = (_naive_as_utc_at(row, fix) for row in rows)
+            else:
+                data = (row for row in rows)  # the driver takes lists, tuples or generators
+            return client.execute(sql, data, types_check=False) or 0
+
+    def _columns_reading_naive_wrongly(
+        self, client: Client, table: str, columns: Sequence[str]
+    ) -> tuple[int, ...]:
+        """Indexes of the DateTime columns where the driver would misread a naive datetime.
+
+        The driver takes a naive datetime as wall time in the column's zone, or else the
+        server's; ours are UTC. Plain DateTime on a UTC server agrees, so the common case
+        costs no per-value work. Column types are looked up once per table and columns.
+        """
+        key = (table, tuple(columns))
+        cached = self._naive_fix_columns.get(key)
+        if cached is not None:
+            return cached
+        types = dict(row[:2] for row in client.execute(f"DESCRIBE TABLE {quote_identifier(table)}"))
+        fix = []
+        for index, column in enumerate(columns):
+            inner = _strip_wrappers(types.get(column, ""))
+            if not inner.startswith("DateTime"):
+                continue
+            zone = inner.partition("'")[2].rpartition("'")[0]
+            if (zone or self.timezone) not in UTC_ZONE_NAMES:
+                fix.append(index)
+        self._naive_fix_columns[key] = tuple(fix)
+        return self._naive_fix_columns[key]
+
+    def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Run a statement and ignore its result."""
+        query = self.bind(sql, params)
+        # DDL may change column types that insert() has looked up.
+        self._naive_fix_columns.clear()
+        with self._reachable(), self._pool.connection() as client:
+            client.execute(query)
+
+    def close(self) -> None:
+        """Disconnect every pooled ``Client``."""
+        self._pool.close()
+
+    def _converters(self, columns: Sequence[tuple[str, str]]) -> Converters:
+        """(index, function) for each DateTime column, making its values aware UTC."""
+        converters = []
+        for index, (_name, ch_type) in enumerate(columns):
+            inner = _strip_wrappers(ch_type)
+            if not inner.startswith("DateTime"):
+                continue
+            if inner.endswith(")") and "'" in inner:
+                converters.append((index, _aware_to_utc))  # zoned column: aware values
+            elif self._server_is_utc:
+                converters.append((index, _naive_utc_to_aware))
+            else:
+                converters.append((index, self._server_wall_time_to_utc))
+        return tuple(converters)
+
+    def _server_wall_time_to_utc(self, value: dt.datetime) -> dt.datetime:
+        return self._server_zone.localize(value).astimezone(UTC)
+
+
+def _naive_as_utc_at(row: Sequence[Any], indexes: tuple[int, ...]) -> list[Any]:
+    fixed = list(row)
+    for index in indexes:
+        value = fixed[index]
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            fixed[index] = value.replace(tzinfo=UTC)
+    return fixed
+
+
+def _naive_utc_to_aware(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=UTC)
+
+
+def _aware_to_utc(value: dt.datetime) -> dt.datetime:
+    return value.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------------------
+# chdb (embedded)
+# --------------------------------------------------------------------------------------
+
+# Set on every chdb session. The output settings make the JSON carry exact values (UTC
+# instants as numbers, 64-bit integers unquoted, NaN/Inf and decimals as text);
+# null_as_default=0 makes a NULL in a non-Nullable column an error, as it is with the driver.
+_CHDB_SESSION_SETTINGS = (
+    "SET session_timezone = 'UTC', date_time_output_format = 'unix_timestamp', "
+    "date_time_input_format = 'best_effort', input_format_null_as_default = 0, "
+    "output_format_json_quote_64bit_integers = 0, output_format_json_quote_denormals = 1, "
+    "output_format_json_quote_decimals = 1, output_format_json_validate_utf8 = 1"
+)
+
+# Rows travel as JSON arrays: orjson decodes a whole block in one call and encodes a whole
+# insert batch in one call, which is several times faster than per-row work in Python.
+_CHDB_RESULT_FORMAT = "JSONCompactEachRowWithNamesAndTypes"
+_CHDB_INSERT_FORMAT = "JSONCompactEachRow"
+
+# chdb runs one embedded server per process, bound to the first data path opened; another
+# path can be opened only after every session on the first one is closed.
+_registry_lock = threading.Lock()
+_open_path: str | None = None
+_open_clients = 0
+
+
+def open_chdb_path() -> str | None:
+    """The data path that chdb clients of this process hold open, if any."""
+    return _open_path
+
+
+def _register_path(path: str) -> None:
+    global _open_path, _open_clients
+    with _registry_lock:
+        if _open_path is not None and _open_path != path:
+            raise RuntimeError(
+                f"chdb has {_open_path} open in this process; close every client on it "
+                f"before opening {path}"
+            )
+        _open_path = path
+        _open_clients += 1
+
+
+def _unregister_path() -> None:
+    global _open_path, _open_clients
+    with _registry_lock:
+        _open_clients -= 1
+        if _open_clients == 0:
+            _open_path = None
+
+
+# Timestamps repeat a lot (one write stamps all its events alike): a small cache saves most
+# of the datetime construction when streaming.
+@lru_cache(maxsize=8192)
+def _from_unix_seconds(value: str) -> dt.datetime:
+    return dt.datetime.fromtimestamp(int(value), UTC)
+
+
+def _from_unix_fraction(value: str) -> dt.datetime:
+    return dt.datetime.fromtimestamp(float(value), UTC)
+
+
+def _json_converter(ch_type: str) -> Callable[[Any], Any] | None:
+    """How to turn a JSON value of ``ch_type`` into what the driver returns; None: as it is."""
+    inner = _strip_wrappers(ch_type)
+    if inner.startswith("DateTime64"):
+        return _from_unix_fraction
+    if inner.startswith("DateTime"):
+        return _from_unix_seconds
+    if inner.startswith("Float"):
+        return float  # NaN and infinities arrive as text
+    if inner.startswith("Decimal"):
+        return Decimal  # exact, as text
+    if inner in ("Int128", "UInt128", "Int256", "UInt256"):
+        return int  # always quoted in JSON
+    return None
+
+
+def _decode_block(data: bytes) -> list[tuple]:
+    """Decode one JSONCompactEachRowWithNamesAndTypes block into rows."""
+    payload = data.rstrip(b"\n")
+    if not payload:
+        return []
+    # JSON strings escape newlines, so every newline separates two rows: one loads call
+    # decodes the whole block.
+    names_types_rows = orjson.loads(b"[" + payload.replace(b"\n", b",") + b"]")
+    converters = [
+        (index, convert)
+        for index, ch_type in enumerate(names_types_rows[1])
+        if (convert := _json_converter(ch_type)) is not None
+    ]
+    rows = names_types_rows[2:]
+    for row in rows if converters else ():
+        for index, convert in converters:  # orjson's lists can be changed in place
+            value = row[index]
+            if value is not None:
+                row[index] = convert(value)
+    return list(map(tuple, rows))
+
+
+class ChdbClient(ClickHouseClient):
+    """Embedded chdb on a data path, with a small pool of sessions on that path.
+
+    Sessions on one path share the embedded server, so the pool gives each thread (and each
+    open ``iter_rows``) a session of its own: a statement on a session would end a stream
+    open on the same session.
+    """
+
+    def __init__(self, *, url: str, path: str) -> None:
+        self.url = url
+        self.path = unquote(path)
+        self._context = escape_context("UTC")
+        _register_path(self.path)
+        self._pool: ConnectionPool[Any] = ConnectionPool(self._open_session, self._close_session)
+        try:
+            with self._pool.connection() as session:
+                version = session.query("SELECT version()", "TSV").bytes()
+        except BaseException:
+            self.close()
+            raise
+        self._version = tuple(int(part) for part in version.decode().strip().split("."))
+
+    def _open_session(self) -> Any:
+        from chdb.session import Session
+
+        try:
+            session = Session(self.path)
+        except RuntimeError as exc:
+            raise ClickHouseUnavailable(
+                f"chdb cannot open {self.path} (is another process using it?): {exc}"
+            ) from exc
+        try:
+            session.query(_CHDB_SESSION_SETTINGS)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    @staticmethod
+    def _close_session(session: Any) -> None:
+        session.close()
+
+    def _escape_context(self) -> Context:
+        return self._context
+
+    @property
+    def server_version(self) -> tuple[int, ...]:
+        """chdb's ClickHouse engine version."""
+        return self._version
+
+    def _with_settings(self, query: str, settings: dict[str, Any] | None) -> str:
+        if not settings:
+            return query
+        clause = ", ".join(
+            setting_literal(name, value, self._context) for name, value in settings.items()
+        )
+        # A new line, so that a trailing "-- comment" in the query cannot swallow the clause.
+        return f"{query.rstrip().rstrip(';')}\nSETTINGS {clause}"
+
+    def execute(
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> list[tuple]:
+        """Run a query; see ``ClickHouseClient.execute``."""
+        query = self._with_settings(self.bind(sql, params), settings)
+        with self._pool.connection() as session:
+            data = session.query(query, _CHDB_RESULT_FORMAT).bytes()
+        return _decode_block(data)
+
+    def iter_rows(
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> Iterator[tuple]:
+        """Stream a SELECT with ``send_query``; see ``ClickHouseClient.iter_rows``."""
+        query = self._with_settings(
+            self.bind(sql, params), {"max_block_size": ITER_BLOCK_ROWS, **(settings or {})}
+        )
+        return self._stream(query)
+
+    def _stream(self, query: str) -> Iterator[tuple]:
+        session = self._pool.acquire()
+        stream = None
+        finished = False
+        try:
+            stream = session.send_query(query, _CHDB_RESULT_FORMAT)
+            for chunk in stream:
+                yield from _decode_block(chunk.bytes())
+            finished = True
+        finally:
+            if stream is not None and not finished:
+                with suppress(Exception):  # the stream may already have failed and ended
+                    stream.cancel()
+            self._pool.release(session)
+
+    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """Stream rows as JSON arrays into one INSERT; see ``ClickHouseClient.insert``."""
+        sql = (
+            f"INSERT INTO {quote_identifier(table)} "
+            f"({', '.join(quote_identifier(column) for column in columns)})"
+        )
+        count = 0
+        remaining = iter(rows)
+        with self._pool.connection() as session:
+            inserter = session.send_insert(sql, _CHDB_INSERT_FORMAT)
+            try:
+                while batch := list(islice(remaining, INSERT_BATCH_ROWS)):
+                    # One dumps call per batch; its outer brackets dropped, the rows are
+                    # comma-separated, which JSONCompactEachRow reads. Naive datetimes are UTC.
+                    inserter.append(orjson.dumps(batch, option=orjson.OPT_NAIVE_UTC)[1:-1])
+                    inserter.append(b"\n")
+                    count += len(batch)
+                inserter.finish()
+            except BaseException:
+                inserter.cancel()
+                raise
+        return count
+
+    def command(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Run a statement and ignore its result."""
+        query = self.bind(sql, params)
+        with self._pool.connection() as session:
+            session.query(query, "TSV")
+
+    def close(self) -> None:
+        """Close every session; afterwards this process may open another chdb path."""
+        if self._pool.close():
+            _unregister_path()
