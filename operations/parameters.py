@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from fhirservice.errors import BadRequest
+from fhirservice.search.values import date_range
 from groups.members import DATETIME_RE
 from operations.definitions import OperationDef, ParamDef
 
@@ -64,6 +65,11 @@ def _check_complex(param: ParamDef, value: Any) -> Any:
                 raise _bad(param.name, f"Period.{bound} must be a dateTime")
         if set(value) - {"start", "end"}:
             raise _bad(param.name, "a Period has only start and end")
+        if "start" in value and "end" in value:
+            # FHIR per-1; [low, high) ranges compare partial dates ("2021" is after "2020").
+            start, end = date_range(value["start"]), date_range(value["end"])
+            if start is None or end is None or start[0] >= end[1]:
+                raise _bad(param.name, "Period.start is after Period.end")
     return value
 
 

@@ -3,7 +3,7 @@
 Clients never build references: an operation names a Patient by an Identifier, or sends a
 Patient DTO that the server matches by its identifiers (or creates). Literal references
 inside a DTO are not trusted: elements holding a ``reference`` are dropped before the
-Patient is stored, and the dropped paths are reported back.
+Patient is stored (``strip_references`` returns the dropped paths for logging).
 """
 
 from __future__ import annotations
@@ -75,9 +75,27 @@ def strip_references(value: Any, path: str = "Patient") -> tuple[Any, list[str]]
                 continue
             cleaned, inner = strip_references(item, f"{path}[{index}]")
             dropped.extend(inner)
+            if _emptied_extension(item, cleaned):
+                # An extension whose value was a reference means nothing without it (ext-1).
+                continue
             items.append(cleaned)
         return items, dropped
     return value, dropped
+
+
+def _emptied_extension(before: Any, after: Any) -> bool:
+    """Whether stripping left an extension that had a value or sub-extensions with neither."""
+
+    def carries(element: dict[str, Any]) -> bool:
+        return any(k == "extension" or k.startswith("value") for k in element)
+
+    return (
+        isinstance(before, dict)
+        and "url" in before
+        and carries(before)
+        and isinstance(after, dict)
+        and not carries(after)
+    )
 
 
 def patient_match_or_create(
@@ -123,10 +141,14 @@ def patients_resolve_or_create(
     for start in range(0, len(identifiers), BULK_CHUNK):
         chunk = identifiers[start : start + BULK_CHUNK]
         values = {i["value"] for i in chunk}
+        wanted = {(i.get("system") or "", i["value"]) for i in chunk}
         rows = SearchToken.objects.filter(
             resource_type="Patient", param="identifier", value__in=values
         )
         for system, value, key in rows.values_list("system", "value", "resource_key"):
+            # The query matches values in any system: only the requested tokens must be unique.
+            if (system, value) not in wanted:
+                continue
             previous = found.setdefault((system, value), key)
             if previous != key:
                 raise Conflict(

@@ -100,11 +100,15 @@ def _transient(exc: Exception) -> bool:
 
 def run_region(body: Callable[[Region], T], *, context: WriteContext) -> T:
     """Run ``body`` as a serializable, version-checked transaction, retried on races."""
+    # PostgreSQL accepts SET TRANSACTION only before a transaction's first query: a region
+    # nested in a caller's atomic block (e.g. a test case's) runs at that block's level.
+    outermost = not db.in_transaction()
     for attempt in range(fhir_settings.WRITE_RETRIES + 1):
         region = Region(context)
         try:
             with db.atomic():
-                _serializable()
+                if outermost:
+                    _serializable()
                 result = body(region)
                 region.verify()
             return result

@@ -11,7 +11,8 @@ from operations.views import OperationDefinitionView, OperationView
 
 CODE = r"\$(?P<code>[a-z][a-z0-9\-]*)"
 TYPE = r"(?P<resource_type>[A-Z][A-Za-z]+)"
-ID = r"(?P<resource_id>[^/$][^/]*)"
+# Not "_history" and friends: ``OperationDefinition/_history`` is the generic type history.
+ID = r"(?P<resource_id>[^/$_][^/]*)"
 
 urlpatterns = [
     re_path(rf"^Group/{ID}/\$members$", GroupMembersView.as_view()),
