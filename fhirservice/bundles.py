@@ -27,6 +27,7 @@ from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest, FhirError, PreconditionFailed
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.search.query import search_keys
+from fhirservice.store.services import MSG_CONDITIONAL_MULTIPLE
 
 MSG_NOT_A_BUNDLE = "The body must be a Bundle of type batch or transaction"
 MSG_ENTRY_INVALID = "Entry {index}: {problem}"
@@ -153,9 +154,9 @@ def _prepare_transaction(entries: list[Entry]) -> None:
                 keys = search_keys(resource_type, entry.headers["HTTP_IF_NONE_EXIST"], limit=2)
                 if len(keys) > 1:
                     raise PreconditionFailed(
-                        MSG_CONDITIONAL_REF.format(
-                            reference=entry.headers["HTTP_IF_NONE_EXIST"], count=len(keys)
-                        )
+                        MSG_CONDITIONAL_MULTIPLE.format(count="several"),
+                        detail_code="MSG_CONDITIONAL_MULTIPLE",
+                        expression=f"Bundle.entry[{entry.index}].request.ifNoneExist",
                     )
                 existing = keys[0] if keys else None
             key = existing or f"{resource_type}/{uuid.uuid4()}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fhirservice.conf import fhir_settings
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
 from fhirservice.search.extract import PARAMS
 from fhirservice.search.query import CUSTOM_PARAMS
@@ -76,7 +77,7 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
             "interaction": [{"code": code} for code in INTERACTIONS],
             "versioning": "versioned-update",
             "readHistory": True,
-            "updateCreate": True,
+            "updateCreate": fhir_settings.UPDATE_CREATE,
             "conditionalCreate": True,
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from django.db import models
 
+from fhirservice.models import StoredResource
+
 
 class MemberOutbox(models.Model):
     """One batch of member events of one Group version."""
@@ -45,3 +47,36 @@ class MemberOutbox(models.Model):
     def __str__(self) -> str:
         state = "shipped" if self.shipped_at else "pending"
         return f"{self.key} ({self.event_count} events, {state})"
+
+
+class BackfillCheckpoint(models.Model):
+    """Where a roster backfill (inline Groups into ClickHouse events) got to.
+
+    ``last_key`` is the highest ``Group/id`` whose roster is known to be moved; a resumed
+    run starts after it. Losing the checkpoint costs time only: a Group already moved has no
+    ``member`` in its body and is skipped.
+    """
+
+    name = models.CharField(primary_key=True, max_length=64)
+    last_key = models.CharField(max_length=160, blank=True, default="")
+    groups_done = models.PositiveBigIntegerField(default=0)
+    members_done = models.PositiveBigIntegerField(default=0)
+    started_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        state = "finished" if self.finished_at else f"after {self.last_key or 'start'}"
+        return f"{self.name}: {self.groups_done} groups, {state}"
+
+
+class GroupResource(StoredResource):
+    """The stored Groups, as the admin lists them (rows of ``StoredResource`` of type Group)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "FHIR Group"
+        verbose_name_plural = "FHIR Groups"
+
+    def __str__(self) -> str:
+        return f"Group/{self.resource_id}"

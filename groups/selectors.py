@@ -57,6 +57,29 @@ def event_state(version: int, event: list[Any]) -> MemberState:
     )
 
 
+# Above this many references, scanning each batch's text once per reference costs more than
+# decoding it.
+_NEEDLES_MAX = 32
+
+
+def _json_needles(refs: Iterable[str]) -> tuple[str, ...] | None:
+    """The JSON string literals of ``refs``, to skip outbox batches that cannot hold them.
+
+    A batch (JSON text) whose text contains none of them has no event for these members,
+    so it need not be decoded (a 50,000-event batch takes ~0.1 s to decode). None when the
+    check cannot be used: too many references, or one whose JSON spelling could vary
+    (non-ASCII, quotes, backslashes, control characters).
+    """
+    needles = []
+    for ref in refs:
+        if len(needles) == _NEEDLES_MAX or not (ref.isascii() and ref.isprintable()):
+            return None
+        if '"' in ref or "\\" in ref:
+            return None
+        needles.append(f'"{ref}"')
+    return tuple(needles)
+
+
 def pending_states(
     roster_key: str, *, max_version: int | None = None, refs: set[str] | None = None
 ) -> dict[str, MemberState]:
@@ -65,7 +88,10 @@ def pending_states(
     if max_version is not None:
         rows = rows.filter(version__lte=max_version)
     states: dict[str, MemberState] = {}
+    needles = _json_needles(refs) if refs is not None else None
     for version, events in rows.order_by("version", "chunk").values_list("version", "events"):
+        if needles is not None and not any(needle in events for needle in needles):
+            continue
         for event in orjson.loads(events):
             if refs is None or event[0] in refs:
                 state = event_state(version, event)
@@ -105,18 +131,27 @@ def iter_members(
     as_of: int | None = None,
     overrides: dict[str, MemberState] | None = None,
     repository: MemberEventRepository | None = None,
+    limit: int | None = None,
 ) -> Iterator[MemberState]:
-    """Present members in reference order: ClickHouse, pending batches, then ``overrides``."""
+    """Present members in reference order: ClickHouse, pending batches, then ``overrides``.
+
+    ``limit`` caps the members ClickHouse returns when nothing is pending or overridden (a
+    page); with pending states the stream stays unbounded, since the merge may drop members.
+    Callers still stop reading after the members they need.
+    """
     repository = repository or MemberEventRepository()
     merged = pending_states(roster_key, max_version=as_of)
     if overrides:
         merged.update(overrides)
     include_removed = bool(merged)
+    bound = None if merged else limit
     if as_of is None:
-        stream = repository.iter_roster(roster_key, after=after, include_removed=include_removed)
+        stream = repository.iter_roster(
+            roster_key, after=after, limit=bound, include_removed=include_removed
+        )
     else:
         stream = repository.iter_roster_as_of(
-            roster_key, as_of, after=after, include_removed=include_removed
+            roster_key, as_of, after=after, limit=bound, include_removed=include_removed
         )
     if not merged:
         return stream
@@ -151,7 +186,10 @@ def roster_page(
     """One page of the roster in reference order, optionally only (in)active members."""
     page: list[MemberState] = []
     with clickhouse_required():
-        stream = iter_members(roster_key, after=after, as_of=as_of)
+        # Without an activity filter the page is the first ``count`` members: ClickHouse
+        # need not return (nor aggregate) more.
+        limit = count if active is None else None
+        stream = iter_members(roster_key, after=after, as_of=as_of, limit=limit)
         try:
             for state in stream:
                 if active is None or state.active == active:
@@ -169,7 +207,10 @@ def _pending_by_member(refs: set[str]) -> dict[tuple[str, str], MemberState]:
     """Latest unshipped state per (member, roster) for some members, over all rosters."""
     latest: dict[tuple[str, str], MemberState] = {}
     pending = MemberOutbox.objects.filter(shipped_at__isnull=True)
+    needles = _json_needles(refs)
     for roster, version, events in pending.values_list("roster_key", "version", "events"):
+        if needles is not None and not any(needle in events for needle in needles):
+            continue
         for event in orjson.loads(events):
             if event[0] in refs:
                 state = event_state(version, event)
@@ -191,13 +232,15 @@ def groups_with_members(refs: list[str], *, active_only: bool = False) -> list[s
                 pairs.add((ref, roster))
             else:
                 pairs.discard((ref, roster))
-    candidates: dict[str, int] = {}
+    # A re-created id has several roster keys (one per incarnation): only the current one
+    # counts, whichever of them the member is in.
+    candidates: dict[str, set[int]] = {}
     for _, roster in pairs:
         group_id, _, incarnation = roster.rpartition("/")
-        candidates[f"Group/{group_id}"] = int(incarnation)
+        candidates.setdefault(f"Group/{group_id}", set()).add(int(incarnation))
     current = StoredResource.objects.filter(key__in=list(candidates), deleted=False)
     return sorted(
         key
         for key, incarnation in current.values_list("key", "incarnation")
-        if candidates.get(key) == incarnation
+        if incarnation in candidates[key]
     )

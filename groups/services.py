@@ -11,10 +11,12 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import jsonpatch
 import orjson
+from django.db.models import Q
 from django.utils import timezone
 
 from fhirservice import db
@@ -47,6 +49,10 @@ MSG_MEMBER_INDEX = "op {index} ({op} {path}): the roster has no member at index 
 MSG_MEMBER_TEST = "op {index} (test {path}): the value differs"
 MSG_MEMBER_OP = "op {index} ({op} {path}): not supported on the roster"
 MSG_ROSTER_NOT_LIST = "Group.member must be an array"
+# A pending batch this old was left behind by its writer (see _ship_after_commit). Its
+# writer ships it right after commit, but that can take seconds on a busy machine; until then
+# reads merge it, so waiting costs nothing but a later shipping by the next write or relay.
+LEFT_BEHIND_AFTER = timedelta(seconds=30)
 
 
 # -- member states as patch overlays ------------------------------------------------------
@@ -159,10 +165,14 @@ class RosterSession:
         self.overlay[member.ref] = member
 
     def remove(self, ref: str) -> bool:
-        """Remove a member; False when it was not in the roster."""
+        """Remove a member; False when it was not in the roster (known only when not blind)."""
         now = self.current(ref)
         if now is None:
-            return False
+            if not self.blind:
+                return False
+            # ClickHouse is down, so "not in the roster" only means "not pending": the member
+            # may well be stored there. Record the removal; for an absent member it is a no-op.
+            now = parse_member({"entity": {"reference": ref}}, ref)
         self._emit("removed", now)
         self.overlay[ref] = None
         return True
@@ -219,10 +229,27 @@ def member_events_record(
     ]
     MemberOutbox.objects.bulk_create(rows)
     keys = [row.key for row in rows]
-    # Shipping the whole roster's pending batches also ships what an earlier write left
-    # behind (ClickHouse was down then): pending batches ship on the next write.
-    db.on_commit(lambda: member_batches_ship(roster_keys=[roster]))
+    db.on_commit(lambda: _ship_after_commit(roster, keys))
     return keys
+
+
+def _ship_after_commit(roster: str, keys: list[str]) -> None:
+    """Ship a write's own batches, and what earlier writes of its roster left behind.
+
+    Left behind: its shipping failed (ClickHouse was down), or it is older than
+    LEFT_BEHIND_AFTER (its writer died before shipping). Batches other writers committed a
+    moment ago are theirs to ship: when every writer shipped every pending batch of the
+    roster, concurrent writers inserted each other's batches again and again, each insert
+    then waiting for the metadata store's write lock to mark the batch shipped.
+    """
+    cutoff = timezone.now() - LEFT_BEHIND_AFTER
+    left_behind = (
+        MemberOutbox.objects.filter(roster_key=roster, shipped_at__isnull=True)
+        .filter(Q(last_error__gt="") | Q(recorded_at__lte=cutoff))
+        .exclude(key__in=keys)
+        .values_list("key", flat=True)
+    )
+    member_batches_ship(keys=[*keys, *left_behind])
 
 
 @dataclass
@@ -284,6 +311,7 @@ def member_batches_ship(
             report.batches += 1
             report.events += len(events)
             if batch.recount:
+                version_quantity_recount(group_id=batch.group_id, version=batch.version)
                 group_quantity_recount(group_id=batch.group_id)
                 report.recounted.append(batch.group_id)
     except ClickHouseUnavailable as exc:
@@ -322,6 +350,27 @@ def group_quantity_recount(*, group_id: str) -> int | None:
     text = orjson.dumps(body).decode()
     StoredResource.objects.filter(key=row.key, version_id=row.version_id).update(body=text)
     ResourceVersion.objects.filter(key=f"{row.key}/_history/{row.version_id}").update(body=text)
+    return count
+
+
+def version_quantity_recount(*, group_id: str, version: int) -> int | None:
+    """Set the quantity of one history version from the roster as of that version.
+
+    A blind write stored a guessed quantity in its version; once its batch is shipped the
+    roster as of that version is known, and vread must not serve a quantity that disagrees
+    with the members it serves.
+    """
+    row = ResourceVersion.objects.filter(
+        key=f"Group/{group_id}/_history/{version}", deleted=False
+    ).first()
+    if row is None:
+        return None
+    key = roster_key(group_id, row.incarnation)
+    count = sum(1 for state in iter_members(key, as_of=version) if state.active)
+    body = loads(row.body)
+    if body.get("quantity") != count:
+        body["quantity"] = count
+        ResourceVersion.objects.filter(key=row.key).update(body=orjson.dumps(body).decode())
     return count
 
 

@@ -65,7 +65,10 @@ def _after(raw: str | None) -> str:
     if not raw:
         return ""
     try:
-        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        # validate: the lenient decoder drops foreign characters, so a mangled cursor would
+        # silently restart the roster from its first page.
+        padded = raw + "=" * (-len(raw) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(
             MSG_BAD_PARAM.format(name="_cursor", value=raw), detail_code="MSG_PARAM_INVALID"

@@ -20,8 +20,10 @@ from fhirservice.conf import fhir_settings
 from fhirservice.errors import (
     BadRequest,
     PayloadTooLarge,
+    ServiceUnavailable,
     UnsupportedMediaType,
     information_outcome,
+    operation_outcome,
 )
 from fhirservice.rest.renderers import FHIR_JSON, FhirJsonRenderer
 from fhirservice.rest.rendering import Body, is_streamed, render_resource
@@ -39,6 +41,7 @@ MSG_FHIRPATH_PATCH = (
 )
 MSG_BODY_TOO_LARGE = "The body has {size} bytes; the limit is {limit}"
 MSG_BAD_IF_MATCH = 'If-Match must name a version as W/"n": {value!r}'
+MSG_WRITTEN_WITHOUT_BODY = "{key} version {version} was written; it cannot be shown now: {reason}"
 
 
 def base_url(request: Request) -> str:
@@ -75,6 +78,8 @@ class FhirView(APIView):
     """Base of all FHIR endpoints."""
 
     renderer_classes = [FhirJsonRenderer]
+    # No OPTIONS: DRF would answer it with a metadata dict that is not a FHIR resource.
+    http_method_names = ["get", "post", "put", "patch", "delete", "head"]
 
     def write_context(self) -> WriteContext:
         """Who is writing, for versions and member events."""
@@ -170,6 +175,23 @@ class FhirView(APIView):
                 status=status,
                 headers=headers,
             )
-        return fhir_http_response(
-            render_resource(row, current=True), status=status, headers=headers
-        )
+        try:
+            body = render_resource(row, current=True)
+        except ServiceUnavailable as exc:
+            # The version is committed: a 503 would make the client take the write for a
+            # failure (and retry it). Acknowledge it; say why the representation is missing.
+            outcome = operation_outcome(
+                [
+                    {
+                        "severity": "warning",
+                        "code": "transient",
+                        "diagnostics": MSG_WRITTEN_WITHOUT_BODY.format(
+                            key=f"{row.resource_type}/{row.resource_id}",
+                            version=row.version_id,
+                            reason=exc.diagnostics,
+                        ),
+                    }
+                ]
+            )
+            return fhir_http_response(json.dumps(outcome), status=status, headers=headers)
+        return fhir_http_response(body, status=status, headers=headers)

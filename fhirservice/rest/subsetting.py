@@ -2,7 +2,10 @@
 
 Which elements belong to the summary is read from the R4B models' field metadata
 (``summary_element_property``), so it follows the specification instead of a hand-kept list.
-A subsetted resource carries the ``SUBSETTED`` tag, as FHIR requires.
+A subsetted resource carries the ``SUBSETTED`` tag, as FHIR requires, and keeps the
+top-level mandatory elements of its type (taken from the R4 element tables of
+``fhirservice.fhir.validation``): FHIR asks servers to return them whatever the client chose,
+and without them the body would not be a valid resource.
 """
 
 from __future__ import annotations
@@ -17,6 +20,35 @@ SUBSETTED = {
     "display": "subsetted",
 }
 ALWAYS = ("resourceType", "id", "meta")
+
+
+@functools.cache
+def mandatory_elements(resource_type: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Top-level elements a type requires: (plain names, stems of required choices)."""
+    from fhirservice.fhir.validation import element_definitions
+
+    names, stems = set(), []
+    for path, (minimum, _, _) in element_definitions(resource_type).items():
+        parts = path.split(".")
+        if len(parts) != 2 or minimum < 1:
+            continue
+        if parts[1].endswith("[x]"):
+            stems.append(parts[1][:-3])
+        else:
+            names.add(parts[1])
+    return frozenset(names), tuple(stems)
+
+
+def _mandatory_keys(body: dict[str, Any]) -> set[str]:
+    names, stems = mandatory_elements(body["resourceType"])
+    keep = set()
+    for key in body:
+        bare = key.lstrip("_")
+        if bare in names or any(
+            bare.startswith(stem) and bare[len(stem) : len(stem) + 1].isupper() for stem in stems
+        ):
+            keep.add(key)
+    return keep
 
 
 @functools.cache
@@ -49,17 +81,17 @@ def subset(
 ) -> tuple[dict[str, Any], bool]:
     """The subset of ``body`` to serve, and whether it was subsetted at all."""
     if elements:
-        keep = set(ALWAYS) | set(elements) | {"_" + e for e in elements}
+        keep = set(ALWAYS) | set(elements) | {"_" + e for e in elements} | _mandatory_keys(body)
         reduced = {k: v for k, v in body.items() if k in keep}
         return _tagged(reduced), True
     if summary in (None, "false"):
         return body, False
     if summary == "text":
-        keep = {*ALWAYS, "text"}
+        keep = {*ALWAYS, "text", *_mandatory_keys(body)}
         return _tagged({k: v for k, v in body.items() if k in keep}), True
     if summary == "data":
         return _tagged({k: v for k, v in body.items() if k != "text"}), True
-    names = summary_elements(body["resourceType"]) or frozenset(body)
+    names = (summary_elements(body["resourceType"]) or frozenset(body)) | _mandatory_keys(body)
     return _tagged({k: v for k, v in body.items() if k in names or k in ALWAYS}), True
 
 

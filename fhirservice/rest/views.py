@@ -21,6 +21,7 @@ from fhirservice.store.selectors import (
 )
 from fhirservice.store.services import (
     check_type,
+    format_instant,
     resource_create,
     resource_delete,
     resource_patch,
@@ -235,7 +236,7 @@ class HistoryView(FhirView):
                         if method == "POST"
                         else ("204 No Content" if row.deleted else "200 OK"),
                         "etag": f'W/"{row.version_id}"',
-                        "lastModified": row.last_updated.isoformat().replace("+00:00", "Z"),
+                        "lastModified": format_instant(row.last_updated),
                     },
                 }
                 yield entry, None if row.deleted else render_resource(row, current=False)
@@ -270,7 +271,7 @@ class MetadataView(FhirView):
     def get(self, request: Request) -> HttpResponse:
         """The CapabilityStatement of this server."""
         from fhirservice.capability import capability_statement
-        from fhirservice.store.services import format_instant, now
+        from fhirservice.store.services import now
 
         statement = capability_statement(base_url(request), format_instant(now()))
         return fhir_http_response(render_json(statement))

@@ -3,6 +3,10 @@
 Each supported search parameter is one row of ``PARAMS``: its type and the elements it reads.
 Adding a parameter is adding a row here and in the CapabilityStatement (which is built from
 this table).
+
+String values are indexed twice in one row: ``value`` holds the normalised form that plain
+string search matches, ``system`` (which strings have no use for) the text as written, which
+``:exact`` must match case and accents included.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def extract_tokens(resource_key: str, body: dict[str, Any]) -> list[SearchToken]
                     for text in _string_values(
                         value, whole_name=param.name == "name" and resource_type == "Patient"
                     ):
-                        add(param.name, value=normalize_string(text))
+                        add(param.name, system=text, value=normalize_string(text))
                 elif param.type == "token":
                     for system, code in _token_values(value):
                         add(param.name, system=system, value=code)

@@ -21,7 +21,7 @@ from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
 from fhirservice.models import SearchToken, StoredResource
 from fhirservice.search.extract import PARAMS, Param
-from fhirservice.search.values import date_range, normalize_string
+from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
 MSG_UNKNOWN_PARAM = "Unknown search parameter {name!r} for {type}"
 MSG_BAD_VALUE = "Bad value for search parameter {name!r}: {value!r}"
@@ -98,7 +98,7 @@ def _split_values(raw: str) -> list[str]:
 def _string_q(param: Param, value: str, modifier: str) -> Q:
     norm = normalize_string(value)
     if modifier == "exact":
-        return Q(value=value[:255]) | Q(value=norm)
+        return Q(system=value[:MAX_VALUE])
     if modifier == "contains":
         return Q(value__contains=norm)
     return Q(value__startswith=norm)

@@ -1,0 +1,738 @@
+"""``python -m bench``: the command line and the order of the measurements.
+
+Rows (the budget table of DESIGN.md):
+
+1. PATCH +1 member on Groups of each size, ClickHouse rosters, and the same PATCH on an
+   ``inline`` Group of the same size in the same run (ratio inline / clickhouse);
+2. PATCH with 10,000 member ops on the largest Group;
+3. POST of the largest Group (create with all its members);
+4. GET of the largest Group, streamed, with RSS growth;
+5. ``$members`` page of 1,000 at random cursors, and ``_elements=quantity``;
+6. ``Group?member=`` over a reverse table of 10^7 rows (synthetic events, see bench.data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import env
+from bench.measure import RssWatch, Series, repeat, timed
+from bench.report import FAIL, INFO, PASS, Line, Report, megabytes, seconds, size_label
+
+ROOT = Path(__file__).resolve().parent.parent  # the project (python -m bench.rss_probe)
+MILLION = 1_000_000
+FULL_SIZES = (1000, 100_000, MILLION)
+QUICK_SIZES = (1000, 10_000)
+
+# DESIGN.md, "Performance budgets" (medians, 2-core machine).
+PATCH_ONE = 0.015  # PATCH +1 member on a Group of 10^6
+PATCH_SCALING = 1.5  # ... and at most 1.5x the same at 10^3
+PATCH_MANY = 0.3  # PATCH with 10,000 member ops
+CREATE = 15.0  # create a Group of 10^6 members
+GET_ALL = 5.0  # GET a Group of 10^6 members, streamed
+GET_RSS = 200e6  # ... with RSS growth at most this
+PAGE = 0.030  # $members page of 1,000
+QUANTITY = 0.005  # quantity
+MEMBER_SEARCH = 0.030  # Group?member= over 10^7 rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmarks of the Group roster budgets on the backends named by "
+        "DATABASE_URL and CLICKHOUSE_URL (see bench/README.md).",
+    )
+    parser.add_argument(
+        "--sizes",
+        help="comma-separated roster sizes (default 1000,100000,1000000; --quick: 1000,10000)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: sizes 10^3/10^4, 10^5 reverse-table rows, fewer repetitions",
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="timed runs per small measurement (default 15, quick 5)"
+    )
+    parser.add_argument(
+        "--create-repeat",
+        type=int,
+        help="creates of the largest Group to time (default 2; the second one takes row 2)",
+    )
+    parser.add_argument(
+        "--get-repeat", type=int, help="streamed GETs of the largest Group (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--ops", type=int, default=10_000, help="member ops in the big PATCH (default 10000)"
+    )
+    parser.add_argument(
+        "--member-rows",
+        type=int,
+        help="reverse-table rows for Group?member= (default 10^7, quick 10^5)",
+    )
+    parser.add_argument(
+        "--member-seconds",
+        type=float,
+        default=150.0,
+        help="time cap for writing the synthetic member events (default 150 s)",
+    )
+    parser.add_argument(
+        "--inline-max",
+        type=int,
+        default=MILLION,
+        help="largest size also measured with inline rosters (default 10^6)",
+    )
+    parser.add_argument(
+        "--inline-seconds",
+        type=float,
+        default=60.0,
+        help="time cap per inline PATCH series, after 3 runs (default 60 s)",
+    )
+    parser.add_argument(
+        "--rows", default="1,2,3,4,5,6", help="which rows to run (default all: 1,2,3,4,5,6)"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also profile one extra run of each row with pyinstrument into DIR/*.txt",
+    )
+    parser.add_argument(
+        "--no-migrate", action="store_true", help="skip migrate / migrate_clickhouse"
+    )
+    parser.add_argument(
+        "--fail-on-budget",
+        action="store_true",
+        help="exit with status 3 when a budget fails (default: report only)",
+    )
+    parser.add_argument("--seed", type=int, default=20240601, help="random seed for cursors")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.sizes:
+        try:
+            args.sizes = sorted({int(s.replace("_", "")) for s in args.sizes.split(",") if s})
+        except ValueError:
+            parser.error("--sizes takes comma-separated integers")
+        if not args.sizes or min(args.sizes) < 1:
+            parser.error("--sizes must name positive sizes")
+    else:
+        args.sizes = list(QUICK_SIZES if quick else FULL_SIZES)
+    args.repeat = args.repeat or (5 if quick else 15)
+    args.create_repeat = args.create_repeat or 2
+    args.get_repeat = args.get_repeat or (1 if quick else 3)
+    args.member_rows = args.member_rows or (100_000 if quick else 10_000_000)
+    try:
+        args.rows = {int(r) for r in args.rows.split(",") if r}
+    except ValueError:
+        parser.error("--rows takes comma-separated row numbers")
+    return args
+
+
+def progress(text: str) -> None:
+    """A progress line on stderr (the table goes to stdout at the end)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def verdict(value: float | None, limit: float) -> str:
+    """PASS when value ≤ limit."""
+    if value is None:
+        return INFO
+    return PASS if value <= limit else FAIL
+
+
+class Profiler:
+    """``--profile DIR``: one extra run of a row under pyinstrument, written as text."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = Path(directory) if directory else None
+        if self.directory is not None:
+            try:
+                import pyinstrument  # noqa: F401
+            except ImportError:
+                progress("--profile needs pyinstrument (pip install pyinstrument); skipped")
+                self.directory = None
+            else:
+                self.directory.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn: Callable[[], object]) -> None:
+        """Profile one call of ``fn`` into DIR/<name>.txt (nothing without --profile)."""
+        if self.directory is None:
+            return
+        from pyinstrument import Profiler as Pyinstrument
+
+        profiler = Pyinstrument(interval=0.0005)
+        profiler.start()
+        try:
+            fn()
+        finally:
+            profiler.stop()
+        path = self.directory / f"{name}.txt"
+        path.write_text(profiler.output_text(unicode=True, color=False))
+        progress(f"profile of {name} written to {path}")
+
+
+class Bench:
+    """State shared by the rows: the client, the Groups built, the report."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from bench.api import Api
+
+        self.args = args
+        self.api = Api()
+        self.report = Report()
+        self.tag = secrets.token_hex(3)
+        self.random = random.Random(args.seed)
+        self.profiler = Profiler(args.profile)
+        self.groups: dict[int, str] = {}  # size -> Group id (clickhouse rosters)
+        self.spare: str | None = None  # a second Group of the largest size (row 2 grows it)
+        self.quantity: dict[int, int] = {}  # size -> members now
+        self.inline: dict[int, str] = {}  # size -> Group id (inline rosters)
+        self.added = 0
+        self.largest = max(args.sizes)
+        self.scale = self.largest / MILLION
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def prefix(self, size: int, kind: str = "c") -> str:
+        """Member reference prefix of the Group of ``size`` (unique per run)."""
+        return f"{self.tag}{kind}{size}"
+
+    def new_refs(self, count: int) -> list[str]:
+        """References never used before in this run."""
+        from bench.data import member_ref
+
+        first = self.added
+        self.added += count
+        return [member_ref(f"{self.tag}new", first + i) for i in range(count)]
+
+    def patch_one(self, size: int) -> Callable[[], None]:
+        """A PATCH adding one new member to the Group of ``size``."""
+        from bench.data import add_ops
+
+        def run() -> None:
+            self.api.patch(self.groups[size], add_ops(self.new_refs(1)))
+            self.quantity[size] += 1
+
+        return run
+
+    def scaled(self, budget: float) -> tuple[float, str]:
+        """A size-proportional budget for the largest size run (budgets are set at 10^6)."""
+        if self.largest == MILLION:
+            return budget, ""
+        return budget * self.scale, f" (scaled from {seconds(budget)} at 10^6)"
+
+    # -- set-up: Groups of each size (row 3 times the largest) -------------------------
+
+    def create_groups(self) -> None:
+        """POST one Group per size; the largest is created ``--create-repeat`` times."""
+        from bench.data import group_body
+
+        report = self.report
+        for size in self.args.sizes:
+            runs = self.args.create_repeat if size == self.largest else 1
+            series = Series()
+            for run in range(runs):
+                # The first Group of each size is the one the other rows use.
+                body = (
+                    group_body(f"{self.tag} {size}", self.prefix(size), size)
+                    if run == 0
+                    else group_body(f"{self.tag} {size} #{run}", self.prefix(size, f"r{run}"), size)
+                )
+                holder: dict[str, str] = {}
+                progress(f"POST Group with {size_label(size)} members ({len(body) / 1e6:.1f} MB)")
+                series.add_timed(lambda b=body, h=holder: h.update(id=self.api.create_group(b)))
+                progress(f"  ... {seconds(series.samples[-1])}")
+                if run == 0:
+                    self.groups[size] = holder["id"]
+                    self.quantity[size] = size
+                elif run == 1:
+                    self.spare = holder["id"]
+                del body
+            if size == self.largest and 3 in self.args.rows:
+                limit, why = self.scaled(CREATE)
+                report.add(
+                    Line(
+                        "3",
+                        f"create Group, {size_label(size)} members (POST)",
+                        str(series.n),
+                        seconds(series.median),
+                        seconds(series.p90),
+                        seconds(series.cpu_median),
+                        f"≤ {seconds(limit)}{why}",
+                        verdict(series.median, limit),
+                    )
+                )
+            elif 3 in self.args.rows:
+                report.add(
+                    Line(
+                        "3",
+                        f"create Group, {size_label(size)} members (POST)",
+                        str(series.n),
+                        seconds(series.median),
+                        "-",
+                        seconds(series.cpu_median),
+                    )
+                )
+        if 3 in self.args.rows:
+            self.profiler.run(
+                "row3-create",
+                lambda: self.api.create_group(
+                    group_body(f"{self.tag} profile", self.prefix(self.largest, "p"), self.largest)
+                ),
+            )
+
+    # -- row 1 ----------------------------------------------------------------------------
+
+    def row_patch_one(self) -> None:
+        """PATCH +1 member per size, ClickHouse and inline, interleaved run by run."""
+        from bench.api import roster_storage
+        from bench.data import add_ops, group_body
+
+        args = self.args
+        inline_sizes = [s for s in args.sizes if s <= args.inline_max]
+        for size in inline_sizes:
+            body = group_body(f"{self.tag} inline {size}", self.prefix(size, "i"), size)
+            progress(f"POST inline Group with {size_label(size)} members")
+            with roster_storage("inline"):
+                elapsed = timed(
+                    lambda b=body, s=size: self.inline.update({s: self.api.create_group(b)})
+                )
+            progress(f"  ... {seconds(elapsed)}")
+            del body
+
+        def inline_patch(size: int) -> Callable[[], None]:
+            def run() -> None:
+                with roster_storage("inline"):
+                    self.api.patch(self.inline[size], add_ops(self.new_refs(1)))
+
+            return run
+
+        progress(f"PATCH +1 member, {args.repeat} runs per size (interleaved)")
+        clickhouse = {size: Series() for size in args.sizes}
+        inline = {size: Series() for size in inline_sizes}
+        inline_time = dict.fromkeys(inline_sizes, 0.0)
+        for size in args.sizes:  # warm-up
+            for _ in range(2):
+                self.patch_one(size)()
+            if size in inline:
+                inline_patch(size)()
+        for _ in range(args.repeat):
+            for size in args.sizes:
+                clickhouse[size].add_timed(self.patch_one(size))
+                if size in inline and (
+                    inline[size].n < 3 or inline_time[size] <= args.inline_seconds
+                ):
+                    spent = inline[size].add_timed(inline_patch(size))
+                    inline_time[size] += spent
+        for series in inline.values():
+            if series.n < args.repeat:
+                series.note = f"{series.n} runs: stopped at the {args.inline_seconds:.0f} s cap"
+
+        smallest = clickhouse[args.sizes[0]]
+        for size in args.sizes:
+            series = clickhouse[size]
+            self.report.add(
+                Line(
+                    "1",
+                    f"PATCH +1 member, Group of {size_label(size)}",
+                    str(series.n),
+                    seconds(series.median),
+                    seconds(series.p90),
+                    seconds(series.cpu_median),
+                    f"≤ {seconds(PATCH_ONE)}",
+                    verdict(series.median, PATCH_ONE),
+                )
+            )
+            if size in inline:
+                other = inline[size]
+                ratio = other.median / series.median
+                self.report.add(
+                    Line(
+                        "1",
+                        f"  same PATCH, inline roster, {size_label(size)}",
+                        str(other.n),
+                        seconds(other.median),
+                        seconds(other.p90),
+                        seconds(other.cpu_median),
+                        "(baseline)",
+                        INFO,
+                        f"inline/clickhouse = {ratio:.2f}x"
+                        + (f"; {other.note}" if other.note else ""),
+                    )
+                )
+        skipped = [s for s in args.sizes if s not in inline]
+        if skipped:
+            self.report.note(
+                "inline rosters not measured at "
+                + ", ".join(size_label(s) for s in skipped)
+                + f" (--inline-max {args.inline_max:,})"
+            )
+        if len(args.sizes) > 1:
+            big = clickhouse[self.largest]
+            ratio = big.median / smallest.median
+            self.report.add(
+                Line(
+                    "1",
+                    f"PATCH +1: {size_label(self.largest)} / {size_label(args.sizes[0])}, medians",
+                    "",
+                    f"{ratio:.2f}x",
+                    "",
+                    "",
+                    f"≤ {PATCH_SCALING}x",
+                    PASS if ratio <= PATCH_SCALING else FAIL,
+                )
+            )
+        self.profiler.run("row1-patch-one", self.patch_one(self.largest))
+        if self.largest in inline:
+            self.profiler.run("row1-patch-one-inline", inline_patch(self.largest))
+
+    # -- row 2 ----------------------------------------------------------------------------
+
+    def row_patch_many(self) -> None:
+        """PATCH with ``--ops`` member adds on the largest Group."""
+        from bench.data import add_ops
+
+        ops = self.args.ops
+        size = self.largest
+
+        body_bytes: list[int] = []
+
+        # The second Group of the largest size when there is one, so the Group the later
+        # rows read keeps its size.
+        group_id = self.spare or self.groups[size]
+
+        def run() -> None:
+            body = add_ops(self.new_refs(ops))
+            body_bytes.append(len(body))
+            self.api.patch(group_id, body)
+            if group_id == self.groups[size]:
+                self.quantity[size] += ops
+
+        progress(f"PATCH with {ops:,} member ops on the Group of {size_label(size)}")
+        series = repeat(run, times=min(self.args.repeat, 5), warmup=1)
+        limit = PATCH_MANY * ops / 10_000
+        why = "" if ops == 10_000 else " (scaled from 0.3 s at 10,000 ops)"
+        self.report.add(
+            Line(
+                "2",
+                f"PATCH {ops:,} member ops, Group of {size_label(size)}",
+                str(series.n),
+                seconds(series.median),
+                seconds(series.p90),
+                seconds(series.cpu_median),
+                f"≤ {seconds(limit)}{why}",
+                verdict(series.median, limit),
+            )
+        )
+        self.report.note(
+            f"row 2 adds {ops:,} new members per PATCH (body {body_bytes[-1] / 1e6:.2f} MB of "
+            "JSON Patch); the timing includes building that body (a few ms)"
+        )
+        self.profiler.run("row2-patch-many", run)
+
+    # -- row 4 ----------------------------------------------------------------------------
+
+    def row_get(self) -> None:
+        """GET the largest Group, streamed, chunk by chunk; time and RSS growth."""
+        size = self.largest
+        group_id = self.groups[size]
+        series = Series()
+        growth: list[int] = []
+        expected = self.quantity[size]
+        for run in range(self.args.get_repeat):
+            progress(f"GET Group of {expected:,} members, streamed (run {run + 1})")
+            watch = RssWatch()
+            received: dict[str, int] = {}
+            series.add_timed(
+                lambda w=watch, r=received: r.update(n=self.api.read_streamed(group_id, w.sample))
+            )
+            growth.append(watch.growth())
+            progress(f"  ... {seconds(series.samples[-1])}, RSS +{megabytes(growth[-1])}")
+            if received["n"] != expected:
+                raise RuntimeError(f"GET returned {received['n']} members, expected {expected}")
+        limit, why = self.scaled(GET_ALL)
+        self.report.add(
+            Line(
+                "4",
+                f"GET Group of {expected:,} members, streamed",
+                str(series.n),
+                seconds(series.median),
+                seconds(series.p90),
+                seconds(series.cpu_median),
+                f"≤ {seconds(limit)}{why}",
+                verdict(series.median, limit),
+            )
+        )
+        probe = self.fresh_process_get(group_id)
+        if probe is not None and probe["members"] != expected:
+            raise RuntimeError(f"GET returned {probe['members']} members, expected {expected}")
+        worst = probe["growth"] if probe is not None else max(growth)
+        self.report.add(
+            Line(
+                "4",
+                "  RSS growth during that GET"
+                + (", fresh process" if probe is not None else " (max over runs)"),
+                "1" if probe is not None else str(len(growth)),
+                megabytes(worst),
+                "",
+                "",
+                f"≤ {megabytes(GET_RSS)}",
+                PASS if worst <= GET_RSS else FAIL,
+            )
+        )
+        self.report.note(
+            "row 4 RSS growth = peak RSS during the GET (VmHWM, reset through "
+            "/proc/self/clear_refs, and VmRSS sampled every 10,000 chunks) minus RSS before "
+            "it, measured in a fresh process (python -m bench.rss_probe, after one warm-up "
+            "read of the 10^3 Group): this process has built million-member bodies by then and "
+            "reuses freed memory without growing. chdb runs in-process, so its query memory "
+            "counts; a ClickHouse server's does not. In this process the growth was "
+            + ", ".join(megabytes(g) for g in growth)
+            + (
+                f"; the fresh process's GET took {seconds(probe['seconds'])}"
+                if probe is not None
+                else ""
+            )
+        )
+        self.profiler.run("row4-get", lambda: self.api.read_streamed(group_id))
+
+    def fresh_process_get(self, group_id: str) -> dict[str, Any] | None:
+        """Run bench.rss_probe on ``group_id`` in a child process; its JSON, or None."""
+        from fhirservice.clickhouse import reset_clickhouse
+
+        # chdb allows one process per data path: close ours while the child reads.
+        reset_clickhouse()
+        warm = self.groups[min(self.args.sizes)]
+        progress("GET of the same Group in a fresh process (RSS)")
+        command = [sys.executable, "-m", "bench.rss_probe", group_id, warm]
+        from django.db import connection
+
+        # The database this process really uses (under pytest: the test database).
+        child_env = {**os.environ, "FHIR_BENCH_DB_NAME": str(connection.settings_dict["NAME"])}
+        try:
+            done = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=child_env,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            self.report.note("row 4: the fresh-process GET timed out (30 min)")
+            return None
+        if done.returncode != 0:
+            self.report.note(
+                f"row 4: the fresh-process GET failed ({done.returncode}): {done.stderr[-300:]}"
+            )
+            return None
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        progress(
+            f"  ... {seconds(result['seconds'])}, RSS +{megabytes(result['growth'])} "
+            f"(fresh process, from {megabytes(result['start_rss'])})"
+        )
+        return result
+
+    # -- row 5 ----------------------------------------------------------------------------
+
+    def row_page_and_quantity(self) -> None:
+        """``$members`` pages of 1,000 at random cursors; ``_elements=quantity``."""
+        from bench.data import member_ref
+
+        size = self.largest
+        group_id = self.groups[size]
+        prefix = self.prefix(size)
+        # Cursors at random places of the roster's order (references sort as text).
+        ordered = sorted(member_ref(prefix, i) for i in range(size))
+        last_start = max(0, len(ordered) - 1001)
+        pages: list[int] = []
+
+        def page() -> None:
+            start = self.random.randint(0, last_start)
+            pages.append(self.api.members_page(group_id, after=ordered[start], count=1000))
+
+        progress(f"$members pages of 1,000 on the Group of {size_label(size)}")
+        series = repeat(page, times=self.args.repeat, warmup=2)
+        self.report.add(
+            Line(
+                "5",
+                f"$members page of 1,000, Group of {size_label(size)}",
+                str(series.n),
+                seconds(series.median),
+                seconds(series.p90),
+                seconds(series.cpu_median),
+                f"≤ {seconds(PAGE)}",
+                verdict(series.median, PAGE),
+            )
+        )
+        if size > 1000 and min(pages) != 1000:
+            self.report.note(f"row 5: a page held {min(pages)} members, not 1,000")
+        expected = self.quantity[size]
+        got: list[int] = []
+        series = repeat(lambda: got.append(self.api.quantity(group_id)), times=self.args.repeat * 2)
+        self.report.add(
+            Line(
+                "5",
+                f"quantity (GET ?_elements=quantity), {size_label(size)}",
+                str(series.n),
+                seconds(series.median),
+                seconds(series.p90),
+                seconds(series.cpu_median),
+                f"≤ {seconds(QUANTITY)}",
+                verdict(series.median, QUANTITY),
+            )
+        )
+        if set(got) != {expected}:
+            self.report.note(f"row 5: quantity answered {sorted(set(got))}, expected {expected}")
+        self.profiler.run("row5-page", page)
+        self.profiler.run("row5-quantity", lambda: self.api.quantity(group_id))
+
+    # -- row 6 ----------------------------------------------------------------------------
+
+    def row_member_search(self) -> None:
+        """``Group?member=`` over a reverse table of ``--member-rows`` rows."""
+        from bench.data import fill_synthetic, plan_synthetic
+        from groups.clickhouse_migrations import REVERSE
+        from groups.repository import MemberEventRepository
+        from groups.selectors import roster_key
+
+        repository = MemberEventRepository()
+        existing = int(repository.client.execute(f"SELECT count() FROM {REVERSE}")[0][0])
+        plan = plan_synthetic(f"{self.tag}syn", self.args.member_rows, existing)
+        progress(
+            f"synthetic member events: {plan.layers} layer(s) of {plan.patients:,} "
+            f"(reverse table holds {existing:,} rows)"
+        )
+        fill_synthetic(
+            plan,
+            create_group=self.api.create_group,
+            insert_events=repository.insert_events,
+            roster_key=roster_key,
+            max_seconds=self.args.member_seconds,
+        )
+        rows = int(repository.client.execute(f"SELECT count() FROM {REVERSE}")[0][0])
+        parts = repository.client.execute(
+            "SELECT count() FROM system.parts WHERE database = currentDatabase() "
+            "AND table = %(t)s AND active",
+            {"t": REVERSE},
+        )[0][0]
+        progress(
+            f"  ... {plan.rows:,} events in {seconds(plan.seconds)}; reverse table {rows:,} rows"
+        )
+        totals: list[int] = []
+
+        def search() -> None:
+            patient = self.random.randrange(plan.patients)
+            totals.append(self.api.search_member(plan.ref(patient)))
+
+        series = repeat(search, times=self.args.repeat * 2, warmup=2)
+        self.report.add(
+            Line(
+                "6",
+                f"Group?member= over {rows:,} reverse-table rows",
+                str(series.n),
+                seconds(series.median),
+                seconds(series.p90),
+                seconds(series.cpu_median),
+                f"≤ {seconds(MEMBER_SEARCH)}",
+                verdict(series.median, MEMBER_SEARCH),
+                f"{plan.layers_done} Groups per answer",
+            )
+        )
+        how = (
+            f"row 6 data: {plan.layers_done * plan.groups_per_layer} Groups created through "
+            f"POST with empty rosters, then {plan.rows:,} 'added' events written with "
+            f"MemberEventRepository.insert_events in batches of 50,000 ({seconds(plan.seconds)}): "
+            f"{plan.patients:,} patients, each in {plan.layers_done} of the Groups "
+            f"({plan.per_group:,} members per Group); with the other rows' Groups the reverse "
+            f"table holds {rows:,} rows in {parts} active parts (not merged: no OPTIMIZE)"
+        )
+        if plan.capped or plan.layers_done < plan.layers:
+            how += (
+                f". Stopped after {plan.layers_done} of {plan.layers} layers at the "
+                f"--member-seconds cap ({self.args.member_seconds:.0f} s): the table has fewer "
+                f"than the {self.args.member_rows:,} rows the budget names"
+            )
+        self.report.note(how)
+        if set(totals) != {plan.layers_done}:
+            self.report.note(
+                f"row 6: searches answered totals {sorted(set(totals))}, "
+                f"expected {plan.layers_done}"
+            )
+        self.profiler.run("row6-member-search", search)
+
+
+def header(args: argparse.Namespace) -> list[str]:
+    """Lines printed above the table."""
+    name = os.environ.get("FHIR_BENCH_PASS", "")
+    return [
+        "FHIR Group roster benchmarks" + (f": {name}" if name else ""),
+        f"  metadata store : {env.metadata_backend()}",
+        f"  member events  : {env.member_backend()}",
+        "  driven         : in-process through django.test.Client (full middleware, DRF "
+        "views, services, both stores; no HTTP server, no network)",
+        "  writes         : Prefer: return=minimal (return=representation, the default, "
+        "would stream the whole roster back: not what the PATCH budget measures)",
+        f"  machine        : {env.machine()}; shared with other jobs, so timings are noisy",
+        f"  sizes          : {', '.join(size_label(s) for s in args.sizes)}; "
+        f"{args.repeat} timed runs per small measurement (after warm-up), medians and p90",
+    ]
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Run the selected rows; the report."""
+    bench = Bench(args)
+    bench.report.header = header(args)
+    started = time.perf_counter()
+    needs_groups = bool(args.rows & {1, 2, 3, 4, 5})
+    if needs_groups:
+        bench.create_groups()
+    if 1 in args.rows:
+        bench.row_patch_one()
+    if 2 in args.rows:
+        bench.row_patch_many()
+    if 4 in args.rows:
+        bench.row_get()
+    if 5 in args.rows:
+        bench.row_page_and_quantity()
+    if 6 in args.rows:
+        bench.row_member_search()
+    bench.report.lines.sort(key=lambda line: line.row[:1])
+    bench.report.note(
+        "cpu = median CPU time of this Python process per request (user + system, all "
+        "threads, so chdb's query threads count; a ClickHouse or PostgreSQL server's CPU does "
+        "not). Far less sensitive than wall time to other jobs on the machine"
+    )
+    bench.report.note(
+        f"run took {seconds(time.perf_counter() - started)}; 1-minute load average at the "
+        f"end {env.load_average():.1f} on {os.cpu_count()} CPUs"
+    )
+    return bench.report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m bench``; 0 when the run completed."""
+    args = parse_args(argv)
+    env.setup(migrate=not args.no_migrate)
+    from bench.api import BenchError
+
+    try:
+        report = run(args)
+    except BenchError as exc:
+        print(f"bench: the service answered unexpectedly: {exc}", file=sys.stderr)
+        return 1
+    print(report.render(), flush=True)
+    if args.fail_on_budget and report.failed:
+        return 3
+    return 0

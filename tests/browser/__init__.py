@@ -1,0 +1,1 @@
+"""Browser tests: Playwright driving Debian's headless Chromium against a live server."""

@@ -1,0 +1,46 @@
+"""The benchmark runs end to end on a tiny roster and prints its table (no timing asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+import bench
+from bench.runner import main
+from fhirservice.clickhouse import get_clickhouse
+from fhirservice.clickhouse import migrations as ch_migrations
+
+
+@pytest.mark.slow
+def test_bench_quick_mode_prints_the_budget_table(transactional_db: None, capsys) -> None:
+    # The test database is migrated by pytest-django; a ClickHouse server needs its schema
+    # (chdb migrates itself), so the bench's own migrate step is skipped.
+    ch_migrations.apply(get_clickhouse())
+    status = main(
+        [
+            "--quick",
+            "--sizes",
+            "100",
+            "--repeat",
+            "2",
+            "--get-repeat",
+            "1",
+            "--ops",
+            "50",
+            "--member-rows",
+            "2000",
+            "--inline-max",
+            "100",
+            "--no-migrate",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert bench.main is main
+    assert "FHIR Group roster benchmarks" in out
+    assert "metadata store" in out and "member events" in out
+    for row in ("1 | PATCH +1 member", "2 | PATCH 50 member ops", "3 | create Group"):
+        assert row in out, out
+    for row in ("4 | GET Group of", "5 | $members page", "5 | quantity", "6 | Group?member="):
+        assert row in out, out
+    assert "inline/clickhouse" in out
+    assert "budgets:" in out
