@@ -166,7 +166,7 @@ def write_version(
     key = f"{resource_type}/{resource_id}"
 
     def unit() -> WriteResult:
-        current = StoredResource.objects.filter(key=key).first()
+        current = db.lock_rows(StoredResource.objects.filter(key=key)).first()
         exists = current is not None and not current.deleted
         if if_match is not None and (not exists or current.version_id != if_match):
             found = current.version_id if current is not None else "none"
