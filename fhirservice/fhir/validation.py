@@ -86,20 +86,55 @@ _DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _XHTML_OPEN = re.compile(r"\s*<div\s[^>]*xmlns\s*=\s*[\"']http://www\.w3\.org/1999/xhtml[\"']")
 
 _PRIMITIVE, _COMPLEX, _RESOURCE = 0, 1, 2
-_PRIMITIVE_TYPES = frozenset([*_STRING_PATTERNS, "boolean", "integer", "unsignedInt",
-                              "positiveInt", "decimal"])
+_PRIMITIVE_TYPES = frozenset(
+    [*_STRING_PATTERNS, "boolean", "integer", "unsignedInt", "positiveInt", "decimal"]
+)
 
 # The complex datatypes of R4; an R4B model class with one of these names is the datatype,
 # any other class below a resource is a backbone element.
-_DATATYPES = frozenset({
-    "Address", "Age", "Annotation", "Attachment", "CodeableConcept", "Coding", "ContactDetail",
-    "ContactPoint", "Contributor", "Count", "DataRequirement", "Distance", "Dosage", "Duration",
-    "ElementDefinition", "Expression", "Extension", "HumanName", "Identifier", "MarketingStatus",
-    "Meta", "Money", "Narrative", "ParameterDefinition", "Period", "Population",
-    "ProdCharacteristic", "ProductShelfLife", "Quantity", "Range", "Ratio", "Reference",
-    "RelatedArtifact", "SampledData", "Signature", "SubstanceAmount", "Timing",
-    "TriggerDefinition", "UsageContext",
-})
+_DATATYPES = frozenset(
+    {
+        "Address",
+        "Age",
+        "Annotation",
+        "Attachment",
+        "CodeableConcept",
+        "Coding",
+        "ContactDetail",
+        "ContactPoint",
+        "Contributor",
+        "Count",
+        "DataRequirement",
+        "Distance",
+        "Dosage",
+        "Duration",
+        "ElementDefinition",
+        "Expression",
+        "Extension",
+        "HumanName",
+        "Identifier",
+        "MarketingStatus",
+        "Meta",
+        "Money",
+        "Narrative",
+        "ParameterDefinition",
+        "Period",
+        "Population",
+        "ProdCharacteristic",
+        "ProductShelfLife",
+        "Quantity",
+        "Range",
+        "Ratio",
+        "Reference",
+        "RelatedArtifact",
+        "SampledData",
+        "Signature",
+        "SubstanceAmount",
+        "Timing",
+        "TriggerDefinition",
+        "UsageContext",
+    }
+)
 
 # Where the R4B models differ from R4 in types both releases have, measured by comparing
 # every model with the R4 StructureDefinition snapshots (the tests repeat the comparison).
@@ -113,9 +148,7 @@ _R4_DELTAS: dict[str, tuple[str, ...]] = {
         for prefix in ("defaultValue", "fixed", "pattern")
         for line in (f"{prefix}[x] 0..1 Meta", *(f"-{prefix}{t}" for t in _R4B_ONLY_CHOICES))
     ),
-    "ElementDefinition.example": (
-        "value[x] 1..1 Meta", *(f"-value{t}" for t in _R4B_ONLY_CHOICES)
-    ),
+    "ElementDefinition.example": ("value[x] 1..1 Meta", *(f"-value{t}" for t in _R4B_ONLY_CHOICES)),
     # subject[x] gained canonical in R4B.
     "ActivityDefinition": ("-subjectCanonical",),
     "PlanDefinition": ("-subjectCanonical",),
@@ -128,10 +161,14 @@ _R4_DELTAS: dict[str, tuple[str, ...]] = {
 # code system and value set extensions, the package's ImplementationGuide, Questionnaire
 # qs1); fhirclient rejects the same 13 files. They are errata of the examples, and the
 # service must accept every official example, so only these four minimums are relaxed.
-_EXAMPLE_ERRATA = frozenset({
-    "SearchParameter.base", "ImplementationGuide.name", "ImplementationGuide.status",
-    "Questionnaire.item.linkId",
-})
+_EXAMPLE_ERRATA = frozenset(
+    {
+        "SearchParameter.base",
+        "ImplementationGuide.name",
+        "ImplementationGuide.status",
+        "Questionnaire.item.linkId",
+    }
+)
 
 
 # --- element tables --------------------------------------------------------------------------
@@ -140,9 +177,17 @@ class _Element:
 
     __slots__ = ("choice", "kind", "many", "name", "r4_only", "target", "type", "_make")
 
-    def __init__(self, name: str, type_: str, kind: int, many: bool, *,
-                 choice: str | None = None, make: Callable[[], _Structure] | None = None,
-                 r4_only: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        type_: str,
+        kind: int,
+        many: bool,
+        *,
+        choice: str | None = None,
+        make: Callable[[], _Structure] | None = None,
+        r4_only: bool = False,
+    ) -> None:
         self.name = name
         self.type = type_  # FHIR type code; BackboneElement/Element for nested groups
         self.kind = kind
@@ -163,8 +208,16 @@ class _Element:
 class _Structure:
     """The element table of a resource, datatype or backbone element."""
 
-    __slots__ = ("choices", "elements", "model_keys", "path", "relaxed", "required",
-                 "resource", "spec")
+    __slots__ = (
+        "choices",
+        "elements",
+        "model_keys",
+        "path",
+        "relaxed",
+        "required",
+        "resource",
+        "spec",
+    )
 
     def __init__(self, path: str, *, resource: bool = False, spec: bool = False) -> None:
         self.path = path
@@ -284,17 +337,23 @@ def _from_model(model: type, path: str) -> _Structure:
     return _BY_MODEL.setdefault(model, structure)
 
 
-def _model_element(name: str, model: type, parent: str, many: bool,
-                   choice: str | None) -> _Element:
+def _model_element(name: str, model: type, parent: str, many: bool, choice: str | None) -> _Element:
     """An element whose value is a datatype or a backbone element of an R4B model."""
     type_name = model.__name__
     if type_name in _DATATYPES:
-        return _Element(name, type_name, _COMPLEX, many, choice=choice,
-                        make=lambda: _structure_of_type(type_name))
+        return _Element(
+            name,
+            type_name,
+            _COMPLEX,
+            many,
+            choice=choice,
+            make=lambda: _structure_of_type(type_name),
+        )
     kind = "BackboneElement" if "modifierExtension" in model.model_fields else "Element"
     path = f"{parent}.{name}"
-    return _Element(name, kind, _COMPLEX, many, choice=choice,
-                    make=lambda: _from_model(model, path))
+    return _Element(
+        name, kind, _COMPLEX, many, choice=choice, make=lambda: _from_model(model, path)
+    )
 
 
 def _parse_line(line: str) -> tuple[str, int, bool, list[str]]:
@@ -304,8 +363,14 @@ def _parse_line(line: str) -> tuple[str, int, bool, list[str]]:
     return path, int(low), high != "1", type_codes.split("|")
 
 
-def _add_line(structure: _Structure, line: str, root: str, groups: dict[str, _Structure],
-              *, r4_only: bool = False) -> None:
+def _add_line(
+    structure: _Structure,
+    line: str,
+    root: str,
+    groups: dict[str, _Structure],
+    *,
+    r4_only: bool = False,
+) -> None:
     """Add the element(s) of one table line to ``structure``."""
     path, minimum, many, type_codes = _parse_line(line)
     name = path.rsplit(".", 1)[-1]
@@ -313,35 +378,67 @@ def _add_line(structure: _Structure, line: str, root: str, groups: dict[str, _St
         base = name[:-3]
         for code in type_codes:
             member = base + code[0].upper() + code[1:]
-            structure.add(_typed_element(member, code, False, base, root, groups, path, r4_only),
-                          minimum)
+            structure.add(
+                _typed_element(member, code, False, base, root, groups, path, r4_only), minimum
+            )
     else:
-        structure.add(_typed_element(name, type_codes[0], many, None, root, groups, path, r4_only),
-                      minimum)
+        structure.add(
+            _typed_element(name, type_codes[0], many, None, root, groups, path, r4_only), minimum
+        )
 
 
-def _typed_element(name: str, code: str, many: bool, choice: str | None, root: str,
-                   groups: dict[str, _Structure], path: str, r4_only: bool) -> _Element:
+def _typed_element(
+    name: str,
+    code: str,
+    many: bool,
+    choice: str | None,
+    root: str,
+    groups: dict[str, _Structure],
+    path: str,
+    r4_only: bool,
+) -> _Element:
     """The element for one type code of a table line."""
     if code.startswith("@"):  # contentReference to another group of the same type
         target = code[1:]
-        return _Element(name, "BackboneElement", _COMPLEX, many, choice=choice,
-                        make=lambda: groups[target], r4_only=r4_only)
+        return _Element(
+            name,
+            "BackboneElement",
+            _COMPLEX,
+            many,
+            choice=choice,
+            make=lambda: groups[target],
+            r4_only=r4_only,
+        )
     if code in ("BackboneElement", "Element"):
-        return _Element(name, code, _COMPLEX, many, choice=choice,
-                        make=lambda: groups[path], r4_only=r4_only)
+        return _Element(
+            name, code, _COMPLEX, many, choice=choice, make=lambda: groups[path], r4_only=r4_only
+        )
     if code in _PRIMITIVE_TYPES:
         return _Element(name, code, _PRIMITIVE, many, choice=choice, r4_only=r4_only)
     if code == "Resource":
         return _Element(name, code, _RESOURCE, many, choice=choice, r4_only=r4_only)
-    return _Element(name, code, _COMPLEX, many, choice=choice,
-                    make=lambda: _structure_of_type(code), r4_only=r4_only)
+    return _Element(
+        name,
+        code,
+        _COMPLEX,
+        many,
+        choice=choice,
+        make=lambda: _structure_of_type(code),
+        r4_only=r4_only,
+    )
 
 
 # What every resource, backbone element and element inherits, in the table syntax.
-_RESOURCE_BASE = ("id 0..1 id", "meta 0..1 Meta", "implicitRules 0..1 uri",
-                  "language 0..1 code", "text 0..1 Narrative", "contained 0..* Resource",
-                  "extension 0..* Extension", "modifierExtension 0..* Extension")
+_RESOURCE_BASE = (
+    "id 0..1 id",
+    "meta 0..1 Meta",
+    "implicitRules 0..1 uri",
+    "language 0..1 code",
+    "text 0..1 Narrative",
+    "contained 0..* Resource",
+    "extension 0..* Extension",
+    "modifierExtension 0..* Extension",
+)
 _ELEMENT_BASE = ("id 0..1 string", "extension 0..* Extension")
 _BACKBONE_BASE = (*_ELEMENT_BASE, "modifierExtension 0..* Extension")
 
@@ -393,9 +490,14 @@ class _Walk:
     def error(self, code: str, path: Any, message: str) -> None:
         """Record one problem at ``path``."""
         expression = _expression(path)
-        self.issues.append({"severity": "error", "code": code,
-                            "diagnostics": f"{expression}: {message}",
-                            "expression": [expression]})
+        self.issues.append(
+            {
+                "severity": "error",
+                "code": code,
+                "diagnostics": f"{expression}: {message}",
+                "expression": [expression],
+            }
+        )
         if len(self.issues) >= MAX_ISSUES:
             raise _Abort
 
@@ -424,7 +526,8 @@ def _date_problem(value: str) -> str | None:
         return None
     month, day = int(value[5:7]), int(value[8:10])
     if day > _DAYS_IN_MONTH[month - 1] or (
-            month == 2 and day == 29 and not calendar.isleap(int(value[:4]))):
+        month == 2 and day == 29 and not calendar.isleap(int(value[:4]))
+    ):
         return "no such day"
     return None
 
@@ -453,8 +556,11 @@ def _not_uuid4(value: str) -> bool:
 
 # Checks beyond the regexes (R4: "dates SHALL be valid dates"), by primitive type.
 _SEMANTIC_CHECKS: dict[str, Callable[[str], str | None]] = {
-    "date": _date_problem, "dateTime": _date_problem, "instant": _date_problem,
-    "base64Binary": _base64_problem, "xhtml": _xhtml_problem,
+    "date": _date_problem,
+    "dateTime": _date_problem,
+    "instant": _date_problem,
+    "base64Binary": _base64_problem,
+    "xhtml": _xhtml_problem,
 }
 # R4-valid values that R4B's models refuse (besides whitespace-only strings): content with
 # them skips the model pass.
@@ -502,15 +608,21 @@ def _primitive(value: Any, type_: str, path: Any, walk: _Walk) -> None:
     if value is None:
         walk.error("structure", path, "null is not allowed here")
         return
-    expected = ("a JSON boolean" if type_ == "boolean"
-                else "a JSON number" if type_ == "decimal"
-                else "a JSON integer" if type_ in _INTEGER_MIN
-                else "a JSON string")
+    expected = (
+        "a JSON boolean"
+        if type_ == "boolean"
+        else "a JSON number"
+        if type_ == "decimal"
+        else "a JSON integer"
+        if type_ in _INTEGER_MIN
+        else "a JSON string"
+    )
     walk.error("value", path, f"{_show(value)} is not valid for {type_}: expected {expected}")
 
 
-def _object(node: Any, structure: _Structure, path: Any, walk: _Walk,
-            skip: frozenset[str] = frozenset()) -> None:
+def _object(
+    node: Any, structure: _Structure, path: Any, walk: _Walk, skip: frozenset[str] = frozenset()
+) -> None:
     """Check one JSON object against its element table, recursively."""
     if type(node) is not dict:
         walk.error("structure", path, f"Expected a JSON object, got {_show(node)}")
@@ -523,8 +635,11 @@ def _object(node: Any, structure: _Structure, path: Any, walk: _Walk,
     for key, value in node.items():
         element = elements.get(key)
         if element is None:
-            if key.startswith("_") and (element := elements.get(key[1:])) is not None \
-                    and element.kind == _PRIMITIVE:
+            if (
+                key.startswith("_")
+                and (element := elements.get(key[1:])) is not None
+                and element.kind == _PRIMITIVE
+            ):
                 if key not in structure.model_keys:
                     walk.beyond_r4b = True  # e.g. _valueString in Extension: R4B lacks it
                 _sibling(value, node.get(key[1:]), element, (path, key[1:]), walk)
@@ -544,8 +659,9 @@ def _object(node: Any, structure: _Structure, path: Any, walk: _Walk,
         kind = element.kind
         if element.many:
             if type(value) is not list:
-                walk.error("structure", (path, key),
-                           f"Element '{key}' repeats: expected a JSON array")
+                walk.error(
+                    "structure", (path, key), f"Element '{key}' repeats: expected a JSON array"
+                )
                 continue
             if not value:
                 walk.error("structure", (path, key), "Arrays must not be empty")
@@ -554,10 +670,16 @@ def _object(node: Any, structure: _Structure, path: Any, walk: _Walk,
                 siblings = node.get("_" + key)
                 for index, item in enumerate(value):
                     if item is None:
-                        if not (type(siblings) is list and index < len(siblings)
-                                and siblings[index] is not None):
-                            walk.error("structure", (path, key, index),
-                                       "null is only allowed where _" + key + " has a value")
+                        if not (
+                            type(siblings) is list
+                            and index < len(siblings)
+                            and siblings[index] is not None
+                        ):
+                            walk.error(
+                                "structure",
+                                (path, key, index),
+                                "null is only allowed where _" + key + " has a value",
+                            )
                     else:
                         _primitive(item, element.type, (path, key, index), walk)
             elif kind == _COMPLEX:
@@ -568,8 +690,11 @@ def _object(node: Any, structure: _Structure, path: Any, walk: _Walk,
                 for index, item in enumerate(value):
                     _resource(item, (path, key, index), walk)
         elif type(value) is list:
-            walk.error("structure", (path, key),
-                       f"Element '{key}' does not repeat: expected a single value, not an array")
+            walk.error(
+                "structure",
+                (path, key),
+                f"Element '{key}' does not repeat: expected a single value, not an array",
+            )
         elif kind == _PRIMITIVE:
             _primitive(value, element.type, (path, key), walk)
         elif kind == _COMPLEX:
@@ -584,14 +709,19 @@ def _object(node: Any, structure: _Structure, path: Any, walk: _Walk,
             walk.beyond_r4b = True  # accepted (example errata), but R4B would refuse it
     if structure.choices:
         for group, required in structure.choices.items():
-            if required and (seen_choices is None or group not in seen_choices) \
-                    and group not in skip:
-                walk.error("required", (path, group + "[x]"),
-                           f"Missing required element '{group}[x]'")
+            if (
+                required
+                and (seen_choices is None or group not in seen_choices)
+                and group not in skip
+            ):
+                walk.error(
+                    "required", (path, group + "[x]"), f"Missing required element '{group}[x]'"
+                )
 
 
-def _choice(seen: dict[str, str] | None, element: _Element, key: str, path: Any,
-            walk: _Walk) -> dict[str, str]:
+def _choice(
+    seen: dict[str, str] | None, element: _Element, key: str, path: Any, walk: _Walk
+) -> dict[str, str]:
     """Track the choice groups used in an object; two types of one group are an error."""
     if seen is None:
         seen = {}
@@ -601,8 +731,11 @@ def _choice(seen: dict[str, str] | None, element: _Element, key: str, path: Any,
     if other is None:
         seen[group] = element.name
     elif other != element.name:
-        walk.error("structure", (path, key),
-                   f"Only one type of '{group}[x]' is allowed, found {other} and {element.name}")
+        walk.error(
+            "structure",
+            (path, key),
+            f"Only one type of '{group}[x]' is allowed, found {other} and {element.name}",
+        )
     return seen
 
 
@@ -618,16 +751,23 @@ def _sibling(value: Any, primitive: Any, element: _Element, path: Any, walk: _Wa
         walk.error("structure", path, "Expected a non-empty JSON array")
         return
     if type(primitive) is list and len(primitive) != len(value):
-        walk.error("structure", path,
-                   f"Has {len(value)} entries, but '{element.name}' has {len(primitive)}")
+        walk.error(
+            "structure",
+            path,
+            f"Has {len(value)} entries, but '{element.name}' has {len(primitive)}",
+        )
     name, index_base = path[1], path[0]
     for index, item in enumerate(value):
         if item is not None:
             _object(item, _PRIMITIVE_ELEMENT, (index_base, name, index), walk)
-        elif not (type(primitive) is list and index < len(primitive)
-                  and primitive[index] is not None):
-            walk.error("structure", (index_base, name, index),
-                       "null is only allowed where the value array has a value")
+        elif not (
+            type(primitive) is list and index < len(primitive) and primitive[index] is not None
+        ):
+            walk.error(
+                "structure",
+                (index_base, name, index),
+                "null is only allowed where the value array has a value",
+            )
 
 
 def _resource(node: Any, path: Any, walk: _Walk) -> None:
@@ -637,9 +777,13 @@ def _resource(node: Any, path: Any, walk: _Walk) -> None:
         return
     resource_type = node.get("resourceType")
     if type(resource_type) is not str or resource_type not in R4_RESOURCE_TYPES:
-        walk.error("value", (path, "resourceType"),
-                   MSG_UNKNOWN_TYPE.format(type=resource_type) if resource_type is not None
-                   else "Missing required element 'resourceType'")
+        walk.error(
+            "value",
+            (path, "resourceType"),
+            MSG_UNKNOWN_TYPE.format(type=resource_type)
+            if resource_type is not None
+            else "Missing required element 'resourceType'",
+        )
         return
     structure = _structure_of_type(resource_type)
     if structure.spec:
@@ -648,8 +792,7 @@ def _resource(node: Any, path: Any, walk: _Walk) -> None:
 
 
 # --- entry points ----------------------------------------------------------------------------
-def validate_resource(body: dict[str, Any], *,
-                      skip_elements: frozenset[str] = frozenset()) -> None:
+def validate_resource(body: dict[str, Any], *, skip_elements: frozenset[str] = frozenset()) -> None:
     """Check that ``body`` is a valid FHIR R4 resource; raise ``InvalidResource`` if not.
 
     The resource type must be one of R4's 146. ``skip_elements`` names top-level elements
@@ -661,22 +804,36 @@ def validate_resource(body: dict[str, Any], *,
         raise InvalidResource("A resource must be a JSON object")
     resource_type = body.get("resourceType")
     if type(resource_type) is not str:
-        raise InvalidResource("Missing required element 'resourceType'",
-                              expression=["resourceType"])
+        raise InvalidResource(
+            "Missing required element 'resourceType'", expression=["resourceType"]
+        )
     if resource_type not in R4_RESOURCE_TYPES:
-        raise InvalidResource(MSG_UNKNOWN_TYPE.format(type=resource_type),
-                              expression=["resourceType"], detail_code="MSG_UNKNOWN_TYPE")
+        raise InvalidResource(
+            MSG_UNKNOWN_TYPE.format(type=resource_type),
+            expression=["resourceType"],
+            detail_code="MSG_UNKNOWN_TYPE",
+        )
     structure = _structure_of_type(resource_type)
     walk = _Walk()
     try:
         _object(body, structure, resource_type, walk, skip_elements)
     except _Abort:
-        walk.issues.append({"severity": "information", "code": "too-costly",
-                            "diagnostics": f"Validation stopped after {MAX_ISSUES} problems"})
+        walk.issues.append(
+            {
+                "severity": "information",
+                "code": "too-costly",
+                "diagnostics": f"Validation stopped after {MAX_ISSUES} problems",
+            }
+        )
     except RecursionError:
-        walk.issues.append({"severity": "error", "code": "structure",
-                            "diagnostics": "The resource is nested too deeply",
-                            "expression": [resource_type]})
+        walk.issues.append(
+            {
+                "severity": "error",
+                "code": "structure",
+                "diagnostics": "The resource is nested too deeply",
+                "expression": [resource_type],
+            }
+        )
     if walk.issues:
         _raise(walk.issues)
     if structure.spec or walk.beyond_r4b:
@@ -687,8 +844,16 @@ def validate_resource(body: dict[str, Any], *,
     except ValidationError as exc:
         _raise([_model_issue(resource_type, error) for error in exc.errors()[:MAX_ISSUES]])
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
-        _raise([{"severity": "error", "code": "invalid", "diagnostics": str(exc)[:500],
-                 "expression": [resource_type]}])
+        _raise(
+            [
+                {
+                    "severity": "error",
+                    "code": "invalid",
+                    "diagnostics": str(exc)[:500],
+                    "expression": [resource_type],
+                }
+            ]
+        )
 
 
 def _model_issue(resource_type: str, error: Any) -> dict[str, Any]:
@@ -698,15 +863,18 @@ def _model_issue(resource_type: str, error: Any) -> dict[str, Any]:
         for part in error["loc"]
     )
     code = "required" if "missing" in error["type"] else "value"
-    return {"severity": "error", "code": code,
-            "diagnostics": f"{expression}: {error['msg']}", "expression": [expression]}
+    return {
+        "severity": "error",
+        "code": code,
+        "diagnostics": f"{expression}: {error['msg']}",
+        "expression": [expression],
+    }
 
 
 def _raise(issues: list[dict[str, Any]]) -> typing.NoReturn:
     """Raise InvalidResource: the first problem is the main issue, the others follow."""
     first, *rest = issues
-    raise InvalidResource(first["diagnostics"], expression=first.get("expression"),
-                          issues=rest)
+    raise InvalidResource(first["diagnostics"], expression=first.get("expression"), issues=rest)
 
 
 def element_definitions(type_name: str) -> dict[str, tuple[int, str, frozenset[str]]]:
@@ -739,8 +907,11 @@ def element_definitions(type_name: str) -> dict[str, tuple[int, str, frozenset[s
             else:
                 table[path] = (*cardinality, frozenset({element.type}))
         for group, members in groups.items():
-            table[f"{prefix}.{group}[x]"] = (int(structure.choices[group]), "1",
-                                             frozenset(m.type for m in members))
+            table[f"{prefix}.{group}[x]"] = (
+                int(structure.choices[group]),
+                "1",
+                frozenset(m.type for m in members),
+            )
 
     root = _structure_of_type(type_name)
     describe(root, type_name, {id(root): type_name})

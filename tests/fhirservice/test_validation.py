@@ -28,20 +28,40 @@ from tests.fhir_check import assert_strict_r4
 
 # Types of FHIR 4.0.1 that fhir.resources' R4B models do not have.
 R4_ONLY = {
-    "EffectEvidenceSynthesis", "MedicinalProduct", "MedicinalProductAuthorization",
-    "MedicinalProductContraindication", "MedicinalProductIndication",
-    "MedicinalProductIngredient", "MedicinalProductInteraction", "MedicinalProductManufactured",
-    "MedicinalProductPackaged", "MedicinalProductPharmaceutical",
-    "MedicinalProductUndesirableEffect", "RiskEvidenceSynthesis", "SubstanceNucleicAcid",
-    "SubstancePolymer", "SubstanceProtein", "SubstanceReferenceInformation",
-    "SubstanceSourceMaterial", "SubstanceSpecification",
+    "EffectEvidenceSynthesis",
+    "MedicinalProduct",
+    "MedicinalProductAuthorization",
+    "MedicinalProductContraindication",
+    "MedicinalProductIndication",
+    "MedicinalProductIngredient",
+    "MedicinalProductInteraction",
+    "MedicinalProductManufactured",
+    "MedicinalProductPackaged",
+    "MedicinalProductPharmaceutical",
+    "MedicinalProductUndesirableEffect",
+    "RiskEvidenceSynthesis",
+    "SubstanceNucleicAcid",
+    "SubstancePolymer",
+    "SubstanceProtein",
+    "SubstanceReferenceInformation",
+    "SubstanceSourceMaterial",
+    "SubstanceSpecification",
 }
 # Types R4B (4.3.0) added; an R4 server does not know them.
 R4B_ONLY = {
-    "AdministrableProductDefinition", "Citation", "ClinicalUseDefinition", "EvidenceReport",
-    "Ingredient", "ManufacturedItemDefinition", "MedicinalProductDefinition",
-    "NutritionProduct", "PackagedProductDefinition", "RegulatedAuthorization",
-    "SubscriptionStatus", "SubscriptionTopic", "SubstanceDefinition",
+    "AdministrableProductDefinition",
+    "Citation",
+    "ClinicalUseDefinition",
+    "EvidenceReport",
+    "Ingredient",
+    "ManufacturedItemDefinition",
+    "MedicinalProductDefinition",
+    "NutritionProduct",
+    "PackagedProductDefinition",
+    "RegulatedAuthorization",
+    "SubscriptionStatus",
+    "SubscriptionTopic",
+    "SubstanceDefinition",
 }
 # The one official example that breaks a rule we keep: its id has 67 characters, R4 allows
 # 64 (https://hl7.org/fhir/R4/datatypes.html#id), and resource ids are stored in 64.
@@ -103,8 +123,12 @@ def observation(**changes: Any) -> dict[str, Any]:
         "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
         "subject": {"reference": "Patient/p1"},
         "effectiveDateTime": "2024-03-01T10:00:00+01:00",
-        "valueQuantity": {"value": 72.5, "unit": "kg", "system": "http://unitsofmeasure.org",
-                          "code": "kg"},
+        "valueQuantity": {
+            "value": 72.5,
+            "unit": "kg",
+            "system": "http://unitsofmeasure.org",
+            "code": "kg",
+        },
     }
     return changed(body, changes)
 
@@ -115,10 +139,19 @@ def medicinal_product(**changes: Any) -> dict[str, Any]:
         "resourceType": "MedicinalProduct",
         "id": "mp1",
         "type": {"text": "medicinal product"},
-        "name": [{"productName": "Equilidem 2.5 mg film-coated tablets",
-                  "namePart": [{"part": "Equilidem", "type": {"code": "INV"}}]}],
-        "marketingStatus": [{"country": {"text": "EU"}, "status": {"text": "active"},
-                             "dateRange": {"start": "2015-02-07"}}],
+        "name": [
+            {
+                "productName": "Equilidem 2.5 mg film-coated tablets",
+                "namePart": [{"part": "Equilidem", "type": {"code": "INV"}}],
+            }
+        ],
+        "marketingStatus": [
+            {
+                "country": {"text": "EU"},
+                "status": {"text": "active"},
+                "dateRange": {"start": "2015-02-07"},
+            }
+        ],
     }
     return changed(body, changes)
 
@@ -181,8 +214,11 @@ def test_element_tables_equal_the_r4_structure_definitions(structure_definitions
         if type_name in R4_RESOURCE_TYPES:
             expected[f"{type_name}.id"] = (0, "1", frozenset({"id"}))
         actual = element_definitions(type_name)
-        diff = {p: (expected.get(p), actual.get(p)) for p in expected.keys() | actual.keys()
-                if expected.get(p) != actual.get(p)}
+        diff = {
+            p: (expected.get(p), actual.get(p))
+            for p in expected.keys() | actual.keys()
+            if expected.get(p) != actual.get(p)
+        }
         if diff:
             mismatches[type_name] = diff
     assert mismatches == {}
@@ -211,8 +247,10 @@ def spec_table(sd: dict) -> dict[str, tuple[int, str, frozenset[str]]]:
                 continue
             source = by_path[ref] if ref else element
             types = frozenset(
-                next((x["valueUrl"] for x in t.get("extension", []) if x["url"] == FHIR_TYPE_EXT),
-                     t["code"])
+                next(
+                    (x["valueUrl"] for x in t.get("extension", []) if x["url"] == FHIR_TYPE_EXT),
+                    t["code"],
+                )
                 for t in source["type"]
             )
             table[path] = (*cardinality, types)
@@ -228,25 +266,55 @@ def spec_table(sd: dict) -> dict[str, tuple[int, str, frozenset[str]]]:
     "body",
     [
         patient(),
-        patient(deceasedDateTime="2020-02", birthDate="1974", multipleBirthBoolean=False,
-                multipleBirthInteger=DROP),
+        patient(
+            deceasedDateTime="2020-02",
+            birthDate="1974",
+            multipleBirthBoolean=False,
+            multipleBirthInteger=DROP,
+        ),
         observation(),
         observation(valueQuantity=DROP, valueString="positive", id="a.B-9"),
         medicinal_product(),
         evidence_r4(),
-        {"resourceType": "Group", "type": "person", "actual": True, "quantity": 1,
-         "member": [{"entity": {"reference": "Patient/p1"}, "inactive": False}]},
-        {"resourceType": "Bundle", "type": "collection",
-         "entry": [{"fullUrl": "urn:uuid:6f6a2cd4-54a2-4b8b-9f54-7a6e1c1d1e11",
-                    "resource": medicinal_product()},
-                   {"resource": patient()}, {"resource": evidence_r4()}]},
-        {"resourceType": "Parameters", "parameter": [
-            {"name": "when", "valueInstant": "2024-01-01T00:00:00.123Z"},
-            {"name": "meta", "valueMeta": {"tag": [{"code": "x"}]}},
-            {"name": "thing", "resource": medicinal_product()}]},
+        {
+            "resourceType": "Group",
+            "type": "person",
+            "actual": True,
+            "quantity": 1,
+            "member": [{"entity": {"reference": "Patient/p1"}, "inactive": False}],
+        },
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {
+                    "fullUrl": "urn:uuid:6f6a2cd4-54a2-4b8b-9f54-7a6e1c1d1e11",
+                    "resource": medicinal_product(),
+                },
+                {"resource": patient()},
+                {"resource": evidence_r4()},
+            ],
+        },
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "when", "valueInstant": "2024-01-01T00:00:00.123Z"},
+                {"name": "meta", "valueMeta": {"tag": [{"code": "x"}]}},
+                {"name": "thing", "resource": medicinal_product()},
+            ],
+        },
     ],
-    ids=["patient", "patient-choices", "observation", "observation-string", "r4-only",
-         "evidence-r4", "group", "bundle", "parameters"],
+    ids=[
+        "patient",
+        "patient-choices",
+        "observation",
+        "observation-string",
+        "r4-only",
+        "evidence-r4",
+        "group",
+        "bundle",
+        "parameters",
+    ],
 )
 def test_valid_r4_content_passes(body):
     validate_resource(body)
@@ -258,10 +326,26 @@ def test_r4_json_details_pass():
     leap seconds, UUIDs other than version 4."""
     body = patient(
         birthDate=DROP,
-        _birthDate={"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/"
-                                          "data-absent-reason", "valueCode": "unknown"}]},
-        name=[{"given": ["Peter", None], "_given": [None, {"id": "g2", "extension": [
-            {"url": "http://example.org/initial", "valueBoolean": True}]}]}],
+        _birthDate={
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                    "valueCode": "unknown",
+                }
+            ]
+        },
+        name=[
+            {
+                "given": ["Peter", None],
+                "_given": [
+                    None,
+                    {
+                        "id": "g2",
+                        "extension": [{"url": "http://example.org/initial", "valueBoolean": True}],
+                    },
+                ],
+            }
+        ],
         extension=[
             {"url": "http://example.org/a", "valueString": "x", "_valueString": {"id": "v"}},
             {"url": "http://example.org/b", "valueMeta": {"versionId": "3"}},
@@ -269,8 +353,10 @@ def test_r4_json_details_pass():
             {"url": "http://example.org/d", "valueDecimal": 1e-7},
             {"url": "http://example.org/e", "valueTime": "23:59:60"},
             {"url": "http://example.org/f", "valueString": "\u00a0"},
-            {"url": "http://example.org/g",
-             "valueUuid": "urn:uuid:00000000-0000-0000-0000-000000000000"},
+            {
+                "url": "http://example.org/g",
+                "valueUuid": "urn:uuid:00000000-0000-0000-0000-000000000000",
+            },
             {"url": "http://example.org/h", "valueBase64Binary": "YWJj\nZGVm"},
             {"url": "http://example.org/i", "valueDateTime": "2024-02-29T00:00:00Z"},
         ],
@@ -279,25 +365,53 @@ def test_r4_json_details_pass():
 
 
 def test_skip_elements_leaves_the_roster_to_the_caller():
-    group = {"resourceType": "Group", "type": "person", "actual": True,
-             "member": [{"entity": "Patient/1"}, {"bogus": 1}]}
+    group = {
+        "resourceType": "Group",
+        "type": "person",
+        "actual": True,
+        "member": [{"entity": "Patient/1"}, {"bogus": 1}],
+    }
     assert {i["expression"][0] for i in problems(group)} == {
-        "Group.member[0].entity", "Group.member[1].bogus", "Group.member[1].entity"}
+        "Group.member[0].entity",
+        "Group.member[1].bogus",
+        "Group.member[1].entity",
+    }
     validate_resource(group, skip_elements=frozenset({"member"}))
 
 
 def test_example_errata_are_accepted_but_only_those():
     """Four required elements the official examples omit; the others stay required."""
-    validate_resource({"resourceType": "SearchParameter", "url": "http://x.org/sp",
-                       "name": "author", "status": "draft", "description": "d",
-                       "code": "author", "type": "string"})
-    validate_resource({"resourceType": "Questionnaire", "status": "draft",
-                       "item": [{"type": "display", "text": "hello"}]})
-    issues = problems({"resourceType": "SearchParameter", "url": "http://x.org/sp",
-                       "name": "author", "description": "d", "code": "author",
-                       "type": "string"})
+    validate_resource(
+        {
+            "resourceType": "SearchParameter",
+            "url": "http://x.org/sp",
+            "name": "author",
+            "status": "draft",
+            "description": "d",
+            "code": "author",
+            "type": "string",
+        }
+    )
+    validate_resource(
+        {
+            "resourceType": "Questionnaire",
+            "status": "draft",
+            "item": [{"type": "display", "text": "hello"}],
+        }
+    )
+    issues = problems(
+        {
+            "resourceType": "SearchParameter",
+            "url": "http://x.org/sp",
+            "name": "author",
+            "description": "d",
+            "code": "author",
+            "type": "string",
+        }
+    )
     assert [(i["code"], i["expression"]) for i in issues] == [
-        ("invalid", ["SearchParameter.status"])]
+        ("invalid", ["SearchParameter.status"])
+    ]
 
 
 # --- invalid content ---------------------------------------------------------------------------
@@ -318,8 +432,11 @@ INVALID = [
     (patient(meta={"lastUpdated": "2024-01-01T00:00:00"}), "value", "Patient.meta.lastUpdated"),
     (observation(effectiveDateTime="2024-03-01T10:00"), "value", "Observation.effectiveDateTime"),
     (patient(birthDate="2023-02-29"), "value", "Patient.birthDate"),
-    (observation(effectiveDateTime="2024-04-31T10:00:00Z"), "value",
-     "Observation.effectiveDateTime"),
+    (
+        observation(effectiveDateTime="2024-04-31T10:00:00Z"),
+        "value",
+        "Observation.effectiveDateTime",
+    ),
     (patient(photo=[{"data": "YWJjZA="}]), "value", "Patient.photo[0].data"),
     (patient(gender=" male"), "value", "Patient.gender"),
     (patient(gender="ma  le"), "value", "Patient.gender"),
@@ -328,10 +445,16 @@ INVALID = [
     (patient(id="x" * 65), "value", "Patient.id"),
     (patient(identifier=[{"system": "urn:oid:1.2 3"}]), "value", "Patient.identifier[0].system"),
     (patient(text={"status": "generated", "div": "plain text"}), "value", "Patient.text.div"),
-    (patient(extension=[{"url": "http://x.org", "valuePositiveInt": 0}]), "value",
-     "Patient.extension[0].valuePositiveInt"),
-    (observation(valueQuantity=DROP, valuePositiveInt=1), "structure",
-     "Observation.valuePositiveInt"),
+    (
+        patient(extension=[{"url": "http://x.org", "valuePositiveInt": 0}]),
+        "value",
+        "Patient.extension[0].valuePositiveInt",
+    ),
+    (
+        observation(valueQuantity=DROP, valuePositiveInt=1),
+        "structure",
+        "Observation.valuePositiveInt",
+    ),
     # unknown elements
     (patient(foo=1), "structure", "Patient.foo"),
     (patient(active__ext={"id": "x"}), "structure", "Patient.active__ext"),
@@ -345,8 +468,11 @@ INVALID = [
     (patient(gender=["male"]), "structure", "Patient.gender"),
     (patient(gender=None), "structure", "Patient.gender"),
     (patient(name=[{"given": ["a", None]}]), "structure", "Patient.name[0].given[1]"),
-    (patient(deceasedBoolean=True, deceasedDateTime="2020"), "structure",
-     "Patient.deceasedDateTime"),
+    (
+        patient(deceasedBoolean=True, deceasedDateTime="2020"),
+        "structure",
+        "Patient.deceasedDateTime",
+    ),
     (patient(contained=[{"resourceType": "Basic"}]), "required", "Patient.contained[0].code"),
     # missing required elements
     (observation(status=DROP), "required", "Observation.status"),
@@ -354,33 +480,67 @@ INVALID = [
     (patient(link=[{"type": "seealso"}]), "required", "Patient.link[0].other"),
     (patient(extension=[{"valueString": "x"}]), "required", "Patient.extension[0].url"),
     # types: R4B-only inside R4 content, R4B-only elements
-    (patient(contained=[{"resourceType": "Citation", "status": "active"}]), "value",
-     "Patient.contained[0].resourceType"),
-    ({"resourceType": "Bundle", "type": "collection",
-      "entry": [{"resource": {"resourceType": "SubscriptionTopic"}}]}, "value",
-     "Bundle.entry[0].resource.resourceType"),
-    ({"resourceType": "ActivityDefinition", "status": "draft",
-      "subjectCanonical": "http://x.org/g"}, "structure", "ActivityDefinition.subjectCanonical"),
-    (patient(extension=[{"url": "http://x.org", "valueCodeableReference": {}}]), "structure",
-     "Patient.extension[0].valueCodeableReference"),
-    ({"resourceType": "Evidence", "status": "draft",
-      "variableDefinition": [{"variableRole": {"text": "population"}}]}, "structure",
-     "Evidence.variableDefinition"),
+    (
+        patient(contained=[{"resourceType": "Citation", "status": "active"}]),
+        "value",
+        "Patient.contained[0].resourceType",
+    ),
+    (
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": {"resourceType": "SubscriptionTopic"}}],
+        },
+        "value",
+        "Bundle.entry[0].resource.resourceType",
+    ),
+    (
+        {
+            "resourceType": "ActivityDefinition",
+            "status": "draft",
+            "subjectCanonical": "http://x.org/g",
+        },
+        "structure",
+        "ActivityDefinition.subjectCanonical",
+    ),
+    (
+        patient(extension=[{"url": "http://x.org", "valueCodeableReference": {}}]),
+        "structure",
+        "Patient.extension[0].valueCodeableReference",
+    ),
+    (
+        {
+            "resourceType": "Evidence",
+            "status": "draft",
+            "variableDefinition": [{"variableRole": {"text": "population"}}],
+        },
+        "structure",
+        "Evidence.variableDefinition",
+    ),
     # an R4-only type, validated from the spec table
     (medicinal_product(name=DROP), "required", "MedicinalProduct.name"),
-    (medicinal_product(name=[{"namePart": [{"part": "x"}]}]), "required",
-     "MedicinalProduct.name[0].productName"),
+    (
+        medicinal_product(name=[{"namePart": [{"part": "x"}]}]),
+        "required",
+        "MedicinalProduct.name[0].productName",
+    ),
     (medicinal_product(type="tablet"), "structure", "MedicinalProduct.type"),
-    (medicinal_product(marketingStatus=[{"status": {"text": "active"}}]), "required",
-     "MedicinalProduct.marketingStatus[0].country"),
+    (
+        medicinal_product(marketingStatus=[{"status": {"text": "active"}}]),
+        "required",
+        "MedicinalProduct.marketingStatus[0].country",
+    ),
     (medicinal_product(color="red"), "structure", "MedicinalProduct.color"),
     (medicinal_product(id="no/slashes"), "value", "MedicinalProduct.id"),
     (evidence_r4(exposureBackground=DROP), "required", "Evidence.exposureBackground"),
 ]
 
 
-@pytest.mark.parametrize(("body", "code", "expression"), INVALID,
-                         ids=[f"{i:02d}-{row[2]}" for i, row in enumerate(INVALID)])
+@pytest.mark.parametrize(
+    ("body", "code", "expression"),
+    INVALID,
+    ids=[f"{i:02d}-{row[2]}" for i, row in enumerate(INVALID)],
+)
 def test_invalid_r4_content_fails(body, code, expression):
     issues = problems(body)
     found = [(i.get("code"), (i.get("expression") or [""])[0]) for i in issues]
@@ -401,7 +561,11 @@ def test_one_issue_per_problem_with_a_cap():
     body = patient(active="yes", gender=1, birthDate="1974/12/25", foo=True)
     issues = problems(body)
     assert sorted(i["expression"][0] for i in issues) == [
-        "Patient.active", "Patient.birthDate", "Patient.foo", "Patient.gender"]
+        "Patient.active",
+        "Patient.birthDate",
+        "Patient.foo",
+        "Patient.gender",
+    ]
     assert all(i["severity"] == "error" and i["diagnostics"] for i in issues)
     assert issues[0]["details"]["coding"][0]["code"] == "MSG_INVALID_RESOURCE"
 
@@ -456,8 +620,10 @@ def test_every_official_r4_example_is_valid(examples):
             rejected[name] = exc.outcome()["issue"]
     seconds = time.monotonic() - started
     accepted = len(examples) - len(rejected)
-    print(f"\nvalidate_resource accepted {accepted}/{len(examples)} official R4 examples "
-          f"in {seconds:.1f} s")
+    print(
+        f"\nvalidate_resource accepted {accepted}/{len(examples)} official R4 examples "
+        f"in {seconds:.1f} s"
+    )
     assert len(examples) > 5000
     assert set(rejected) <= {ID_TOO_LONG}, {k: v[:3] for k, v in rejected.items()}
     if ID_TOO_LONG in rejected:
@@ -483,5 +649,7 @@ def test_print_validation_cost():
     started = time.perf_counter()
     for _ in range(rounds):
         validate_resource(body)
-    print(f"\nvalidate_resource: {(time.perf_counter() - started) / rounds * 1e6:.0f} µs "
-          "per typical Patient")
+    print(
+        f"\nvalidate_resource: {(time.perf_counter() - started) / rounds * 1e6:.0f} µs "
+        "per typical Patient"
+    )
