@@ -16,8 +16,11 @@ from fhirservice.errors import BadRequest
 from fhirservice.fhir.validation import validate_resource
 from fhirservice.store.handlers import ResourceHandler, VersionWrite
 from groups.members import Member, parse_member, render_member
-from groups.selectors import clickhouse_required, iter_members, row_roster_key
+from groups.selectors import clickhouse_required, iter_members_for_render, row_roster_key
 from groups.services import MSG_ROSTER_NOT_LIST, group_patch, group_post_save
+
+# Members per chunk of a streamed roster.
+RENDER_BATCH = 1000
 
 
 def clickhouse_rosters() -> bool:
@@ -74,17 +77,26 @@ class GroupHandler(ResourceHandler):
         """
         key = row_roster_key(row)
         with clickhouse_required():
-            stream = iter_members(key, as_of=None if current else row.version_id)
+            stream = iter_members_for_render(key, as_of=None if current else row.version_id)
             first = next(stream, None)
         if first is None:
             return iter(())
 
         def chunks() -> Iterator[bytes]:
+            # Members go out RENDER_BATCH at a time, comma-joined: one chunk per member
+            # cost more in the response machinery than rendering it.
+            batch: list[str] = []
             with clickhouse_required():
-                for state in chain([first], stream):
-                    yield render_member(
-                        state.ref, state.period_start, state.period_end, state.inactive, state.extra
-                    )
+                for item in chain([first], stream):
+                    if type(item) is str:
+                        batch.append(item)
+                    else:
+                        batch.append(render_member(*item.rendered()).decode())
+                    if len(batch) == RENDER_BATCH:
+                        yield ",".join(batch).encode()
+                        batch = []
+            if batch:
+                yield ",".join(batch).encode()
 
         return chunks()
 

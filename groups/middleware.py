@@ -4,6 +4,9 @@ The Group post-save handler diffs the incoming roster and emits member events, u
 request already wrote its member events itself (JSON Patch on ``/member``), in which case it
 finds ``request.group_member_events_written`` set and skips member processing. Transaction
 Bundle entries are sub-requests, so each entry starts with the flag cleared.
+
+The same middleware marks the thread as serving an HTTP request, which is when member events
+ship in the background (``groups.shipping``): the client need not wait for ClickHouse.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
+
+from groups import shipping
 
 FLAG = "group_member_events_written"
 
@@ -24,4 +29,5 @@ class GroupMemberEventsMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         """Initialise the flag, then handle the request."""
         setattr(request, FLAG, False)
-        return self.get_response(request)
+        with shipping.serving_request():
+            return self.get_response(request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from typing import Any, NamedTuple
 
 from fhirservice.clickhouse import ClickHouseClient, get_clickhouse
@@ -49,6 +50,27 @@ _EVENT_STATE_COLUMNS = (
 )
 
 
+# A member's JSON element, rendered by ClickHouse, for the common member: no extra elements
+# and reference/period text that needs no JSON escaping (printable ASCII without '"' and
+# '\\'). Any other member gets '' and is rendered in Python (members.render_member, whose
+# output this matches byte for byte). A streamed 10^6-member GET then decodes one string per
+# member instead of building and rendering a state tuple.
+_PLAIN = r"'^[!#-\\[\\]-~]*$'"
+_JSON_COLUMN = (
+    f"if((argMaxMerge(extra) AS s_extra) = '' AND match(member_ref, {_PLAIN}) "
+    f"AND match((argMaxMerge(period_start) AS s_start), {_PLAIN}) "
+    f"AND match((argMaxMerge(period_end) AS s_end), {_PLAIN}), "
+    'concat(\'{"entity":{"reference":"\', member_ref, \'"}\', '
+    "if(s_start = '' AND s_end = '', '', concat(',\"period\":{', "
+    "if(s_start = '', '', concat('\"start\":\"', s_start, '\"')), "
+    "if(s_start != '' AND s_end != '', ',', ''), "
+    "if(s_end = '', '', concat('\"end\":\"', s_end, '\"')), '}')), "
+    "if(argMaxMerge(inactive) = 1, ',\"inactive\":true', ''), '}'), '') AS s_json"
+)
+# Members per lookup of the states ClickHouse could not render.
+_FALLBACK_CHUNK = 1000
+
+
 class MemberState(NamedTuple):
     """A member reference's latest state in a roster (present False: removed).
 
@@ -71,6 +93,10 @@ class MemberState(NamedTuple):
         """Counted in Group.quantity: present and not inactive."""
         return self.present and not self.inactive
 
+    def rendered(self) -> tuple[str, str, str, bool, str]:
+        """The arguments of ``members.render_member`` for this state."""
+        return self.ref, self.period_start, self.period_end, self.inactive, self.extra
+
 
 # The upper end of a page's window: the last of the next %(window)s state rows' references
 # (read in sort-key order; a scalar subquery, folded to a constant before index analysis).
@@ -81,11 +107,20 @@ _PAGE_WINDOW = (
 )
 
 
+def _chunked(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
+    iterator = iter(rows)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
 def _state(row: tuple) -> MemberState:
     return MemberState(
         row[0], row[1], row[2], row[3], bool(row[4]), row[5], int(row[6]), bool(row[7])
     )
 
+
+# Members per windowed query when an embedded engine streams a whole roster.
+ROSTER_WINDOW = 20_000
 
 # Bytes of quoted values per ``IN (…)`` list: ClickHouse refuses SELECT text longer than
 # max_query_size (256 KiB by default, on 18.16 as on current releases), and a PATCH may name
@@ -155,8 +190,12 @@ class MemberEventRepository:
         after: str = "",
         limit: int | None = None,
         include_removed: bool = False,
-    ) -> Iterator[MemberState]:
+        as_json: bool = False,
+    ) -> Iterator[Any]:
         """Current members in reference order, after ``after``, streamed.
+
+        ``as_json``: yield each member's JSON element text (str) when ClickHouse could render
+        it, else its MemberState (the caller renders those).
 
         With ``limit`` (a page), the aggregation is first confined to a window of the sort
         key: the state rows of the next ``2 * limit + 16`` rows' references. Without it,
@@ -166,25 +205,76 @@ class MemberEventRepository:
         inside it are exact; when it holds fewer than ``limit`` members (end of the roster,
         many removed members, unmerged parts) the unwindowed query answers instead.
         """
-        having = "" if include_removed else " HAVING s_present = 1"
-        sql = (
-            f"SELECT {_STATE_COLUMNS} FROM {STATE} WHERE roster_key = %(k)s "
+        if as_json and include_removed:
+            raise ValueError("as_json renders present members only")
+        if limit is not None:
+            return self._convert(
+                roster_key, self._page(roster_key, after, limit, as_json, include_removed), as_json
+            )
+        if self.client.in_process:
+            return self._iter_roster_windows(roster_key, after, include_removed, as_json)
+        sql = self._roster_sql(include_removed, as_json).format(window="")
+        params = {"k": roster_key, "after": after}
+        rows = self.client.iter_rows(sql, params, settings=self._in_order())
+        if not as_json:
+            return map(_state, rows)
+        return (
+            item
+            for chunk in _chunked(rows, _FALLBACK_CHUNK)
+            for item in self._convert(roster_key, chunk, as_json)
+        )
+
+    def _convert(self, roster_key: str, rows: list[tuple], as_json: bool) -> Iterator[Any]:
+        """States from state rows; or JSON text from (ref, json) rows, the members ClickHouse
+        could not render looked up as states."""
+        if not as_json:
+            return map(_state, rows)
+        missing = [ref for ref, text in rows if not text]
+        states = self.lookup(roster_key, missing) if missing else {}
+        return (text or states[ref] for ref, text in rows)
+
+    @staticmethod
+    def _roster_sql(include_removed: bool, as_json: bool) -> str:
+        if as_json:
+            columns = "member_ref, " + _JSON_COLUMN.replace("{", "{{").replace("}", "}}")
+            having = " HAVING argMaxMerge(present) = 1"
+        else:
+            columns = _STATE_COLUMNS
+            having = "" if include_removed else " HAVING s_present = 1"
+        return (
+            f"SELECT {columns} FROM {STATE} WHERE roster_key = %(k)s "
             f"AND member_ref > %(after)s{{window}} GROUP BY roster_key, member_ref{having} "
             f"ORDER BY member_ref"
         )
-        params: dict[str, Any] = {"k": roster_key, "after": after}
-        if limit is not None:
-            sql += " LIMIT %(limit)s"
-            params["limit"] = limit
-            params["window"] = 2 * limit + 16
-            rows = self.client.execute(
-                sql.format(window=_PAGE_WINDOW), params, settings=self._in_order()
-            )
-            if len(rows) < limit:
-                rows = self.client.execute(sql.format(window=""), params, settings=self._in_order())
-            return iter([_state(r) for r in rows])
-        sql = sql.format(window="")
-        return (_state(r) for r in self.client.iter_rows(sql, params, settings=self._in_order()))
+
+    def _page(
+        self, roster_key: str, after: str, limit: int, as_json: bool, include_removed: bool
+    ) -> list[tuple]:
+        """Rows of one page: windowed first, unwindowed when the window falls short."""
+        sql = self._roster_sql(include_removed, as_json) + " LIMIT %(limit)s"
+        params = {"k": roster_key, "after": after, "limit": limit, "window": 2 * limit + 16}
+        rows = self.client.execute(
+            sql.format(window=_PAGE_WINDOW), params, settings=self._in_order()
+        )
+        if len(rows) < limit:
+            rows = self.client.execute(sql.format(window=""), params, settings=self._in_order())
+        return rows
+
+    def _iter_roster_windows(
+        self, roster_key: str, after: str, include_removed: bool, as_json: bool
+    ) -> Iterator[Any]:
+        """The whole roster as a walk of windowed pages (embedded ClickHouse).
+
+        One GROUP BY over a 10^6-member roster holds its aggregation state in memory until the
+        last row is out; in chdb that memory is this process's (400+ MB). Pages of
+        ROSTER_WINDOW members aggregate a window each, so memory stays flat.
+        """
+        while True:
+            rows = self._page(roster_key, after, ROSTER_WINDOW, as_json, include_removed)
+            yield from self._convert(roster_key, rows, as_json)
+            if len(rows) < ROSTER_WINDOW:
+                return
+            after = rows[-1][0]
 
     def iter_roster_as_of(
         self,

@@ -158,6 +158,18 @@ def iter_members(
     return merge_states(stream, merged, after=after)
 
 
+def iter_members_for_render(roster_key: str, *, as_of: int | None = None) -> Iterator[Any]:
+    """The roster for a streamed read: each member as its JSON text (str) when ClickHouse
+    rendered it, else as a MemberState.
+
+    The current roster with nothing pending is rendered by ClickHouse (the common case of a
+    large GET); older versions and rosters with pending batches merge states in Python.
+    """
+    if as_of is None and not pending_states(roster_key):
+        return MemberEventRepository().iter_roster(roster_key, as_json=True)
+    return iter_members(roster_key, as_of=as_of)
+
+
 def member_states(
     roster_key: str, refs: list[str], *, repository: MemberEventRepository | None = None
 ) -> dict[str, MemberState]:

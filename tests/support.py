@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from django.test import Client
 
+from groups import shipping
 from tests.fhir_check import assert_strict_r4
 
 BASE = "/4_0_0"
@@ -53,10 +54,16 @@ class FhirResponse:
 
 
 class FhirClient:
-    """Thin wrapper around Django's test client speaking FHIR JSON."""
+    """Thin wrapper around Django's test client speaking FHIR JSON.
 
-    def __init__(self) -> None:
+    After each write it waits for the process's background shipping of member events
+    (``groups.shipping``), so a test sees ClickHouse as it is once shipping caught up;
+    ``FhirClient(wait_for_shipping=False)`` observes the moment of the answer instead.
+    """
+
+    def __init__(self, *, wait_for_shipping: bool = True) -> None:
         self.client = Client()
+        self.wait_for_shipping = wait_for_shipping
 
     def request(
         self,
@@ -77,6 +84,8 @@ class FhirClient:
             content_type=content_type if data else None,
             headers=headers or {},
         )
+        if self.wait_for_shipping and method != "GET":
+            assert shipping.flush(), "background shipping did not finish within 30 s"
         return FhirResponse(response)
 
     def get(self, path: str, **kwargs: Any) -> FhirResponse:

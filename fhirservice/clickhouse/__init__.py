@@ -56,7 +56,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from uuid import UUID
 
 from clickhouse_driver.context import Context
-from clickhouse_driver.util.escape import escape_param, escape_params
+from clickhouse_driver.util.escape import escape_chars_map, escape_param, escape_params
 from django.core.signals import setting_changed
 
 __all__ = [
@@ -180,8 +180,26 @@ def bind(sql: str, params: dict[str, Any] | None, context: Context) -> str:
         return sql
     if not isinstance(params, dict):
         raise TypeError("ClickHouse parameters must be a dict of %(name)s values")
-    plain = {key: _plain_param(value) for key, value in params.items()}
-    return sql % escape_params(plain, context)
+    literals: dict[str, str] = {}
+    rest: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, list | tuple) and all(type(item) is str for item in value):
+            literals[key] = _strings_literal(value)
+        else:
+            rest[key] = _plain_param(value)
+    literals.update(escape_params(rest, context))
+    return sql % literals
+
+
+# The driver's escaping of string literals, as one str.translate table.
+_STRING_ESCAPES = str.maketrans(escape_chars_map)
+
+
+def _strings_literal(values: list[str] | tuple[str, ...]) -> str:
+    """A list/tuple of strings as the driver would escape it, without its per-character
+    Python loop: an IN list of 10^4 member references is bound in ~3 ms instead of ~200."""
+    body = ", ".join("'" + value.translate(_STRING_ESCAPES) + "'" for value in values)
+    return f"[{body}]" if isinstance(values, list) else f"({body})"
 
 
 def setting_literal(name: str, value: Any, context: Context) -> str:
@@ -266,6 +284,8 @@ class ClickHouseClient(abc.ABC):
     """One interface over chdb and the ClickHouse server; see the module docstring."""
 
     url: str
+    # Whether queries run inside this process (chdb): their working memory is then ours.
+    in_process: bool = False
 
     @property
     def url_for_logs(self) -> str:

@@ -397,6 +397,8 @@ class ChdbClient(ClickHouseClient):
     open on the same session.
     """
 
+    in_process = True
+
     def __init__(self, *, url: str, path: str) -> None:
         self.url = url
         self.path = unquote(path)

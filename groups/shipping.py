@@ -1,0 +1,120 @@
+"""Shipping a write's member event batches to ClickHouse once its transaction committed.
+
+A write is acknowledged when its version and its outbox rows commit (see ADR 0004); shipping
+to ClickHouse is then only a matter of when. With ``MEMBER_SHIPPING = "background"`` (the
+default) a per-process thread ships what HTTP requests wrote, so the client never waits for
+the ClickHouse insert and its materialized views: tens of milliseconds per insert, most of a
+small PATCH. Reads merge unshipped batches, so every client still reads its own writes.
+
+Writes queued while the thread is busy are shipped together in its next round, which turns
+a burst of small PATCHes into few inserts. ``"request"`` ships in the request right after
+commit instead (one insert per write: simpler to reason about, slower to answer).
+
+Nothing is lost if the process dies with a queue: the batches stay pending in the outbox,
+and the next write of their roster, ``ship_member_events`` or ``repair_group_members`` ships
+them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+from django.db import connections
+
+from fhirservice.conf import fhir_settings
+
+logger = logging.getLogger(__name__)
+
+ShipFunction = Callable[[str, list[str]], None]
+
+
+class BackgroundShipper:
+    """One daemon thread per process that ships queued (roster, batch keys) pairs."""
+
+    def __init__(self, ship: ShipFunction) -> None:
+        self._ship = ship
+        self._cond = threading.Condition()
+        self._queue: dict[str, list[str]] = {}
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, roster: str, keys: list[str]) -> None:
+        """Queue a committed write's batches; returns at once."""
+        with self._cond:
+            self._queue.setdefault(roster, []).extend(keys)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="member-event-shipper", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued so far is shipped (or failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue))
+                work, self._queue = self._queue, {}
+                self._busy = True
+            try:
+                for roster, keys in work.items():
+                    try:
+                        self._ship(roster, keys)
+                    except Exception:  # a failed round must not end the thread
+                        logger.exception("Shipping member events of %s failed", roster)
+            finally:
+                # The thread's own metadata connection: closed between rounds so an idle
+                # process holds none and a restarted database is reconnected.
+                connections.close_all()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
+_shipper: BackgroundShipper | None = None
+_shipper_lock = threading.Lock()
+_local = threading.local()
+# How long a finishing process waits for queued batches before leaving them to the relay.
+EXIT_WAIT_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def serving_request() -> Iterator[None]:
+    """Mark this thread as serving an HTTP request (the middleware's block).
+
+    Only then do writes ship in the background: commands, the relay and code calling the
+    services directly ship before the write returns, so what they report afterwards holds.
+    """
+    previous = getattr(_local, "serving", False)
+    _local.serving = True
+    try:
+        yield
+    finally:
+        _local.serving = previous
+
+
+def after_commit(roster: str, keys: list[str], ship: ShipFunction) -> None:
+    """Ship a committed write's batches as MEMBER_SHIPPING says (``ship`` does the work)."""
+    if fhir_settings.MEMBER_SHIPPING == "request" or not getattr(_local, "serving", False):
+        ship(roster, keys)
+        return
+    global _shipper
+    with _shipper_lock:
+        if _shipper is None:
+            _shipper = BackgroundShipper(ship)
+            atexit.register(_shipper.flush, EXIT_WAIT_SECONDS)
+    _shipper.submit(roster, keys)
+
+
+def flush(timeout: float = 30.0) -> bool:
+    """Wait for this process's background shipping to drain (tests, commands, shutdown)."""
+    shipper = _shipper
+    return True if shipper is None else shipper.flush(timeout)
