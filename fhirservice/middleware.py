@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
+from http import HTTPStatus
 
 from django.http import HttpRequest, HttpResponse
+
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import FhirError, PayloadTooLarge
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9\-_.]{1,64}")
 
@@ -28,3 +32,119 @@ class RequestIdMiddleware:
         response = self.get_response(request)
         response["X-Request-ID"] = request.request_id
         return response
+
+
+# Headers of every answer; FHIR answers also get FHIR_HEADERS. Values already set stand.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+FHIR_HEADERS = {
+    # Patient data must not linger in shared or browser caches; conditional reads
+    # (If-None-Match) still work.
+    "Cache-Control": "no-store",
+    # JSON is never a document: nothing may load, run or frame it.
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; sandbox",
+}
+ISSUE_CODE_OF_STATUS = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    411: "invalid",
+    413: "too-costly",
+    415: "not-supported",
+    429: "throttled",
+}
+MSG_BODY_TOO_LARGE = "The body has {size} bytes; the limit is {limit}"
+
+
+def _is_fhir_path(path: str) -> bool:
+    base = f"/{fhir_settings.BASE_PATH}"
+    return path == base or path.startswith(base + "/")
+
+
+def _outcome_response(error: FhirError) -> HttpResponse:
+    from fhirservice.rest.base import fhir_http_response
+    from fhirservice.store.json import dumps
+
+    return fhir_http_response(dumps(error.outcome()), status=error.status, headers=error.headers)
+
+
+class HardeningMiddleware:
+    """Limits that must hold before any view runs, and the headers every answer carries.
+
+    Under the FHIR base path it refuses, as OperationOutcomes: query strings over the
+    parameter limits (before Django parses them), bodies announced larger than
+    MAX_BODY_BYTES, and chunked bodies without Content-Length (Django would read them as
+    empty). It also turns any non-FHIR error page there (Django's 400 for a bad Host, the
+    debug page of a crash under DEBUG) into an OperationOutcome that names only the status,
+    so no answer of the API carries a stack trace.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        """Check the request, then harden the response."""
+        fhir = _is_fhir_path(request.path)
+        response = None
+        if fhir:
+            try:
+                self.check_request(request)
+            except FhirError as error:
+                response = _outcome_response(error)
+        if response is None:
+            response = self.get_response(request)
+        if fhir:
+            response = self.as_outcome(response)
+            for name, value in FHIR_HEADERS.items():
+                response.headers.setdefault(name, value)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @staticmethod
+    def check_request(request: HttpRequest) -> None:
+        """Query limits, the announced body size and chunked bodies (400, 413, 411)."""
+        from fhirservice.rest.limits import LengthRequired, check_query_string
+
+        check_query_string(request.META.get("QUERY_STRING", ""))
+        declared = request.META.get("CONTENT_LENGTH") or ""
+        limit = fhir_settings.MAX_BODY_BYTES
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(
+                MSG_BODY_TOO_LARGE.format(size=int(declared), limit=limit),
+                detail_code="MSG_BODY_TOO_LARGE",
+            )
+        chunked = "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked and not declared:
+            raise LengthRequired()
+
+    @staticmethod
+    def as_outcome(response: HttpResponse) -> HttpResponse:
+        """An error answer that is not FHIR JSON becomes a bare OperationOutcome."""
+        content_type = response.headers.get("Content-Type", "")
+        if response.status_code < 400 or content_type.startswith("application/fhir+json"):
+            return response
+        status = response.status_code
+        error = FhirError(
+            f"{status} {HTTPStatus(status).phrase}"
+            if status in HTTPStatus._value2member_map_
+            else f"HTTP status {status}",
+            detail_code=f"MSG_HTTP_{status}",
+        )
+        error.status = status
+        error.code = ISSUE_CODE_OF_STATUS.get(status, "exception" if status >= 500 else "invalid")
+        replacement = _outcome_response(error)
+        for name, value in response.headers.items():
+            if name.lower() not in ("content-type", "content-length", "content-encoding"):
+                replacement.headers.setdefault(name, value)
+        if hasattr(response, "close"):
+            response.close()
+        return replacement

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jsonpatch
 
+from fhirservice.access.boundaries import without_organization
 from fhirservice.errors import BadRequest, UnprocessableEntity
 
 MSG_PATCH_INVALID = "Not a valid JSON Patch document: {error}"
@@ -16,7 +18,9 @@ SERVER_META = ("versionId", "lastUpdated")
 
 
 def without_server_meta(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` minus the server-owned meta elements (versionId, lastUpdated)."""
+    """``body`` minus the server-owned meta elements (versionId, lastUpdated, and the
+    organization's ``meta.security`` Coding: clients can neither forge nor strip it)."""
+    body = without_organization(body)
     meta = body.get("meta")
     if not isinstance(meta, dict) or not any(k in meta for k in SERVER_META):
         return body
@@ -29,53 +33,47 @@ def without_server_meta(body: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def parse_patch(ops: Any) -> jsonpatch.JsonPatch:
-    """400 unless ``ops`` is a well-formed JSON Patch document (RFC 6902)."""
+PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
+# RFC 6901: "" or a sequence of "/"-prefixed tokens, "~" only as "~0" or "~1".
+JSON_POINTER = re.compile(r"(?:/(?:[^~/]|~[01])*)*")
+
+
+def parse_patch(ops: Any) -> list[dict[str, Any]]:
+    """400 unless ``ops`` is a well-formed JSON Patch document (RFC 6902); returns it.
+
+    Checks the shape of every op (name, pointers, value/from) in one pass, without building
+    jsonpatch's operation objects: a Group PATCH of 10^4 member ops never reaches jsonpatch
+    (member ops are applied as events), and building them cost a third of such a request.
+    """
     if not isinstance(ops, list) or not all(isinstance(op, dict) for op in ops):
-        raise BadRequest(
-            MSG_PATCH_INVALID.format(error="expected an array of operations"),
-            detail_code="MSG_PATCH_INVALID",
-        )
-    try:
-        patch = jsonpatch.JsonPatch(ops)
-        for op in patch._ops:  # noqa: SLF001  (jsonpatch validates lazily; force it now)
-            op.pointer  # noqa: B018
-    except (
-        jsonpatch.JsonPatchException,
-        jsonpatch.JsonPointerException,
-        KeyError,
-        TypeError,
-    ) as exc:
-        raise BadRequest(
-            MSG_PATCH_INVALID.format(error=exc), detail_code="MSG_PATCH_INVALID"
-        ) from exc
+        raise _invalid("expected an array of operations")
     for index, op in enumerate(ops):
-        if op.get("op") not in ("add", "remove", "replace", "move", "copy", "test"):
-            raise BadRequest(
-                MSG_PATCH_INVALID.format(error=f"unknown op {op.get('op')!r}"),
-                detail_code="MSG_PATCH_INVALID",
-                expression=f"[{index}].op",
-            )
-        if "value" not in op and op["op"] in ("add", "replace", "test"):
-            raise BadRequest(
-                MSG_PATCH_INVALID.format(error=f"op {index} has no value"),
-                detail_code="MSG_PATCH_INVALID",
-                expression=f"[{index}].value",
-            )
-        if "from" not in op and op["op"] in ("move", "copy"):
-            raise BadRequest(
-                MSG_PATCH_INVALID.format(error=f"op {index} has no from"),
-                detail_code="MSG_PATCH_INVALID",
-                expression=f"[{index}].from",
-            )
-    return patch
+        name = op.get("op")
+        if name not in PATCH_OPS:
+            raise _invalid(f"unknown op {name!r}", f"[{index}].op")
+        for key in ("path", "from") if name in ("move", "copy") else ("path",):
+            if key not in op:
+                raise _invalid(f"op {index} has no {key}", f"[{index}].{key}")
+            pointer = op[key]
+            if not isinstance(pointer, str) or not JSON_POINTER.fullmatch(pointer):
+                raise _invalid(f"op {index}: {pointer!r} is not a JSON pointer", f"[{index}].{key}")
+        if "value" not in op and name in ("add", "replace", "test"):
+            raise _invalid(f"op {index} has no value", f"[{index}].value")
+    return ops
+
+
+def _invalid(error: str, expression: str | None = None) -> BadRequest:
+    return BadRequest(
+        MSG_PATCH_INVALID.format(error=error),
+        detail_code="MSG_PATCH_INVALID",
+        expression=expression,
+    )
 
 
 def apply_json_patch(document: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
     """Apply JSON Patch ops to a document; a failing test or a bad path answers 422."""
-    patch = parse_patch(ops)
     try:
-        result = patch.apply(document)
+        result = jsonpatch.JsonPatch(parse_patch(ops)).apply(document)
     except (
         jsonpatch.JsonPatchException,
         jsonpatch.JsonPointerException,
