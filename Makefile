@@ -1,6 +1,7 @@
 # Developer entry points. Everything runs from the project's .venv (scripts/bootstrap.sh).
 #
-#   make run            serve on 127.0.0.1:$(PORT) with the embedded backends (SQLite + chdb)
+#   make run            serve on 127.0.0.1:$(PORT) with the embedded backends (SQLite + chdb),
+#                       access control off; FHIR_AUTH=on make run turns it on
 #   make test           the suite on both backend pairs; make test ARGS="-k patient"
 #   make lint           ruff, Django system checks, missing migrations
 #   make bench          benchmarks (python -m bench) on both backend pairs
@@ -26,10 +27,9 @@ migrate: bootstrap
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py migrate_clickhouse
 
-# One gunicorn worker: chdb allows one process per data path (threads are fine).
+# Access control is off unless FHIR_AUTH=on (scripts/serve.sh says so loudly).
 run: migrate
-	@echo "Serving http://127.0.0.1:$(PORT)/$${FHIR_BASE_PATH:-4_0_0}/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLICKHOUSE_URL to change)."
-	$(VENV)/bin/gunicorn fhirservice.wsgi:application --bind 127.0.0.1:$(PORT) --workers 1 --threads 8
+	@PORT=$(PORT) VENV=$(VENV) bash scripts/serve.sh
 
 test:
 	@bash scripts/run-tests.sh $(ARGS)

@@ -145,7 +145,7 @@ class ResourceTypeFilter(admin.SimpleListFilter):
 class StoredResourceAdmin(admin.ModelAdmin):
     """Read-only list and pages of stored resources other than Groups."""
 
-    list_display = ("key", "resource_type", "version_id", "last_updated", "deleted")
+    list_display = ("key", "resource_type", "version_id", "last_updated", "deleted", "organization")
     list_filter = (ResourceTypeFilter, "deleted")
     search_fields = ("resource_id",)
     search_help_text = "An id, Type/id, or a type name"

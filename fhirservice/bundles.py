@@ -22,7 +22,8 @@ from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponse
 
-from fhirservice import db
+from fhirservice import access, db
+from fhirservice.access.policy import require_permission
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest, FhirError, PreconditionFailed
 from fhirservice.fhir.resource_types import is_resource_type
@@ -118,6 +119,9 @@ def _resolve_conditional(reference: str) -> str:
     resource_type, _, query = reference.partition("?")
     if not is_resource_type(resource_type):
         raise BadRequest(MSG_CONDITIONAL_REF.format(reference=reference, count=0))
+    # A conditional reference is a search: the caller needs ``s`` on the type, and only
+    # resources inside its boundary can match.
+    require_permission(access.current(), resource_type, "s")
     keys = search_keys(resource_type, query, limit=2)
     if len(keys) != 1:
         raise PreconditionFailed(
@@ -205,6 +209,9 @@ def _sub_request(outer: HttpRequest, entry: Entry) -> HttpResponse:
     sub = WSGIRequest(environ)
     sub.fhir_assigned_id = entry.assigned_id
     sub.user = getattr(outer, "user", None)
+    # The entry runs as the Bundle's caller: same actor, boundary and scopes (each entry is
+    # scope-checked as the interaction it is), without authenticating again.
+    sub.fhir_access = getattr(outer, "access", None)
     return _sub_handler().get_response(sub)
 
 

@@ -68,10 +68,40 @@ def _search_params(resource_type: str) -> list[dict[str, Any]]:
     return params
 
 
+def _security(base: str) -> dict[str, Any]:
+    """SMART backend services: where to get a client-credentials token."""
+    root = base[: -len(fhir_settings.BASE_PATH)].rstrip("/")
+    return {
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "description": "OAuth2 client-credentials bearer tokens with SMART v2 system scopes "
+        "(system/Type.cruds, system/Type.$operation); each client sees its organization's data.",
+        "extension": [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": f"{root}/oauth/token/"}],
+            }
+        ],
+    }
+
+
 def capability_statement(base: str, date: str) -> dict[str, Any]:
     """The server's CapabilityStatement (kind instance, FHIR 4.0.1)."""
+    from fhirservice.access.audit import capability_entry
+
     resources = []
     for resource_type in sorted(R4_RESOURCE_TYPES):
+        if resource_type == "AuditEvent":
+            resources.append(capability_entry())  # the read-only audit trail
+            continue
         entry: dict[str, Any] = {
             "type": resource_type,
             "interaction": [{"code": code} for code in INTERACTIONS],
@@ -103,6 +133,8 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
     ]
     if system_ops:
         rest["operation"] = system_ops
+    if fhir_settings.AUTH:
+        rest["security"] = _security(base)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -33,10 +33,25 @@ DEFAULTS: dict[str, Any] = {
     # PUT of a Group without `member` keeps its roster (seed-system clients) instead of
     # emptying it (the FHIR rule).
     "GROUP_PUT_KEEPS_ROSTER": False,
-    # Most member operations one PATCH may carry; more answer 400 too-costly.
+    # Most operations one JSON Patch (of any resource) may carry; more answer 400 too-costly.
     "MAX_PATCH_OPS": 100_000,
+    # Hardening (fhirservice.rest.limits). Deepest nesting of JSON arrays/objects in a body.
+    "MAX_JSON_DEPTH": 100,
+    # Most query parameters per request, and the longest decoded query value (characters).
+    "MAX_QUERY_PARAMS": 100,
+    "MAX_QUERY_VALUE_LENGTH": 4096,
+    # Most entries in a Bundle body (transaction, batch or stored).
+    "MAX_BUNDLE_ENTRIES": 10_000,
+    # Requests per client and period ("600/min"; s, min, hour, day); None: no throttle.
+    "THROTTLE_RATE": None,
     # Events per outbox row and per ClickHouse insert.
     "MEMBER_BATCH_SIZE": 50_000,
+    # Access control (env FHIR_AUTH=on/off): bearer tokens, SMART system scopes and
+    # organization boundaries on every FHIR request. Off serves everyone as unrestricted.
+    "AUTH": True,
+    # Who ships a write's member events after commit: "background" (a thread per process;
+    # the response does not wait for ClickHouse) or "request" (the request, before answering).
+    "MEMBER_SHIPPING": "background",
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -51,7 +66,17 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "GROUP_ROSTER_STORAGE": lambda v: v in ("clickhouse", "inline"),
     "GROUP_PUT_KEEPS_ROSTER": lambda v: isinstance(v, bool),
     "MAX_PATCH_OPS": lambda v: isinstance(v, int) and v > 0,
+    "MAX_JSON_DEPTH": lambda v: type(v) is int and 1 <= v <= 500,
+    "MAX_QUERY_PARAMS": lambda v: type(v) is int and v > 0,
+    "MAX_QUERY_VALUE_LENGTH": lambda v: type(v) is int and v > 0,
+    "MAX_BUNDLE_ENTRIES": lambda v: type(v) is int and v > 0,
+    "THROTTLE_RATE": lambda v: (
+        v is None
+        or (isinstance(v, str) and re.fullmatch(r"[1-9][0-9]*/(s|sec|min|minute|hour|day)", v))
+    ),
     "MEMBER_BATCH_SIZE": lambda v: isinstance(v, int) and v > 0,
+    "AUTH": lambda v: isinstance(v, bool),
+    "MEMBER_SHIPPING": lambda v: v in ("background", "request"),
 }
 
 

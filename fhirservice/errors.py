@@ -25,6 +25,10 @@ MSG_UNKNOWN_TYPE = "Unknown resource type: {type}"
 MSG_NOT_FOUND = "{type}/{id} is not known"
 MSG_DELETED = "{type}/{id} was deleted (version {version})"
 MSG_VERSION_NOT_FOUND = "{type}/{id} has no version {version}"
+MSG_TOO_MANY_PATCH_OPS = "The patch has {count} operations; at most {limit} are allowed per request"
+MSG_TOKEN_MISSING = "This endpoint needs a bearer token (Authorization: Bearer <token>)"  # noqa: S105
+MSG_TOKEN_INVALID = "The bearer token is not known, was revoked or has expired"  # noqa: S105
+MSG_INSUFFICIENT_SCOPE = "The token's scopes do not allow {interaction} on {target}; needs {scope}"
 
 
 class FhirError(Exception):
@@ -100,6 +104,36 @@ class TooCostly(FhirError):
     code = "too-costly"
     detail_code = "MSG_TOO_COSTLY"
     default_diagnostics = "The request exceeds a server limit"
+
+
+class Unauthorized(FhirError):
+    """No usable credentials: no, an unknown, a revoked or an expired bearer token (401)."""
+
+    status = 401
+    code = "login"
+    detail_code = "MSG_AUTH_REQUIRED"
+    default_diagnostics = MSG_TOKEN_MISSING
+
+    def __init__(self, diagnostics: str | None = None, *, error: str = "", **kwargs: Any) -> None:
+        super().__init__(diagnostics, **kwargs)
+        challenge = 'Bearer realm="fhir"' + (f', error="{error}"' if error else "")
+        self.headers.setdefault("WWW-Authenticate", challenge)
+
+
+class Forbidden(FhirError):
+    """Valid credentials whose scopes do not cover the interaction (403)."""
+
+    status = 403
+    code = "forbidden"
+    detail_code = "MSG_INSUFFICIENT_SCOPE"
+    default_diagnostics = "The token's scopes do not allow this interaction"
+
+    def __init__(self, diagnostics: str | None = None, *, scope: str = "", **kwargs: Any) -> None:
+        super().__init__(diagnostics, **kwargs)
+        challenge = 'Bearer realm="fhir", error="insufficient_scope"'
+        if scope:
+            challenge += f', scope="{scope}"'
+        self.headers.setdefault("WWW-Authenticate", challenge)
 
 
 class NotFound(FhirError):

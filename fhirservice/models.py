@@ -24,6 +24,9 @@ class StoredResource(models.Model):
     last_updated = models.DateTimeField()
     deleted = models.BooleanField(default=False)
     body = models.TextField(help_text="The resource as served, JSON")
+    # The data boundary (fhirservice.access.boundaries): the organization of the client that
+    # created the id; blank = shared (staff, commands, FHIR_AUTH=off).
+    organization = models.CharField(max_length=64, blank=True, default="", db_index=True)
 
     class Meta:
         indexes = [
@@ -49,6 +52,7 @@ class ResourceVersion(models.Model):
     body = models.TextField(blank=True, default="", help_text="Empty for a delete")
     request_id = models.CharField(max_length=64, blank=True, default="")
     actor = models.CharField(max_length=200, blank=True, default="")
+    organization = models.CharField(max_length=64, blank=True, default="", db_index=True)
 
     class Meta:
         indexes = [

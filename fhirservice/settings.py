@@ -8,6 +8,9 @@ Backends are chosen by URL:
 - ``CLICKHOUSE_URL``: the member event store. ``chdb:///path`` (embedded default) or
   ``clickhouse://user:pass@host:port/db``.
 
+``FHIR_AUTH`` (``on``/``off``, default on) switches access control: OAuth2 bearer tokens with
+SMART system scopes and per-organization data boundaries (``fhirservice.access``).
+
 Service options live in the ``FHIR_SERVICE`` dict; see ``fhirservice.conf`` for the table of
 defaults and how each value is validated.
 """
@@ -25,6 +28,17 @@ SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-development-key-chan
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "testserver"])
 
+# TLS deployments: FHIR_HSTS_SECONDS > 0 sends Strict-Transport-Security on HTTPS answers and
+# marks the admin's cookies Secure; FHIR_TLS_PROXY says a proxy terminates TLS and sets
+# X-Forwarded-Proto (only behind a proxy that overwrites that header).
+SECURE_HSTS_SECONDS = env.int("FHIR_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_HSTS_SECONDS > 0
+if env.bool("FHIR_TLS_PROXY", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_REFERRER_POLICY = "no-referrer"
+X_FRAME_OPTIONS = "DENY"
+
 MONGODB_URI = env.str("MONGODB_URI", default="")
 USE_MONGODB = bool(MONGODB_URI)
 
@@ -36,12 +50,17 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "oauth2_provider",
+    "fhirservice.access.apps.AccessConfig",
     "fhirservice.apps.FhirServiceConfig",
     "groups.apps.GroupsConfig",
     "operations.apps.OperationsConfig",
 ]
 
 MIDDLEWARE = [
+    # Outermost: query limits before anything parses the query, and security headers and
+    # OperationOutcome bodies on every FHIR answer, including Django's own error pages.
+    "fhirservice.middleware.HardeningMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "fhirservice.middleware.RequestIdMiddleware",
@@ -140,7 +159,28 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": [],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "fhirservice.rest.negotiation.FhirContentNegotiation",
     "EXCEPTION_HANDLER": "fhirservice.errors.exception_handler",
+    # Off unless FHIR_SERVICE["THROTTLE_RATE"] is set (fhirservice.rest.limits).
+    "DEFAULT_THROTTLE_CLASSES": ["fhirservice.rest.limits.ClientRateThrottle"],
 }
+
+# The token endpoint (/oauth/token/) issues client-credentials tokens only; which scopes a
+# client may get comes from its ClientProfile (fhirservice.access.oauth).
+OAUTH2_PROVIDER = {
+    "ACCESS_TOKEN_EXPIRE_SECONDS": env.int("FHIR_TOKEN_SECONDS", default=3600),
+    "SCOPES_BACKEND_CLASS": "fhirservice.access.oauth.ClientScopes",
+    "OAUTH2_VALIDATOR_CLASS": "fhirservice.access.oauth.FhirOAuth2Validator",
+    "ALLOWED_GRANT_TYPES": ["client_credentials"],
+}
+# Application is swappable: our ClientProfile migration resolves its dependency by this name.
+OAUTH2_PROVIDER_APPLICATION_MODEL = "oauth2_provider.Application"
+
+
+def _on_off(raw: str | None) -> bool | str | None:
+    """``on``/``off`` as a bool; anything else is passed on for conf's validation to refuse."""
+    if raw is None:
+        return None
+    return {"on": True, "off": False}.get(raw.strip().lower(), raw)
+
 
 FHIR_SERVICE = {
     key: value
@@ -149,8 +189,15 @@ FHIR_SERVICE = {
         "MAX_BODY_BYTES": env.int("FHIR_MAX_BODY_BYTES", default=None),
         "UPDATE_CREATE": env.bool("FHIR_UPDATE_CREATE", default=None),
         "GROUP_ROSTER_STORAGE": env.str("FHIR_GROUP_ROSTER_STORAGE", default=None),
+        "MEMBER_SHIPPING": env.str("FHIR_MEMBER_SHIPPING", default=None),
         "GROUP_PUT_KEEPS_ROSTER": env.bool("FHIR_GROUP_PUT_KEEPS_ROSTER", default=None),
         "MAX_PATCH_OPS": env.int("FHIR_MAX_PATCH_OPS", default=None),
+        "MAX_JSON_DEPTH": env.int("FHIR_MAX_JSON_DEPTH", default=None),
+        "MAX_QUERY_PARAMS": env.int("FHIR_MAX_QUERY_PARAMS", default=None),
+        "MAX_QUERY_VALUE_LENGTH": env.int("FHIR_MAX_QUERY_VALUE_LENGTH", default=None),
+        "MAX_BUNDLE_ENTRIES": env.int("FHIR_MAX_BUNDLE_ENTRIES", default=None),
+        "THROTTLE_RATE": env.str("FHIR_THROTTLE_RATE", default="").strip() or None,
+        "AUTH": _on_off(env.str("FHIR_AUTH", default=None)),
     }.items()
     if value is not None
 }

@@ -78,6 +78,9 @@ def _after(raw: str | None) -> str:
 class GroupMembersView(FhirView):
     """The paged roster of a Group, optionally as of a version and filtered by activity."""
 
+    access_rule = "operation"
+    operation = OPERATION
+
     def get(self, request: Request, resource_id: str) -> HttpResponse:
         """One page of members."""
         if not clickhouse_rosters():

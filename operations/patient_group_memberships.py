@@ -1,5 +1,7 @@
 """``Patient/[id]/$group-memberships``: the Groups a Patient is an active member of.
 
+Only Groups inside the caller's organization boundary are listed.
+
 Read-only (GET allowed), answered from the reverse member table's sort key.
 """
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fhirservice.access.boundaries import visible_q
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.selectors import resource_read
@@ -30,4 +33,6 @@ def handle(
     """The Group rows; the view renders them as a searchset Bundle."""
     patient = resource_read(resource_type="Patient", resource_id=resource_id)
     keys = groups_with_members([patient.key], active_only=True)
-    return list(StoredResource.objects.filter(key__in=keys, deleted=False).order_by("key"))
+    return list(
+        StoredResource.objects.filter(visible_q(), key__in=keys, deleted=False).order_by("key")
+    )

@@ -4,6 +4,9 @@ Clients never build references: an operation names a Patient by an Identifier, o
 Patient DTO that the server matches by its identifiers (or creates). Literal references
 inside a DTO are not trusted: elements holding a ``reference`` are dropped before the
 Patient is stored (``strip_references`` returns the dropped paths for logging).
+
+Matching only ever sees Patients inside the caller's organization boundary: a Patient of
+another organization is never matched, so a DTO creates one of the caller's own.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from fhirservice import access
+from fhirservice.access.boundaries import visible_keys, with_organization
 from fhirservice.errors import BadRequest, Conflict, NotFound
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
 from fhirservice.search.extract import extract_tokens
@@ -29,12 +34,13 @@ def _token(identifier: dict[str, Any]) -> tuple[str | None, str]:
 
 
 def patient_keys(identifier: dict[str, Any]) -> list[str]:
-    """Keys of current Patients carrying an identifier (any system when none is given)."""
+    """Keys of current Patients carrying an identifier (any system when none is given) that
+    the caller may see."""
     system, value = _token(identifier)
     tokens = SearchToken.objects.filter(resource_type="Patient", param="identifier", value=value)
     if system:
         tokens = tokens.filter(system=system)
-    return sorted(set(tokens.values_list("resource_key", flat=True)))
+    return visible_keys(sorted(set(tokens.values_list("resource_key", flat=True))))
 
 
 def patient_by_identifier(identifier: dict[str, Any]) -> str:
@@ -142,12 +148,15 @@ def patients_resolve_or_create(
         chunk = identifiers[start : start + BULK_CHUNK]
         values = {i["value"] for i in chunk}
         wanted = {(i.get("system") or "", i["value"]) for i in chunk}
-        rows = SearchToken.objects.filter(
-            resource_type="Patient", param="identifier", value__in=values
+        rows = list(
+            SearchToken.objects.filter(
+                resource_type="Patient", param="identifier", value__in=values
+            ).values_list("system", "value", "resource_key")
         )
-        for system, value, key in rows.values_list("system", "value", "resource_key"):
+        seen = set(visible_keys(sorted({key for _, _, key in rows})))
+        for system, value, key in rows:
             # The query matches values in any system: only the requested tokens must be unique.
-            if (system, value) not in wanted:
+            if (system, value) not in wanted or key not in seen:
                 continue
             previous = found.setdefault((system, value), key)
             if previous != key:
@@ -171,6 +180,8 @@ def patients_resolve_or_create(
 def _bulk_create_patients(missing: dict[tuple[str, str], str], *, context: WriteContext) -> None:
     moment = now()
     instant = format_instant(moment)
+    organization = access.current().owner
+    meta = with_organization({"versionId": "1", "lastUpdated": instant}, organization)
     items = list(missing.items())
     for start in range(0, len(items), BULK_CHUNK):
         current, versions, tokens = [], [], []
@@ -180,7 +191,7 @@ def _bulk_create_patients(missing: dict[tuple[str, str], str], *, context: Write
             body = {
                 "resourceType": "Patient",
                 "id": resource_id,
-                "meta": {"versionId": "1", "lastUpdated": instant},
+                "meta": meta,
                 "identifier": [identifier],
             }
             text = json.dumps_str(body)
@@ -192,6 +203,7 @@ def _bulk_create_patients(missing: dict[tuple[str, str], str], *, context: Write
                 "last_updated": moment,
                 "deleted": False,
                 "body": text,
+                "organization": organization,
             }
             current.append(StoredResource(key=key, **fields))
             versions.append(

@@ -29,6 +29,8 @@ MSG_DEFINITION_READ_ONLY = "OperationDefinition/{id} is built in and cannot be c
 class OperationView(FhirView):
     """``[base]/$op``, ``[base]/[type]/$op`` and ``[base]/[type]/[id]/$op``."""
 
+    access_rule = "operation"
+
     def _run(
         self,
         request: Request,
@@ -104,6 +106,9 @@ class OperationView(FhirView):
 
 class OperationDefinitionView(InstanceView):
     """``OperationDefinition/[id]``: built-in definitions first, then the generic store."""
+
+    access_rule = "operation-definition"
+    access_resource_type = "OperationDefinition"
 
     def get(
         self, request: Request, resource_id: str, resource_type: str = "OperationDefinition"

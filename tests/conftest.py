@@ -6,7 +6,16 @@ import os
 
 import pytest
 
+from fhirservice import conf
 from tests.support import FhirClient
+
+# The suite exercises the API without credentials; access control is on by default in the
+# service, so it is switched off here (in the defaults table, so that tests replacing the
+# whole FHIR_SERVICE dict keep it off). Tests in tests/access switch it on. FHIR_AUTH in the
+# environment still wins.
+if "FHIR_AUTH" not in os.environ:
+    conf.DEFAULTS["AUTH"] = False
+    conf.fhir_settings.reload()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -16,6 +16,7 @@ from django.utils.http import http_date
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from fhirservice.access.policy import AccessControlledView
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import (
     BadRequest,
@@ -25,6 +26,7 @@ from fhirservice.errors import (
     information_outcome,
     operation_outcome,
 )
+from fhirservice.rest import limits
 from fhirservice.rest.renderers import FHIR_JSON, FhirJsonRenderer
 from fhirservice.rest.rendering import Body, is_streamed, render_resource
 from fhirservice.store import json
@@ -74,8 +76,8 @@ def fhir_http_response(
     return response
 
 
-class FhirView(APIView):
-    """Base of all FHIR endpoints."""
+class FhirView(AccessControlledView, APIView):
+    """Base of all FHIR endpoints (authenticated and scope-checked: ``fhirservice.access``)."""
 
     renderer_classes = [FhirJsonRenderer]
     # No OPTIONS: DRF would answer it with a metadata dict that is not a FHIR resource.
@@ -107,8 +109,13 @@ class FhirView(APIView):
         return data
 
     def read_json(self, *, patch: bool = False) -> Any:
-        """The decoded JSON body (400 when malformed)."""
-        return json.loads(self.read_body(patch=patch))
+        """The decoded JSON body (400 when malformed, nested too deeply or over an op limit)."""
+        data = self.read_body(patch=patch)
+        limits.check_json_depth(data)
+        limits.check_control_characters(data)
+        value = json.loads(data)
+        limits.check_document(value, patch=patch)
+        return value
 
     def if_match(self) -> int | None:
         """The version an If-Match header names, or None."""

@@ -2,6 +2,7 @@
 
 from django.urls import include, re_path
 
+from fhirservice.access.audit import AuditEventInstanceView, AuditEventView
 from fhirservice.rest import views
 
 TYPE = r"(?P<resource_type>[A-Z][A-Za-z]+)"
@@ -11,6 +12,8 @@ urlpatterns = [
     re_path(r"^metadata$", views.MetadataView.as_view()),
     re_path(r"^_history$", views.HistoryView.as_view()),
     re_path(r"", include("operations.urls")),
+    re_path(r"^AuditEvent$", AuditEventView.as_view()),
+    re_path(r"^AuditEvent/(?P<resource_id>[^/$_][^/]*)$", AuditEventInstanceView.as_view()),
     re_path(rf"^{TYPE}$", views.TypeView.as_view()),
     re_path(rf"^{TYPE}/_history$", views.HistoryView.as_view()),
     re_path(rf"^{TYPE}/{ID}$", views.InstanceView.as_view()),

@@ -192,6 +192,8 @@ class VersionView(FhirView):
 class HistoryView(FhirView):
     """History at system, type and instance level: a history Bundle, newest first."""
 
+    access_rule = "history"
+
     def get(
         self, request: Request, resource_type: str | None = None, resource_id: str | None = None
     ) -> HttpResponse:
@@ -247,6 +249,8 @@ class HistoryView(FhirView):
 class UnknownRouteView(FhirView):
     """Any path under the FHIR base that no route matches: 404 for every method."""
 
+    access_rule = "authenticated"
+
     def dispatch_unknown(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponse:
         """Raise NotFound (rendered as an OperationOutcome)."""
         raise NotFound(MSG_UNKNOWN_ROUTE.format(path=request.path), detail_code="MSG_UNKNOWN_ROUTE")
@@ -255,7 +259,9 @@ class UnknownRouteView(FhirView):
 
 
 class SystemView(FhirView):
-    """``[base]``: batch and transaction Bundles (POST)."""
+    """``[base]``: batch and transaction Bundles (POST); each entry is checked as itself."""
+
+    access_rule = "authenticated"
 
     def post(self, request: Request) -> HttpResponse:
         """Run a batch or transaction Bundle."""
@@ -267,6 +273,8 @@ class SystemView(FhirView):
 
 class MetadataView(FhirView):
     """``[base]/metadata``: the CapabilityStatement."""
+
+    access_rule = "public"
 
     def get(self, request: Request) -> HttpResponse:
         """The CapabilityStatement of this server."""

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 import orjson
 from django.db.models import Q, QuerySet
 
+from fhirservice.access.boundaries import visible_q
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
 from fhirservice.models import SearchToken, StoredResource
@@ -296,7 +297,11 @@ def _result_param(spec: SearchSpec, name: str, raw: str) -> None:
 
 
 def _base_queryset(spec: SearchSpec) -> QuerySet[StoredResource]:
-    queryset = StoredResource.objects.filter(resource_type=spec.resource_type, deleted=False)
+    # Only what the caller's organization boundary lets it see (fhirservice.access): search,
+    # conditional create/update and conditional references all start here.
+    queryset = StoredResource.objects.filter(
+        visible_q(), resource_type=spec.resource_type, deleted=False
+    )
     for condition in spec.filters:
         queryset = queryset.filter(condition)
     return queryset

@@ -48,9 +48,19 @@ class WriteContext:
 
     @classmethod
     def from_request(cls, request: HttpRequest, *, source: str = "rest") -> WriteContext:
-        """The context of an HTTP request (request id set by RequestIdMiddleware)."""
-        user = getattr(request, "user", None)
-        actor = user.get_username() if user is not None and user.is_authenticated else ""
+        """The context of an HTTP request (request id set by RequestIdMiddleware).
+
+        The actor is the caller the FHIR view resolved (``request.access``): ``client:<id>``
+        or ``staff:<username>``; "" for anonymous callers when authentication is off.
+        """
+        access = getattr(request, "access", None)
+        if access is not None:
+            actor = access.actor
+        else:
+            user = getattr(request, "user", None)
+            actor = (
+                f"staff:{user.get_username()}" if user is not None and user.is_authenticated else ""
+            )
         return cls(
             request=request,
             request_id=getattr(request, "request_id", uuid.uuid4().hex),
@@ -90,6 +100,9 @@ class ResourceHandler:
 
     def external_chunks(self, row: Any, *, current: bool, in_bundle: bool) -> Any:
         """JSON-encoded items of ``external_element`` for a stored version, or None.
+
+        Each chunk holds one or more items, comma-joined (the caller puts commas between
+        chunks).
 
         Called before the response starts, so it may raise (e.g. 503) before any byte is sent.
         """

@@ -1,4 +1,8 @@
-"""Reads of the versioned resource store: read, vread and history pages."""
+"""Reads of the versioned resource store: read, vread and history pages.
+
+Every read stays inside the caller's organization boundary (``fhirservice.access``): an
+out-of-bounds id answers exactly like an unknown one (404, never 403 or 410).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from datetime import datetime
 
 from django.db.models import Q
 
+from fhirservice import access
+from fhirservice.access.boundaries import is_visible, visible_q
 from fhirservice.errors import (
     MSG_DELETED,
     MSG_NOT_FOUND,
@@ -28,7 +34,7 @@ def resource_read(*, resource_type: str, resource_id: str) -> StoredResource:
     check_type(resource_type)
     check_id(resource_id)
     row = StoredResource.objects.filter(key=f"{resource_type}/{resource_id}").first()
-    if row is None:
+    if row is None or not is_visible(row):
         raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
     if row.deleted:
         raise Gone(
@@ -47,8 +53,12 @@ def resource_vread(*, resource_type: str, resource_id: str, version_id: str) -> 
         row = ResourceVersion.objects.filter(
             key=f"{resource_type}/{resource_id}/_history/{int(version_id)}"
         ).first()
+    if row is not None and not is_visible(row):
+        raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
     if row is None:
-        if not StoredResource.objects.filter(key=f"{resource_type}/{resource_id}").exists():
+        if not StoredResource.objects.filter(
+            visible_q(), key=f"{resource_type}/{resource_id}"
+        ).exists():
             raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
         raise NotFound(
             MSG_VERSION_NOT_FOUND.format(type=resource_type, id=resource_id, version=version_id)
@@ -85,14 +95,24 @@ def history_page(
     count: int,
     cursor: str | None = None,
 ) -> HistoryPage:
-    """History at system, type or instance level, newest first, keyset-paged."""
-    queryset = ResourceVersion.objects.all()
+    """History at system, type or instance level, newest first, keyset-paged.
+
+    Only versions inside the caller's boundary are listed; system history lists only the
+    types the caller may search.
+    """
+    queryset = ResourceVersion.objects.filter(visible_q())
+    if resource_type is None:
+        searchable = access.current().scopes.types_with("s")
+        if searchable is not None:
+            queryset = queryset.filter(resource_type__in=sorted(searchable))
     if resource_type is not None:
         check_type(resource_type)
         queryset = queryset.filter(resource_type=resource_type)
     if resource_id is not None:
         check_id(resource_id)
-        if not StoredResource.objects.filter(key=f"{resource_type}/{resource_id}").exists():
+        if not StoredResource.objects.filter(
+            visible_q(), key=f"{resource_type}/{resource_id}"
+        ).exists():
             raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
         queryset = queryset.filter(resource_id=resource_id)
     if since is not None:

@@ -23,7 +23,8 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, OperationalError
 from django.utils import timezone
 
-from fhirservice import db
+from fhirservice import access, db
+from fhirservice.access.boundaries import is_visible, with_organization
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import (
     MSG_DELETED,
@@ -167,6 +168,10 @@ def write_version(
 
     def unit() -> WriteResult:
         current = db.lock_rows(StoredResource.objects.filter(key=key)).first()
+        if current is not None and not is_visible(current):
+            # Another organization's id (even a deleted one) answers as an unknown one, and
+            # update-as-create cannot take it over.
+            raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
         exists = current is not None and not current.deleted
         if if_match is not None and (not exists or current.version_id != if_match):
             found = current.version_id if current is not None else "none"
@@ -212,13 +217,18 @@ def _same_content(current: StoredResource, body: dict[str, Any] | None) -> bool:
 def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResource:
     moment = now()
     text = ""
+    # An id keeps the organization of its first creator for life.
+    organization = current.organization if current is not None else access.current().owner
     if draft.body is not None:
         body = without_server_meta(draft.body)
-        meta = {
-            "versionId": str(draft.version_id),
-            "lastUpdated": format_instant(moment),
-            **body.get("meta", {}),
-        }
+        meta = with_organization(
+            {
+                "versionId": str(draft.version_id),
+                "lastUpdated": format_instant(moment),
+                **body.get("meta", {}),
+            },
+            organization,
+        )
         served = {"resourceType": draft.resource_type, "id": draft.resource_id, "meta": meta}
         served.update((k, v) for k, v in body.items() if k not in served)
         draft.body = served
@@ -229,6 +239,7 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         "last_updated": moment,
         "deleted": draft.deleted,
         "body": text,
+        "organization": organization,
     }
     if current is None:
         row = StoredResource.objects.create(
@@ -383,7 +394,7 @@ def resource_delete(
     check_id(resource_id)
     key = f"{resource_type}/{resource_id}"
     current = StoredResource.objects.filter(key=key).first()
-    if current is None:
+    if current is None or not is_visible(current):
         raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
     if current.deleted:
         return None

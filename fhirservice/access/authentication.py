@@ -1,0 +1,97 @@
+"""DRF authentication of FHIR requests: OAuth2 bearer tokens, and staff sessions.
+
+- :class:`BearerTokenAuthentication` reads ``Authorization: Bearer <token>`` and looks the
+  token up in django-oauth-toolkit's ``AccessToken`` table (by its SHA-256 checksum, as the
+  library does). Unknown, revoked and expired tokens, and tokens of an Application that has
+  no :class:`~fhirservice.access.models.ClientProfile`, answer 401 ``invalid_token``.
+- :class:`StaffSessionAuthentication` lets a staff user logged in to the admin call the API
+  from the same browser (CSRF-checked for writes): unrestricted, actor ``staff:<username>``.
+
+Both return ``(user, Access)``: DRF puts the :class:`~fhirservice.access.Access` into
+``request.auth``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from oauth2_provider.models import get_access_token_model
+from rest_framework.authentication import BaseAuthentication, SessionAuthentication
+from rest_framework.request import Request
+
+from fhirservice.access import Access
+from fhirservice.access.scopes import ScopeSet
+from fhirservice.errors import MSG_TOKEN_INVALID, Unauthorized
+
+CHALLENGE = 'Bearer realm="fhir"'
+
+
+def bearer_token(request: Any) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None when there is none."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or ""
+
+
+def access_of_token(token: str) -> Access:
+    """The caller a bearer token stands for; 401 ``invalid_token`` when it stands for none."""
+    if not token:
+        raise Unauthorized(
+            MSG_TOKEN_INVALID, error="invalid_token", detail_code="MSG_TOKEN_INVALID"
+        )
+    checksum = hashlib.sha256(token.encode("utf-8")).hexdigest()
+    row = (
+        get_access_token_model()
+        .objects.select_related("application", "application__fhir_profile")
+        .filter(token_checksum=checksum)
+        .first()
+    )
+    profile = getattr(row.application, "fhir_profile", None) if row and row.application else None
+    if row is None or row.is_expired() or profile is None:
+        raise Unauthorized(
+            MSG_TOKEN_INVALID, error="invalid_token", detail_code="MSG_TOKEN_INVALID"
+        )
+    client_id = row.application.client_id
+    scopes = ScopeSet.parse(row.scope).within(ScopeSet.parse(profile.allowed_scopes))
+    return Access(
+        client_id=client_id,
+        organization=None if profile.all_organizations else profile.organization,
+        scopes=scopes,
+        actor=f"client:{client_id}",
+    )
+
+
+def staff_access(user: Any) -> Access:
+    """The unrestricted access of a staff user."""
+    return Access(actor=f"staff:{user.get_username()}")
+
+
+class BearerTokenAuthentication(BaseAuthentication):
+    """OAuth2 bearer tokens issued by ``/oauth/token/`` (client-credentials grant)."""
+
+    def authenticate(self, request: Request) -> tuple[Any, Access] | None:
+        """``(None, Access)`` for a good token; None without a bearer header; 401 otherwise."""
+        token = bearer_token(request._request)
+        if token is None:
+            return None
+        return None, access_of_token(token)
+
+    def authenticate_header(self, request: Request) -> str:
+        """The ``WWW-Authenticate`` challenge of a 401."""
+        return CHALLENGE
+
+
+class StaffSessionAuthentication(SessionAuthentication):
+    """An admin session of a staff user (CSRF-checked like any session-authenticated write)."""
+
+    def authenticate(self, request: Request) -> tuple[Any, Access] | None:
+        """``(user, Access)`` for an active staff session, else None."""
+        user = getattr(request._request, "user", None)
+        if user is None or not user.is_active or not user.is_staff:
+            return None
+        self.enforce_csrf(request)
+        return user, staff_access(user)

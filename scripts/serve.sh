@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make run`: serve the FHIR API with gunicorn on 127.0.0.1:$PORT.
+#
+# Access control (FHIR_AUTH) is OFF here unless the caller sets FHIR_AUTH=on: the embedded
+# default is a local playground. Production deployments leave FHIR_AUTH unset (= on).
+set -euo pipefail
+cd "$(dirname "$0")/.." || exit 1
+PORT=${PORT:-8000}
+VENV=${VENV:-.venv}
+export FHIR_AUTH=${FHIR_AUTH:-off}
+base="http://127.0.0.1:${PORT}/${FHIR_BASE_PATH:-4_0_0}"
+
+if [ "$FHIR_AUTH" = "off" ]; then
+    cat <<BANNER
+################################################################################
+#  WARNING: ACCESS CONTROL IS OFF (FHIR_AUTH=off).                             #
+#  Anyone who can reach this port can read and change ALL data, with no        #
+#  token and no organization boundary. Fine for a local playground only.       #
+#  Serve with tokens, scopes and boundaries:   FHIR_AUTH=on make run           #
+################################################################################
+BANNER
+else
+    cat <<HOWTO
+Access control is ON: every FHIR request needs a bearer token (metadata is public).
+  1. create a client (prints its id and secret once):
+       $VENV/bin/python manage.py create_fhir_client --name my-system \\
+           --organization org-a --scopes "system/*.*"
+  2. get a token (client-credentials grant):
+       curl -s -X POST http://127.0.0.1:${PORT}/oauth/token/ \\
+           -u "\$CLIENT_ID:\$CLIENT_SECRET" -d grant_type=client_credentials
+  3. call the API:
+       curl -s $base/Patient -H "Authorization: Bearer \$ACCESS_TOKEN"
+HOWTO
+fi
+echo "Serving $base/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLICKHOUSE_URL to change)."
+# One gunicorn worker: chdb allows one process per data path (threads are fine).
+exec "$VENV/bin/gunicorn" fhirservice.wsgi:application --bind "127.0.0.1:${PORT}" --workers 1 --threads 8
