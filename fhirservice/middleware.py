@@ -37,7 +37,9 @@ class RequestIdMiddleware:
 # Headers of every answer; FHIR answers also get FHIR_HEADERS. Values already set stand.
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer browsers send "Origin: null" with the
+    # admin's forms, and Django's CSRF check refuses them.
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
 FHIR_HEADERS = {

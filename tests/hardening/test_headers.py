@@ -12,7 +12,7 @@ from tests.support import BASE, FhirResponse, patient
 
 EVERY_ANSWER = {
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
 FHIR_ANSWER = {
