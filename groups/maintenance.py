@@ -48,13 +48,13 @@ from groups.repository import (
     IN_LIST_BYTES,
     MaintenanceRepository,
     RosterConsistency,
-    event_row,
     in_chunks,
 )
 from groups.selectors import clickhouse_required, roster_key
 from groups.services import (
     RosterSession,
     ShipReport,
+    batch_event_rows,
     group_quantity_recount,
     member_batches_ship,
     member_events_record,
@@ -536,18 +536,7 @@ def _reinsert(repository: MaintenanceRepository, key: str, version: int) -> int:
     inserted = 0
     for batch in MemberOutbox.objects.filter(roster_key=key, version=version).order_by("chunk"):
         events = orjson.loads(batch.events)
-        inserted += repository.insert_events(
-            event_row(
-                key,
-                batch.version,
-                event,
-                batch.recorded_at,
-                batch.request_id,
-                batch.source,
-                batch.actor,
-            )
-            for event in events
-        )
+        inserted += repository.insert_events(batch_event_rows(batch, events))
     return inserted
 
 

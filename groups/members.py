@@ -10,8 +10,7 @@ with start ≤ end, and a boolean ``inactive``. Everything else the client sent 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -33,6 +32,9 @@ REFERENCE_RE = re.compile(
     rf"(?P<type>{'|'.join(MEMBER_TYPES)})/[A-Za-z0-9\-.]{{1,64}}"
     r"(?:/_history/[A-Za-z0-9\-.]{1,64})?"
 )
+# The common reference, "Type/id": checked without REFERENCE_RE's URL and version parts.
+_PLAIN_REFERENCE = re.compile(r"([A-Za-z]+)/[A-Za-z0-9\-.]{1,64}")
+_MEMBER_TYPE_SET = frozenset(MEMBER_TYPES)
 DATETIME_RE = re.compile(
     r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
     r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]"
@@ -53,9 +55,12 @@ MSG_BAD_INACTIVE = "{where}: member.inactive must be true or false"
 MSG_EXTRA_INVALID = "{where}: {problem}"
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """A member's content: what the roster stores per member reference."""
+class Member(NamedTuple):
+    """A member's content: what the roster stores per member reference.
+
+    A named tuple (immutable, compared by value): a 10^6-member create builds one per member,
+    and a tuple is built several times faster than a frozen dataclass.
+    """
 
     ref: str
     member_type: str
@@ -81,15 +86,35 @@ def parse_member(value: Any, where: str) -> Member:
     # general path below gives the same Member for it, at several times the cost (it runs
     # once per member of a 10^6-member create). Anything else, or a bad reference, takes
     # the general path, which also produces the error.
+    member = _plain_member(value)
+    return member if member is not None else _parse_member(value, where)
+
+
+def _plain_member(value: Any) -> Member | None:
+    """The Member of ``{"entity": {"reference": "Type/id"}}`` (relative, no version), else
+    None: the caller then takes the general path."""
     if type(value) is dict and len(value) == 1:
         entity = value.get("entity")
         if type(entity) is dict and len(entity) == 1:
             ref = entity.get("reference")
             if type(ref) is str:
-                match = REFERENCE_RE.fullmatch(ref)
-                if match is not None:
-                    return Member(ref, match.group("type"))
-    return _parse_member(value, where)
+                match = _PLAIN_REFERENCE.fullmatch(ref)
+                if match is not None and match.group(1) in _MEMBER_TYPE_SET:
+                    return Member(ref, match.group(1))
+    return None
+
+
+def parse_members(values: list[Any], where: str) -> dict[str, Member]:
+    """Validate a list of Group.member elements (``where[i]`` names a bad one); a set keyed by
+    reference, the last one of a reference winning."""
+    roster: dict[str, Member] = {}
+    plain = _plain_member
+    for index, value in enumerate(values):
+        member = plain(value)
+        if member is None:
+            member = _parse_member(value, f"{where}[{index}]")
+        roster[member.ref] = member
+    return roster
 
 
 def _parse_member(value: Any, where: str) -> Member:

@@ -317,6 +317,20 @@ def member_batches_ship(
     return report
 
 
+def batch_event_rows(batch: MemberOutbox, events: list[list[Any]]) -> Iterator[tuple]:
+    """ClickHouse event rows of one outbox batch (its decoded ``events``)."""
+    for event in events:
+        yield event_row(
+            batch.roster_key,
+            batch.version,
+            event,
+            batch.recorded_at,
+            batch.request_id,
+            batch.source,
+            batch.actor,
+        )
+
+
 def _batches_mark_shipped(
     repository: MemberEventRepository,
     group: list[tuple[MemberOutbox, list[list[Any]]]],
@@ -327,17 +341,7 @@ def _batches_mark_shipped(
     """Insert some batches' events in one insert, then mark them shipped (and recount)."""
     if insert:
         repository.insert_events(
-            event_row(
-                batch.roster_key,
-                batch.version,
-                event,
-                batch.recorded_at,
-                batch.request_id,
-                batch.source,
-                batch.actor,
-            )
-            for batch, events in group
-            for event in events
+            row for batch, events in group for row in batch_event_rows(batch, events)
         )
     MemberOutbox.objects.filter(
         key__in=[batch.key for batch, _ in group], shipped_at__isnull=True
@@ -649,10 +653,17 @@ def group_post_save(write: VersionWrite) -> None:
     elif previous_alive:
         session.replace_all(incoming)
     else:
-        # A new roster (first create or re-create after delete) is empty: no read needed.
-        for ref in sorted(incoming):
-            session.base[ref] = None
-            session.put(incoming[ref])
+        # A new roster (first create or re-create after delete) is empty: no read needed,
+        # and every member is an "added" event (built in one pass: 10^6 on a create).
+        events = [
+            [m.ref, "added", seq, m.member_type, m.period_start, m.period_end, m.inactive, m.extra]
+            for seq, m in enumerate(incoming[ref] for ref in sorted(incoming))
+        ]
+        member_events_record(write=write, roster=key, events=events)
+        active = sum(1 for m in incoming.values() if not m.inactive)
+        write.body = {**write.body, "quantity": active}
+        write.changed = write.changed or bool(events)
+        return
     member_events_record(write=write, roster=key, events=session.events)
     write.body = {**write.body, "quantity": previous_quantity + session.quantity_delta()}
     write.changed = write.changed or bool(session.events)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from fhirservice.errors import BadRequest, UnprocessableEntity
@@ -87,7 +87,7 @@ def handle(
                 f"{ref} is already inactive in {group.key}", detail_code="MSG_MEMBER_INACTIVE"
             )
         else:
-            delta = RosterDelta(puts=[replace(member, inactive=True)])
+            delta = RosterDelta(puts=[member._replace(inactive=True)])
         result = group_members_change(
             group_id=group.resource_id, delta=delta, context=context, if_match=group.version_id
         )
