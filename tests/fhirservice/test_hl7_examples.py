@@ -14,6 +14,11 @@ Examples without an id get one. One official example (a SearchParameter) has a 6
 id, which breaks R4's id rule (at most 64 characters): the service must refuse that id with
 400 ``MSG_ID_INVALID``, and the example is then stored under a valid id like the id-less ones.
 
+AuditEvent is the server's own audit trail, synthesised from its versions (docs/access.md):
+clients cannot write it, so its official examples must be refused with 405
+``MSG_AUDIT_READ_ONLY`` (and validate_resource still accepts them: tests/fhirservice/
+test_validation.py).
+
 The round-trip count is printed and, when ``FHIR_TEST_ARTIFACTS`` is set, written to
 ``hl7-r4-examples.txt`` there together with every failure.
 
@@ -103,6 +108,16 @@ def refused_id(client: Client, resource: dict[str, Any]) -> str | None:
     return None
 
 
+def refused_audit_event(client: Client, resource: dict[str, Any]) -> str | None:
+    """PUT of an AuditEvent: None when refused as read-only, as it must be."""
+    path = f"{BASE}/AuditEvent/{resource['id']}"
+    put = client.put(path, data=orjson.dumps(resource), content_type=FHIR_JSON)
+    detail = orjson.loads(content(put))["issue"][0]["details"]["coding"][0]["code"]
+    if (put.status_code, detail) != (405, "MSG_AUDIT_READ_ONLY"):
+        return f"AuditEvent PUT answered {put.status_code} {detail}, not 405 MSG_AUDIT_READ_ONLY"
+    return None
+
+
 def write_artifact(ok: int, total: int, failures: list[tuple[str, str]], seconds: float) -> None:
     """Record the result under FHIR_TEST_ARTIFACTS (when the test runner sets it)."""
     directory = os.environ.get("FHIR_TEST_ARTIFACTS")
@@ -121,6 +136,7 @@ def test_every_official_r4_example_round_trips(api):
     client = api.client
     failures: list[tuple[str, str]] = []
     renamed = []
+    audit_events = 0
     started = time.monotonic()
     for index, (filename, resource) in enumerate(examples):
         problem = None
@@ -130,15 +146,23 @@ def test_every_official_r4_example_round_trips(api):
             renamed.append(filename)
             problem = refused_id(client, resource)
             resource["id"] = f"example-bad-id-{index}"
-        problem = problem or round_trip(client, resource)
+        if resource["resourceType"] == "AuditEvent":
+            audit_events += 1
+            problem = problem or refused_audit_event(client, resource)
+        else:
+            problem = problem or round_trip(client, resource)
         if problem is not None:
             failures.append((filename, problem))
     seconds = time.monotonic() - started
     total = len(examples)
     ok = total - len(failures)
-    print(f"HL7 R4 examples: {ok}/{total} round-tripped ({seconds:.1f} s)")
+    print(
+        f"HL7 R4 examples: {ok}/{total} as required ({seconds:.1f} s; {audit_events} "
+        "AuditEvents refused as read-only, the rest round-tripped)"
+    )
     write_artifact(ok, total, failures, seconds)
     assert total > 5000
+    assert audit_events == 9
     assert renamed == [
         "SearchParameter-questionnaireresponse-extensions-QuestionnaireResponse-item-subject.json"
     ]
