@@ -155,6 +155,10 @@ def _prepare_transaction(entries: list[Entry]) -> None:
             resource_type = entry.url.split("?")[0]
             existing = None
             if "HTTP_IF_NONE_EXIST" in entry.headers:
+                if is_resource_type(resource_type):
+                    # A conditional create searches: ``c`` and ``s`` on the type, checked
+                    # before the search runs (the entry itself is checked again).
+                    require_permission(access.current(), resource_type, "cs", "conditional create")
                 keys = search_keys(resource_type, entry.headers["HTTP_IF_NONE_EXIST"], limit=2)
                 if len(keys) > 1:
                     raise PreconditionFailed(

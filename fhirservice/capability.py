@@ -70,6 +70,8 @@ def _search_params(resource_type: str) -> list[dict[str, Any]]:
 
 def _security(base: str) -> dict[str, Any]:
     """SMART backend services: where to get a client-credentials token."""
+    from fhirservice.access.smart import token_url
+
     root = base[: -len(fhir_settings.BASE_PATH)].rstrip("/")
     return {
         "service": [
@@ -87,7 +89,7 @@ def _security(base: str) -> dict[str, Any]:
         "extension": [
             {
                 "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                "extension": [{"url": "token", "valueUri": f"{root}/oauth/token/"}],
+                "extension": [{"url": "token", "valueUri": token_url(root)}],
             }
         ],
     }

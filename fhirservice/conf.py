@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     # Access control (env FHIR_AUTH=on/off): bearer tokens, SMART system scopes and
     # organization boundaries on every FHIR request. Off serves everyone as unrestricted.
     "AUTH": True,
+    # Failed client authentications per minute at the token endpoints, per client id and per
+    # remote address, before they answer 429 slow_down (fhirservice.access.oauth); 0: off.
+    "TOKEN_FAILURES_PER_MINUTE": 20,
     # Who ships a write's member events after commit: "background" (a thread per process;
     # the response does not wait for ClickHouse) or "request" (the request, before answering).
     "MEMBER_SHIPPING": "background",
@@ -76,6 +79,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     ),
     "MEMBER_BATCH_SIZE": lambda v: isinstance(v, int) and v > 0,
     "AUTH": lambda v: isinstance(v, bool),
+    "TOKEN_FAILURES_PER_MINUTE": lambda v: type(v) is int and v >= 0,
     "MEMBER_SHIPPING": lambda v: v in ("background", "request"),
 }
 

@@ -198,6 +198,7 @@ FHIR_SERVICE = {
         "MAX_BUNDLE_ENTRIES": env.int("FHIR_MAX_BUNDLE_ENTRIES", default=None),
         "THROTTLE_RATE": env.str("FHIR_THROTTLE_RATE", default="").strip() or None,
         "AUTH": _on_off(env.str("FHIR_AUTH", default=None)),
+        "TOKEN_FAILURES_PER_MINUTE": env.int("FHIR_TOKEN_FAILURES_PER_MINUTE", default=None),
     }.items()
     if value is not None
 }

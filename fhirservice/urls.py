@@ -1,17 +1,23 @@
-"""URL routes: the admin, the OAuth2 token endpoint, and the FHIR API under BASE_PATH."""
+"""URL routes: the admin, the OAuth2 token endpoint, SMART discovery, and the FHIR API under
+BASE_PATH."""
 
 from django.contrib import admin
 from django.urls import include, path, re_path
-from oauth2_provider import views as oauth2_views
 
+from fhirservice.access import oauth
+from fhirservice.access.smart import REVOKE_PATH, TOKEN_PATH, smart_configuration
 from fhirservice.conf import fhir_settings
 from fhirservice.rest.views import SystemView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    # Client-credentials tokens (and their revocation); see fhirservice.access.
-    path("oauth/token/", oauth2_views.TokenView.as_view(), name="oauth2_token"),
-    path("oauth/revoke_token/", oauth2_views.RevokeTokenView.as_view(), name="oauth2_revoke"),
+    # Client-credentials tokens (and their revocation), failed client authentications
+    # throttled; see fhirservice.access.oauth.
+    path(TOKEN_PATH, oauth.TokenView.as_view(), name="oauth2_token"),
+    path(REVOKE_PATH, oauth.RevokeTokenView.as_view(), name="oauth2_revoke"),
+    # SMART App Launch discovery (public): below the FHIR base, and at the site root.
+    path(f"{fhir_settings.BASE_PATH}/.well-known/smart-configuration", smart_configuration),
+    path(".well-known/smart-configuration", smart_configuration),
     re_path(rf"^{fhir_settings.BASE_PATH}/?$", SystemView.as_view()),
     path(f"{fhir_settings.BASE_PATH}/", include("fhirservice.rest.urls")),
 ]

@@ -7,7 +7,10 @@ read, vread, instance history              ``r``
 search, type history                       ``s``
 system history                             ``s`` on some type (only those types are served)
 create                                     ``c``
-update (also update-as-create), patch      ``u``
+conditional create (``If-None-Exist``)     ``c`` and ``s`` (it searches)
+update, patch                              ``u``
+update-as-create (PUT of a new id)         ``u`` and ``c`` (checked by the store, which
+                                           knows whether the id exists)
 delete                                     ``d``
 ``$operation`` that does not change state  ``r`` on its type, or ``system/Type.$code``
 ``$operation`` that changes state          ``u`` on its type, or ``system/Type.$code``
@@ -47,7 +50,8 @@ WRITE_INTERACTIONS = {"POST": ("create", "c"), "PUT": ("update", "u"), "PATCH": 
 
 @dataclass(frozen=True)
 class Requirement:
-    """What one request needs: a permission on a type, an operation scope as alternative."""
+    """What one request needs: permissions on a type (every letter of ``permission``, e.g.
+    ``"cs"``), or an operation scope as alternative."""
 
     interaction: str
     resource_type: str | None = None
@@ -58,7 +62,10 @@ class Requirement:
         """Whether ``access``'s scopes satisfy this requirement."""
         if self.permission is None:
             return True
-        return access.scopes.grants(self.resource_type, self.permission, self.operation)
+        return all(
+            access.scopes.grants(self.resource_type, permission, self.operation)
+            for permission in self.permission
+        )
 
     def scope_text(self) -> str:
         """The scope to name in a 403's ``WWW-Authenticate``."""
@@ -121,14 +128,19 @@ def requirement_for(view: Any, request: Request) -> Requirement:
         return Requirement(interaction, resource_type, permission)
     if method == "GET":
         return Requirement("search", resource_type, "s")
+    if "HTTP_IF_NONE_EXIST" in request.META:
+        return Requirement("conditional create", resource_type, "cs")
     return Requirement("create", resource_type, "c")
 
 
-def require_permission(access: Access, resource_type: str | None, permission: str) -> None:
-    """403 unless ``access`` grants ``permission`` on ``resource_type`` (for checks that
-    happen inside an interaction, e.g. conditional references of a transaction)."""
+def require_permission(
+    access: Access, resource_type: str | None, permission: str, interaction: str | None = None
+) -> None:
+    """403 unless ``access`` grants ``permission`` (every letter of it) on ``resource_type``,
+    for checks that happen inside an interaction (conditional references and conditional
+    creates of a transaction, update-as-create)."""
     requirement = Requirement(
-        "search" if permission == "s" else permission, resource_type, permission
+        interaction or ("search" if permission == "s" else permission), resource_type, permission
     )
     _check(requirement, access)
 

@@ -187,6 +187,11 @@ def write_version(
                 )
             if not may_create:
                 raise MethodNotAllowed(f"{key} does not exist and updates do not create here")
+            if method == "PUT":
+                # Update-as-create creates: it needs ``c`` as well as the ``u`` of the route.
+                from fhirservice.access.policy import require_permission
+
+                require_permission(access.current(), resource_type, "cu", "update-as-create")
         version = current.version_id + 1 if current is not None else 1
         draft = VersionWrite(
             resource_type=resource_type,
