@@ -165,7 +165,8 @@ def iter_members_for_render(roster_key: str, *, as_of: int | None = None) -> Ite
     The current roster with nothing pending is rendered by ClickHouse (the common case of a
     large GET); older versions and rosters with pending batches merge states in Python.
     """
-    if as_of is None and not pending_states(roster_key):
+    pending = MemberOutbox.objects.filter(roster_key=roster_key, shipped_at__isnull=True)
+    if as_of is None and not pending.exists():
         return MemberEventRepository().iter_roster(roster_key, as_json=True)
     return iter_members(roster_key, as_of=as_of)
 

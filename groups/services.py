@@ -230,7 +230,7 @@ def member_events_record(
     ]
     MemberOutbox.objects.bulk_create(rows)
     keys = [row.key for row in rows]
-    db.on_commit(lambda: shipping.after_commit(roster, keys, _ship_after_commit))
+    db.on_commit(lambda: shipping.after_commit(roster, keys, _ship_after_commit, len(events)))
     return keys
 
 
