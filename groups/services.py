@@ -228,7 +228,11 @@ def member_events_record(
         )
         for chunk, start in enumerate(range(0, len(events), size))
     ]
-    MemberOutbox.objects.bulk_create(rows)
+    # One INSERT per row, not bulk_create: on PostgreSQL, Django 5.2 bulk-inserts through
+    # UNNEST(array), and psycopg escapes array elements in Python (a regex substitution per
+    # quote character): 4 s for one 10^5-member create's 6 MB of events, 0.2 s this way.
+    for row in rows:
+        row.save(force_insert=True)
     keys = [row.key for row in rows]
     db.on_commit(lambda: shipping.after_commit(roster, keys, _ship_after_commit, len(events)))
     return keys
