@@ -10,13 +10,16 @@ class GroupsConfig(AppConfig):
     verbose_name = "Group rosters"
 
     def ready(self) -> None:
-        """Plug the Group handler, the post-save receiver and ``member`` search in."""
+        """Plug the Group handler, the post-save receiver, ``member`` search and the shipper in."""
+        from fhirservice.clickhouse import clickhouse_closing
         from fhirservice.search.query import register_param
         from fhirservice.store.handlers import register_handler, resource_saved
+        from groups import shipping
         from groups.handlers import GroupHandler, on_resource_saved
         from groups.search import member_param
 
         register_handler("Group", GroupHandler())
+        clickhouse_closing.connect(shipping.on_clickhouse_closing, dispatch_uid="groups.shipping")
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
         register_param(
             "Group",

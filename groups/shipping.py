@@ -124,6 +124,12 @@ def after_commit(roster: str, keys: list[str], ship: ShipFunction, events: int =
     _shipper.submit(roster, keys)
 
 
+def on_clickhouse_closing(**kwargs: object) -> None:
+    """Receiver of ``clickhouse_closing``: let queued shipping finish on the old client."""
+    if not flush():
+        logger.warning("Background shipping still busy while the ClickHouse client closes")
+
+
 def flush(timeout: float = 30.0) -> bool:
     """Wait for this process's background shipping to drain (tests, commands, shutdown)."""
     shipper = _shipper

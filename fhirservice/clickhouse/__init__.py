@@ -58,6 +58,7 @@ from uuid import UUID
 from clickhouse_driver.context import Context
 from clickhouse_driver.util.escape import escape_chars_map, escape_param, escape_params
 from django.core.signals import setting_changed
+from django.dispatch import Signal
 
 __all__ = [
     "ClickHouseClient",
@@ -468,9 +469,17 @@ def _create_shared_client() -> ClickHouseClient:
         return client
 
 
+# Sent before the process-wide client closes: code that uses it from its own threads (the
+# background shipper of member events) finishes first. chdb does not survive a session being
+# closed under an insert running on another thread: both wait for each other for ever.
+clickhouse_closing = Signal()
+
+
 def reset_clickhouse() -> None:
     """Close and forget the process-wide client (tests, settings changes)."""
     global _client
+    if _client is not None:
+        clickhouse_closing.send(sender=ClickHouseClient)
     with _client_lock:
         client, _client = _client, None
     if client is not None:
