@@ -33,19 +33,19 @@ ShipFunction = Callable[[str, list[str]], None]
 
 
 class BackgroundShipper:
-    """One daemon thread per process that ships queued (roster, batch keys) pairs."""
+    """One daemon thread per process that ships queued (roster, batch keys) pairs, each with
+    the function that ships it; a roster's keys queued meanwhile go out in one call."""
 
-    def __init__(self, ship: ShipFunction) -> None:
-        self._ship = ship
+    def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: dict[str, list[str]] = {}
+        self._queue: dict[tuple[ShipFunction, str], list[str]] = {}
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, roster: str, keys: list[str]) -> None:
+    def submit(self, roster: str, keys: list[str], ship: ShipFunction) -> None:
         """Queue a committed write's batches; returns at once."""
         with self._cond:
-            self._queue.setdefault(roster, []).extend(keys)
+            self._queue.setdefault((ship, roster), []).extend(keys)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="member-event-shipper", daemon=True
@@ -65,9 +65,9 @@ class BackgroundShipper:
                 work, self._queue = self._queue, {}
                 self._busy = True
             try:
-                for roster, keys in work.items():
+                for (ship, roster), keys in work.items():
                     try:
-                        self._ship(roster, keys)
+                        ship(roster, keys)
                     except Exception:  # a failed round must not end the thread
                         logger.exception("Shipping member events of %s failed", roster)
             finally:
@@ -119,9 +119,9 @@ def after_commit(roster: str, keys: list[str], ship: ShipFunction, events: int =
     global _shipper
     with _shipper_lock:
         if _shipper is None:
-            _shipper = BackgroundShipper(ship)
+            _shipper = BackgroundShipper()
             atexit.register(_shipper.flush, EXIT_WAIT_SECONDS)
-    _shipper.submit(roster, keys)
+    _shipper.submit(roster, keys, ship)
 
 
 def on_clickhouse_closing(**kwargs: object) -> None:
