@@ -1,0 +1,105 @@
+"""When member events ship (groups/shipping.py): in the background for HTTP requests, before
+returning for big writes and callers outside a request, and drained before the ClickHouse
+client closes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from django.test import override_settings
+
+from fhirservice.clickhouse import get_clickhouse, reset_clickhouse
+from groups import shipping
+from groups.models import MemberOutbox
+from tests.groups.conftest import create_group, group, read, refs_of
+from tests.support import FhirClient
+
+
+class Recorder:
+    """A ship function that records which thread called it, optionally after a wait."""
+
+    def __init__(self, wait: threading.Event | None = None, delay: float = 0.0) -> None:
+        self.calls: list[tuple[str, list[str], str]] = []
+        self.wait = wait
+        self.delay = delay
+
+    def __call__(self, roster: str, keys: list[str]) -> None:
+        if self.wait is not None:
+            assert self.wait.wait(10)
+        time.sleep(self.delay)
+        self.calls.append((roster, list(keys), threading.current_thread().name))
+
+
+def test_outside_a_request_writes_ship_before_returning():
+    ship = Recorder()
+    shipping.after_commit("r/1", ["k1"], ship, 1)
+    assert ship.calls == [("r/1", ["k1"], threading.current_thread().name)]
+
+
+def test_in_a_request_small_writes_ship_in_the_background():
+    gate = threading.Event()
+    ship = Recorder(wait=gate)
+    with shipping.serving_request():
+        shipping.after_commit("r/2", ["k1"], ship, 1)
+    assert ship.calls == []  # answered before shipping
+    gate.set()
+    assert shipping.flush()
+    assert ship.calls == [("r/2", ["k1"], "member-event-shipper")]
+
+
+def test_writes_queued_while_the_shipper_is_busy_go_out_together():
+    gate = threading.Event()
+    blocker, ship = Recorder(wait=gate), Recorder()
+    with shipping.serving_request():
+        shipping.after_commit("r/3", ["first"], blocker, 1)
+        time.sleep(0.2)  # the shipper is now inside ``blocker``
+        for key in ("a", "b", "c"):
+            shipping.after_commit("r/4", [key], ship, 1)
+    gate.set()
+    assert shipping.flush()
+    assert ship.calls == [("r/4", ["a", "b", "c"], "member-event-shipper")]
+
+
+def test_a_write_of_a_whole_batch_ships_before_the_answer():
+    ship = Recorder()
+    with override_settings(FHIR_SERVICE={"MEMBER_BATCH_SIZE": 10}), shipping.serving_request():
+        shipping.after_commit("r/5", ["k1"], ship, 10)
+    assert ship.calls == [("r/5", ["k1"], threading.current_thread().name)]
+
+
+def test_request_mode_ships_in_the_request():
+    ship = Recorder()
+    with override_settings(FHIR_SERVICE={"MEMBER_SHIPPING": "request"}), shipping.serving_request():
+        shipping.after_commit("r/6", ["k1"], ship, 1)
+    assert ship.calls == [("r/6", ["k1"], threading.current_thread().name)]
+
+
+def test_closing_the_clickhouse_client_waits_for_background_shipping():
+    get_clickhouse()  # the client exists, so closing it announces itself
+    ship = Recorder(delay=0.5)
+    with shipping.serving_request():
+        shipping.after_commit("r/7", ["k1"], ship, 1)
+    reset_clickhouse()
+    assert ship.calls == [("r/7", ["k1"], "member-event-shipper")]
+    get_clickhouse()
+
+
+def test_an_api_write_is_shipped_by_the_background_thread(live_api):
+    client = FhirClient(wait_for_shipping=False)
+    response = client.post("/Group", group(["Patient/bg1", "Patient/bg2"]))
+    assert response.status == 201, response
+    gid = response.body["id"]
+    # Read-your-writes holds whether or not the batch has shipped yet.
+    assert refs_of(read(client, gid)) == ["Patient/bg1", "Patient/bg2"]
+    assert shipping.flush()
+    assert not MemberOutbox.objects.filter(group_id=gid, shipped_at__isnull=True).exists()
+
+
+def test_a_big_api_write_is_shipped_when_answered(live_api):
+    refs = [f"Patient/big{i:02d}" for i in range(12)]
+    with override_settings(FHIR_SERVICE={"MEMBER_BATCH_SIZE": 10}):
+        gid = create_group(FhirClient(wait_for_shipping=False), refs)
+    rows = MemberOutbox.objects.filter(group_id=gid)
+    assert rows.count() == 2
+    assert not rows.filter(shipped_at__isnull=True).exists()
