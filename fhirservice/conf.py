@@ -55,6 +55,11 @@ DEFAULTS: dict[str, Any] = {
     # Who ships a write's member events after commit: "background" (a thread per process;
     # the response does not wait for ClickHouse) or "request" (the request, before answering).
     "MEMBER_SHIPPING": "background",
+    # Roster digests (groups.digest): references kept per process, over all rosters, so that
+    # writes skip the ClickHouse lookup of members a roster certainly does not hold (8 bytes
+    # each; 0: off), and the largest roster digested inside a write (larger: in background).
+    "MEMBER_DIGEST_ENTRIES": 4_000_000,
+    "MEMBER_DIGEST_SYNC_MAX": 20_000,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -81,6 +86,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "AUTH": lambda v: isinstance(v, bool),
     "TOKEN_FAILURES_PER_MINUTE": lambda v: type(v) is int and v >= 0,
     "MEMBER_SHIPPING": lambda v: v in ("background", "request"),
+    "MEMBER_DIGEST_ENTRIES": lambda v: type(v) is int and v >= 0,
+    "MEMBER_DIGEST_SYNC_MAX": lambda v: type(v) is int and v >= 0,
 }
 
 

@@ -190,6 +190,7 @@ FHIR_SERVICE = {
         "UPDATE_CREATE": env.bool("FHIR_UPDATE_CREATE", default=None),
         "GROUP_ROSTER_STORAGE": env.str("FHIR_GROUP_ROSTER_STORAGE", default=None),
         "MEMBER_SHIPPING": env.str("FHIR_MEMBER_SHIPPING", default=None),
+        "MEMBER_DIGEST_ENTRIES": env.int("FHIR_MEMBER_DIGEST_ENTRIES", default=None),
         "GROUP_PUT_KEEPS_ROSTER": env.bool("FHIR_GROUP_PUT_KEEPS_ROSTER", default=None),
         "MAX_PATCH_OPS": env.int("FHIR_MAX_PATCH_OPS", default=None),
         "MAX_JSON_DEPTH": env.int("FHIR_MAX_JSON_DEPTH", default=None),

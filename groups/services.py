@@ -29,6 +29,7 @@ from fhirservice.store.content import apply_json_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite
 from fhirservice.store.json import loads
 from groups import shipping
+from groups.digest import digests
 from groups.members import Member, parse_member
 from groups.middleware import FLAG
 from groups.models import MemberOutbox
@@ -97,6 +98,11 @@ class RosterSession:
     """Member changes of one write, applied in op order over the roster's current state."""
 
     roster_key: str
+    # The committed version the write builds on (None: a new roster) and about how many
+    # members the roster has: with them, the roster digest answers for members it certainly
+    # does not hold, without asking ClickHouse (groups.digest).
+    version: int | None = None
+    size: int = 0
     blind: bool = False
     base: dict[str, Member | None] = field(default_factory=dict)
     overlay: dict[str, Member | None] = field(default_factory=dict)
@@ -105,6 +111,11 @@ class RosterSession:
     def preload(self, refs: list[str]) -> None:
         """Fetch the stored state of the members the write names, in one query."""
         missing = [ref for ref in dict.fromkeys(refs) if ref not in self.base]
+        if missing and self.version is not None:
+            absent = digests.absent(self.roster_key, self.version, missing, size=self.size)
+            for ref in absent:
+                self.base[ref] = None
+            missing = [ref for ref in missing if ref not in absent]
         if not missing:
             return
         try:
@@ -234,6 +245,7 @@ def member_events_record(
     for row in rows:
         row.save(force_insert=True)
     keys = [row.key for row in rows]
+    digests.note_write(roster, write.version_id, events)
     db.on_commit(lambda: shipping.after_commit(roster, keys, _ship_after_commit, len(events)))
     return keys
 
@@ -550,7 +562,11 @@ def group_patch(draft: VersionWrite, ops: list[dict[str, Any]], *, validate: Any
         validate(body)
     quantity = previous.get("quantity", 0)
     if member_ops:
-        session = RosterSession(roster_key(draft.resource_id, draft.incarnation))
+        session = RosterSession(
+            roster_key(draft.resource_id, draft.incarnation),
+            version=draft.previous.version_id,
+            size=quantity,
+        )
         session.preload(
             [
                 op["value"]["entity"]["reference"]
@@ -647,7 +663,11 @@ def group_post_save(write: VersionWrite) -> None:
             return
         incoming = {}
     key = roster_key(write.resource_id, write.incarnation)
-    session = RosterSession(key)
+    session = RosterSession(
+        key,
+        version=write.previous.version_id if previous_alive else None,
+        size=previous_quantity,
+    )
     if isinstance(incoming, RosterDelta):
         session.preload([*incoming.removes, *(m.ref for m in incoming.puts)])
         for ref in incoming.removes:

@@ -36,3 +36,12 @@ def api(db: None) -> FhirClient:
 def live_api(transactional_db: None) -> FhirClient:
     """A FHIR client whose writes really commit (for threads and on-commit hooks)."""
     return FhirClient()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_roster_digests() -> None:
+    """Each test starts with no roster digests: the test database is emptied between tests,
+    so a digest kept from an earlier test could describe another roster of the same key."""
+    from groups.digest import digests
+
+    digests.clear()

@@ -1,0 +1,192 @@
+"""Roster digests (groups.digest): writes skip the ClickHouse lookup of members a roster
+certainly does not hold, and never take a held member for a new one.
+
+"Another process" is a registry of its own: the writes it makes do not touch this process's
+digests, exactly as a second server process's would not. ClickHouse being unreachable shows
+whether a write asked it: a write that needed the lookup then records its events blind
+(``recount``), one answered by the digest does not.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+from django.db import transaction
+from django.test import override_settings
+
+import groups.services
+from fhirservice.conf import fhir_settings
+from fhirservice.store.handlers import WriteContext
+from groups.digest import DigestRegistry, RosterDigest, digests
+from groups.members import parse_member
+from groups.services import RosterDelta, group_members_change, member_batches_ship
+from tests.groups.conftest import (
+    add,
+    create_group,
+    current_key,
+    outbox_events,
+    outbox_rows,
+    patched,
+    read,
+    refs_of,
+    remove_ref,
+    stored_version,
+)
+
+A, B, C, D, X, Y = (f"Patient/dg-{n}" for n in "abcdxy")
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def service_settings(**values: Any) -> Any:
+    """``override_settings`` of some FHIR_SERVICE keys (the others keep their values)."""
+    from django.conf import settings
+
+    return override_settings(FHIR_SERVICE={**(settings.FHIR_SERVICE or {}), **values})
+
+
+@contextmanager
+def other_process(monkeypatch: pytest.MonkeyPatch):
+    """Writes in the block use a digest registry of their own, as another process would."""
+    with monkeypatch.context() as patcher:
+        patcher.setattr(groups.services, "digests", DigestRegistry())
+        yield
+
+
+def last_batch_recount(gid: str) -> bool:
+    return outbox_rows(gid)[-1].recount
+
+
+def events_of(gid: str, ref: str) -> list[str]:
+    return [event for _, _, event, member in outbox_events(gid) if member == ref]
+
+
+def test_new_members_need_no_clickhouse_once_digested(live_api, clickhouse_down) -> None:
+    gid = create_group(live_api, [A, B])
+    patched(live_api, gid, [add(C)])  # digests the roster; kept when the write commits
+    digest = digests.get(current_key(gid))
+    assert digest is not None and digest.version == stored_version(gid)
+
+    with clickhouse_down():
+        patched(live_api, gid, [add(D)])
+        assert not last_batch_recount(gid), "a new member was looked up in ClickHouse"
+        # A member the roster holds is still looked up: blind without ClickHouse.
+        patched(live_api, gid, [add(A, inactive=True)])
+        assert last_batch_recount(gid)
+    member_batches_ship(roster_keys=[current_key(gid)])
+    assert read(live_api, gid)["quantity"] == 3  # A is inactive now
+
+
+def test_members_written_by_another_process_are_caught_up(live_api, monkeypatch) -> None:
+    gid = create_group(live_api, [A])
+    patched(live_api, gid, [add(B)])
+    key = current_key(gid)
+    assert digests.get(key).version == stored_version(gid)
+
+    with other_process(monkeypatch):
+        patched(live_api, gid, [add(C)])
+        patched(live_api, gid, [add(X)])
+    assert digests.get(key).version < stored_version(gid)
+
+    body = patched(live_api, gid, [add(C), add(X, inactive=True), add(D)])
+    assert body["quantity"] == 4  # A, B, C, D active; X inactive
+    assert events_of(gid, C) == ["added"]  # already held: no change, no second "added"
+    assert events_of(gid, X) == ["added", "updated"]
+    assert events_of(gid, D) == ["added"]
+    assert digests.get(key).version == stored_version(gid)
+    assert refs_of(read(live_api, gid)) == [A, B, C, D, X]
+
+
+def test_rolled_back_write_never_counts_as_covered(live_api, monkeypatch) -> None:
+    gid = create_group(live_api, [A])
+    patched(live_api, gid, [add(B)])
+    key = current_key(gid)
+    covered = digests.get(key).version
+
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), transaction.atomic():
+        group_members_change(
+            group_id=gid,
+            delta=RosterDelta(puts=[parse_member({"entity": {"reference": X}}, "test")]),
+            context=WriteContext(actor="test", source="operation"),
+        )
+        raise Abort
+    assert digests.get(key).version == covered
+    assert stored_version(gid) == covered
+
+    # Another process writes the version number the rolled-back write had, adding Y.
+    with other_process(monkeypatch):
+        patched(live_api, gid, [add(Y)])
+    body = patched(live_api, gid, [add(Y), add(X)])
+    assert body["quantity"] == 4
+    assert events_of(gid, Y) == ["added"]
+    assert events_of(gid, X) == ["added"]
+
+
+def test_removed_and_re_added_member(live_api) -> None:
+    gid = create_group(live_api, [A, B])
+    patched(live_api, gid, [remove_ref(A)])
+    body = patched(live_api, gid, [add(A), add(C)])
+    assert body["quantity"] == 3
+    assert events_of(gid, A) == ["added", "removed", "added"]
+    body = patched(live_api, gid, [add(A)])  # present: no event, no new quantity
+    assert body["quantity"] == 3
+    assert events_of(gid, A) == ["added", "removed", "added"]
+
+
+def test_large_rosters_are_digested_in_the_background(live_api, clickhouse_down) -> None:
+    gid = create_group(live_api, [A, B, C])
+    with service_settings(MEMBER_DIGEST_SYNC_MAX=2):
+        patched(live_api, gid, [add(D)])  # looked up; queues a background build
+        assert digests.wait_idle()
+        digest = digests.get(current_key(gid))
+        assert digest is not None and digest.version == stored_version(gid)
+        assert digest.absent([A, B, C, D, X]) == {X}
+        with clickhouse_down():
+            patched(live_api, gid, [add(X)])
+        assert not last_batch_recount(gid)
+        assert read(live_api, gid)["quantity"] == 5
+
+
+def test_least_recently_used_digests_make_room(live_api) -> None:
+    with service_settings(MEMBER_DIGEST_ENTRIES=3):
+        first = create_group(live_api, [A])
+        patched(live_api, first, [add(B)])
+        assert digests.get(current_key(first)) is not None
+        second = create_group(live_api, [C, D])
+        patched(live_api, second, [add(X)])
+        assert digests.get(current_key(first)) is None
+        assert digests.get(current_key(second)) is not None
+        body = patched(live_api, first, [add(A), add(Y)])
+        assert body["quantity"] == 3
+        assert events_of(first, A) == ["added"]
+
+
+def test_digests_off(live_api, clickhouse_down) -> None:
+    gid = create_group(live_api, [A])
+    with service_settings(MEMBER_DIGEST_ENTRIES=0):
+        patched(live_api, gid, [add(B)])
+        assert digests.get(current_key(gid)) is None
+        with clickhouse_down():
+            patched(live_api, gid, [add(C)])
+        assert last_batch_recount(gid)
+    assert fhir_settings.MEMBER_DIGEST_ENTRIES > 0
+
+
+def test_digest_lookup() -> None:
+    held = ["Patient/1", "Patient/2", "Patient/3"]
+    digest = RosterDigest("g/1", 3, np.unique(np.array([hash(r) for r in held], dtype=np.int64)))
+    assert digest.absent([*held, "Patient/4", "Patient/0"]) == {"Patient/4", "Patient/0"}
+    digest.add([hash("Patient/4")])
+    assert digest.absent(["Patient/4", "Patient/5"]) == {"Patient/5"}
+    empty = RosterDigest("g/1", 1, np.zeros(0, dtype=np.int64))
+    assert empty.absent(["Patient/1"]) == {"Patient/1"}
+    digest.advance(covered=2, to=5)
+    assert digest.version == 5
+    digest.advance(covered=6, to=7)  # did not cover 6: stays
+    assert digest.version == 5
