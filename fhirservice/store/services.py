@@ -274,10 +274,28 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         actor=draft.context.actor,
         **fields,
     )
-    SearchToken.objects.filter(resource_key=draft.key).delete()
-    if draft.body is not None:
-        SearchToken.objects.bulk_create(extract_tokens(draft.key, draft.body))
+    tokens = extract_tokens(draft.key, draft.body) if draft.body is not None else []
+    if not _same_tokens(current, tokens):
+        SearchToken.objects.filter(resource_key=draft.key).delete()
+        SearchToken.objects.bulk_create(tokens)
     return row
+
+
+def _token_values(tokens: list[SearchToken]) -> list[tuple]:
+    return [(t.key, t.param, t.system, t.value, t.low, t.high) for t in tokens]
+
+
+def _same_tokens(current: StoredResource | None, tokens: list[SearchToken]) -> bool:
+    """Whether the stored search tokens already are ``tokens`` (the previous version's).
+
+    Most updates of a Group change only its roster and ``quantity``, which no search
+    parameter indexes: rewriting its tokens cost two statements per write (a third of a
+    PATCH adding one member on PostgreSQL).
+    """
+    if current is None or current.deleted or not current.body:
+        return False
+    previous = extract_tokens(current.key, json.loads(current.body))
+    return _token_values(previous) == _token_values(tokens)
 
 
 def resource_create(
