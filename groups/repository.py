@@ -291,18 +291,32 @@ class MemberEventRepository:
     def _iter_roster_windows(
         self, roster_key: str, after: str, include_removed: bool, as_json: bool
     ) -> Iterator[Any]:
-        """The whole roster as a walk of windowed pages (embedded ClickHouse).
+        """The whole roster as a walk of windows of the sort key (embedded ClickHouse).
 
         One GROUP BY over a 10^6-member roster holds its aggregation state in memory until the
-        last row is out; in chdb that memory is this process's (400+ MB). Pages of
-        ROSTER_WINDOW members aggregate a window each, so memory stays flat.
+        last row is out; in chdb that memory is this process's (400+ MB). Each step bounds a
+        window by the reference of the ROSTER_WINDOW-th state row after the previous window,
+        and aggregates just the state rows inside it: every state row is read and aggregated
+        once, removed members and unmerged parts need no second look, memory stays flat.
         """
+        sql = self._roster_sql(include_removed, as_json).format(
+            window=" AND member_ref <= %(bound)s"
+        )
+        bound_sql = (
+            f"SELECT max(member_ref), count() FROM (SELECT member_ref FROM {STATE} "
+            f"WHERE roster_key = %(k)s AND member_ref > %(after)s "
+            f"ORDER BY roster_key, member_ref LIMIT %(window)s)"
+        )
+        settings = self._in_order()
         while True:
-            rows = self._page(roster_key, after, ROSTER_WINDOW, as_json, include_removed)
-            yield from self._convert(roster_key, rows, as_json)
-            if len(rows) < ROSTER_WINDOW:
+            params = {"k": roster_key, "after": after, "window": ROSTER_WINDOW}
+            bound, count = self.client.execute(bound_sql, params)[0]
+            if not count:
                 return
-            after = rows[-1][0]
+            params["bound"] = bound
+            rows = self.client.execute(sql, params, settings=settings)
+            yield from self._convert(roster_key, rows, as_json)
+            after = bound
 
     def iter_roster_as_of(
         self,

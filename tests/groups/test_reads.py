@@ -446,3 +446,41 @@ def test_members_rendered_by_clickhouse_equal_the_python_rendering(monkeypatch):
     # The embedded engine walks the roster in windows; a window boundary changes nothing.
     monkeypatch.setattr(groups.repository, "ROSTER_WINDOW", 2)
     assert list(repository.iter_roster(key, as_json=True)) == rendered
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 1000])
+def test_roster_walk_in_windows_equals_one_aggregation(monkeypatch, window):
+    """The embedded engine streams a roster window by window of the sort key: removed
+    members, updates and unmerged parts (one part per insert) on window boundaries change
+    nothing (on a server the walk is one query, and the same answer holds)."""
+    import groups.repository
+    from groups.repository import EVENT_COLUMNS, EVENTS, MemberEventRepository
+
+    repository = MemberEventRepository()
+    key = f"walk-{uuid.uuid4().hex}/1"
+    refs = [f"Patient/w{i:02d}" for i in range(12)]
+    now = datetime.now(UTC)
+
+    def insert(version, changes):
+        rows = [
+            (key, ref, "Patient", event, version, seq, "", "", inactive, "", now, "r", "test", "")
+            for seq, (ref, event, inactive) in enumerate(changes)
+        ]
+        repository.client.insert(EVENTS, EVENT_COLUMNS, rows)
+
+    insert(1, [(ref, "added", 0) for ref in refs])
+    insert(2, [(refs[i], "removed", 0) for i in (0, 1, 2, 5, 6, 11)])
+    insert(3, [(refs[1], "added", 0), (refs[7], "updated", 1), (refs[8], "removed", 0)])
+    insert(4, [(refs[8], "added", 1), ("Patient/w99", "added", 0)])
+    expected = [refs[i] for i in (1, 3, 4, 7, 8, 9, 10)] + ["Patient/w99"]
+
+    monkeypatch.setattr(groups.repository, "ROSTER_WINDOW", window)
+    states = list(repository.iter_roster(key))
+    assert [s.ref for s in states] == expected
+    assert [s.inactive for s in states] == [False, False, False, True, True, False, False, False]
+    with_removed = list(repository.iter_roster(key, include_removed=True))
+    assert [s.ref for s in with_removed] == [*refs, "Patient/w99"]
+    rendered = list(repository.iter_roster(key, as_json=True))
+    assert len(rendered) == len(expected)
+    assert all(f'"reference":"{ref}"' in text for ref, text in zip(expected, rendered, strict=True))
+    assert [s.ref for s in repository.iter_roster(key, after=refs[4])] == expected[3:]
