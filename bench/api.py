@@ -1,25 +1,37 @@
 """The FHIR requests the benchmark sends, through ``django.test.Client`` (in-process WSGI).
 
-Every request goes through the full stack (middleware, DRF view, services, both stores);
-only the HTTP server and the network are left out. A response with an unexpected status
+Every request goes through the full stack (middleware, access control, DRF view, services,
+both stores); only the HTTP server and the network are left out. With access control on (the
+production default, ``FHIR_AUTH``) the benchmark registers an OAuth2 client of its own
+organization, takes a token at the token endpoint and sends it as a bearer token, so the
+numbers include token checks, scopes and the data boundary. A response with an unexpected status
 raises ``BenchError`` with the start of its body, so a broken build never yields a number.
 """
 
 from __future__ import annotations
 
 import base64
+import io
+import re
+import secrets
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
 from django.conf import settings
+from django.core.management import call_command
 from django.test import Client, override_settings
+
+from fhirservice.conf import fhir_settings
 
 BASE = "/4_0_0"
 FHIR_JSON = "application/fhir+json"
 PATCH_JSON = "application/json-patch+json"
 MINIMAL = {"Prefer": "return=minimal"}
+BENCH_ORGANIZATION = "bench"
+BENCH_SCOPES = "system/Group.cruds"
 
 
 class BenchError(RuntimeError):
@@ -50,8 +62,56 @@ class Api:
 
     def __init__(self) -> None:
         self.client = Client()
+        self._credentials: tuple[str, str] | None = None
+        self._token_renew_at = 0.0
+
+    @property
+    def access_control(self) -> str:
+        """How the requests authenticate, for the report's header."""
+        if not fhir_settings.AUTH:
+            return "off (FHIR_AUTH=off): no token checks measured"
+        return (
+            f"on: bearer token of a client of organization {BENCH_ORGANIZATION!r} "
+            f"({BENCH_SCOPES}), checked on every request"
+        )
+
+    def _authorize(self) -> None:
+        """With access control on: a client of the bench's own, and a fresh token."""
+        if not fhir_settings.AUTH or time.monotonic() < self._token_renew_at:
+            return
+        if self._credentials is None:
+            out = io.StringIO()
+            call_command(
+                "create_fhir_client",
+                "--name",
+                f"bench-{secrets.token_hex(4)}",
+                "--organization",
+                BENCH_ORGANIZATION,
+                "--scopes",
+                BENCH_SCOPES,
+                stdout=out,
+            )
+            text = out.getvalue()
+            self._credentials = (
+                re.search(r"client_id:\s+(\S+)", text).group(1),
+                re.search(r"client_secret:\s+(\S+)", text).group(1),
+            )
+        basic = base64.b64encode(":".join(self._credentials).encode()).decode()
+        response = check(
+            self.client.post(
+                "/oauth/token/",
+                {"grant_type": "client_credentials"},
+                HTTP_AUTHORIZATION=f"Basic {basic}",
+            ),
+            200,
+        )
+        token = orjson.loads(response.content)
+        self.client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {token['access_token']}"
+        # Renew at half the lifetime: a full run can outlast one token.
+        self._token_renew_at = time.monotonic() + token["expires_in"] / 2
 
     def _send(self, method: str, path: str, data: bytes = b"", **kwargs: Any) -> Any:
+        self._authorize()
         return self.client.generic(method, BASE + path, data=data, **kwargs)
 
     def create_group(self, body: bytes) -> str:

@@ -709,7 +709,7 @@ class Bench:
         self.profiler.run("row6-member-search", search)
 
 
-def header(args: argparse.Namespace) -> list[str]:
+def header(args: argparse.Namespace, api: Any) -> list[str]:
     """Lines printed above the table."""
     name = os.environ.get("FHIR_BENCH_PASS", "")
     return [
@@ -718,6 +718,7 @@ def header(args: argparse.Namespace) -> list[str]:
         f"  member events  : {env.member_backend()}",
         "  driven         : in-process through django.test.Client (full middleware, DRF "
         "views, services, both stores; no HTTP server, no network)",
+        f"  access control : {api.access_control}",
         "  writes         : Prefer: return=minimal (return=representation, the default, "
         "would stream the whole roster back: not what the PATCH budget measures)",
         f"  machine        : {env.machine()}; shared with other jobs, so timings are noisy",
@@ -729,7 +730,7 @@ def header(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> Report:
     """Run the selected rows; the report."""
     bench = Bench(args)
-    bench.report.header = header(args)
+    bench.report.header = header(args, bench.api)
     started = time.perf_counter()
     needs_groups = bool(args.rows & {1, 2, 3, 4, 5})
     if needs_groups:

@@ -11,7 +11,12 @@ from fhirservice.clickhouse import migrations as ch_migrations
 
 
 @pytest.mark.slow
-def test_bench_quick_mode_prints_the_budget_table(transactional_db: None, capsys) -> None:
+@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
+def test_bench_quick_mode_prints_the_budget_table(
+    auth: bool, settings, transactional_db: None, capsys
+) -> None:
+    # With access control on (the production default) the bench takes a token of its own.
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "AUTH": auth}
     # The test database is migrated by pytest-django; a ClickHouse server needs its schema
     # (chdb migrates itself), so the bench's own migrate step is skipped.
     ch_migrations.apply(get_clickhouse())
@@ -38,6 +43,7 @@ def test_bench_quick_mode_prints_the_budget_table(transactional_db: None, capsys
     assert bench.main is main
     assert "FHIR Group roster benchmarks" in out
     assert "metadata store" in out and "member events" in out
+    assert ("access control : on: bearer token" in out) is auth, out
     for row in ("1 | PATCH +1 member", "2 | PATCH 50 member ops", "3 | create Group"):
         assert row in out, out
     for row in ("4 | GET Group of", "5 | $members page", "5 | quantity", "6 | Group?member="):
