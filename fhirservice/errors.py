@@ -106,6 +106,11 @@ class TooCostly(FhirError):
     default_diagnostics = "The request exceeds a server limit"
 
 
+def bearer_challenge(**params: str) -> str:
+    """A ``WWW-Authenticate`` value (RFC 6750): ``Bearer realm="fhir"`` and the set params."""
+    return ", ".join(['Bearer realm="fhir"', *(f'{k}="{v}"' for k, v in params.items() if v)])
+
+
 class Unauthorized(FhirError):
     """No usable credentials: no, an unknown, a revoked or an expired bearer token (401)."""
 
@@ -116,8 +121,7 @@ class Unauthorized(FhirError):
 
     def __init__(self, diagnostics: str | None = None, *, error: str = "", **kwargs: Any) -> None:
         super().__init__(diagnostics, **kwargs)
-        challenge = 'Bearer realm="fhir"' + (f', error="{error}"' if error else "")
-        self.headers.setdefault("WWW-Authenticate", challenge)
+        self.headers.setdefault("WWW-Authenticate", bearer_challenge(error=error))
 
 
 class Forbidden(FhirError):
@@ -130,9 +134,7 @@ class Forbidden(FhirError):
 
     def __init__(self, diagnostics: str | None = None, *, scope: str = "", **kwargs: Any) -> None:
         super().__init__(diagnostics, **kwargs)
-        challenge = 'Bearer realm="fhir", error="insufficient_scope"'
-        if scope:
-            challenge += f', scope="{scope}"'
+        challenge = bearer_challenge(error="insufficient_scope", scope=scope)
         self.headers.setdefault("WWW-Authenticate", challenge)
 
 

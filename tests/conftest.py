@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
 from fhirservice import conf
+from fhirservice.clickhouse import get_clickhouse
+from fhirservice.clickhouse import migrations as ch_migrations
 from tests.support import FhirClient
 
 # The suite exercises the API without credentials; access control is on by default in the
@@ -24,6 +27,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"backends: DATABASE_URL={os.environ.get('DATABASE_URL', 'sqlite (default)')} "
         f"CLICKHOUSE_URL={os.environ.get('CLICKHOUSE_URL', 'chdb (default)')}"
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clickhouse_schema(django_db_blocker: Any) -> None:
+    """The member event tables exist before any test runs.
+
+    chdb migrates itself; a server is migrated by the deploy step (``migrate_clickhouse``),
+    which the throwaway test servers do not run. Applying is idempotent.
+    """
+    with django_db_blocker.unblock():
+        ch_migrations.apply(get_clickhouse())
 
 
 @pytest.fixture

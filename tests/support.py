@@ -2,14 +2,17 @@
 
 Every FHIR JSON body the API returns is parsed with fhirclient's strict R4 models
 (``tests.fhir_check``), an implementation we did not write, so a malformed response fails the
-test that provoked it.
+test that provoked it. ``run_threads`` runs real threads against the committed database.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from django.db import connections
 from django.test import Client
 
 from groups import shipping
@@ -113,3 +116,33 @@ class FhirClient:
 def patient(family: str = "Chalmers", given: str = "Peter", **extra: Any) -> dict[str, Any]:
     """A small valid Patient."""
     return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}], **extra}
+
+
+def run_threads(work: Callable[[int], Any], count: int, *, timeout: float = 300) -> list[Any]:
+    """Run ``work(index)`` in ``count`` threads released together; their results, in order.
+
+    Each thread closes its database connections when it ends. The first exception of any
+    thread is raised here; a thread still running after ``timeout`` seconds fails the test.
+    """
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def main(index: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[index] = work(index)
+        except BaseException as exc:  # noqa: BLE001 - reported in the calling thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=main, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+    return results

@@ -17,18 +17,9 @@ from django.utils import timezone
 from oauth2_provider.models import get_access_token_model, get_application_model
 
 from fhirservice.access.models import ClientProfile
-from fhirservice.clickhouse import get_clickhouse
-from fhirservice.clickhouse import migrations as ch_migrations
 from tests.support import FhirClient, FhirResponse
 
 SYSTEM = "urn:test:access"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def access_clickhouse_schema(django_db_blocker: Any) -> None:
-    """The member event tables exist (chdb migrates itself; a server is migrated here)."""
-    with django_db_blocker.unblock():
-        ch_migrations.apply(get_clickhouse())
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,10 @@ import orjson
 import pytest
 
 from fhirservice.bundles import MSG_ENTRY_FAILED
-from tests.fhirservice.test_api_errors import assert_outcome, clickhouse_schema, row_counts
+from tests.fhirservice.test_api_errors import assert_outcome, row_counts
 from tests.support import patient
 
 # Groups are stored here: their rosters need the ClickHouse tables.
-pytestmark = pytest.mark.usefixtures(clickhouse_schema.__name__)
 
 SERVER = "http://testserver/4_0_0"
 

@@ -12,11 +12,10 @@ import pytest
 from django.test import override_settings
 
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
-from tests.fhirservice.test_api_errors import assert_outcome, clickhouse_schema
+from tests.fhirservice.test_api_errors import assert_outcome
 from tests.support import patient
 
 # Groups are stored here: their rosters need the ClickHouse tables.
-pytestmark = pytest.mark.usefixtures(clickhouse_schema.__name__)
 
 SERVER = "http://testserver/4_0_0"
 TYPE_INTERACTIONS = {

@@ -8,44 +8,19 @@ version, versionIds stay contiguous from 1, and no acknowledged update is lost.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from django.db import connection
-
 from fhirservice.models import ResourceVersion
-from tests.support import FhirClient, patient
+from tests.support import FhirClient, patient, run_threads
 
 THREADS = 20
 
 
-def run_threads(work: Callable[[int, FhirClient], Any]) -> list[Any]:
+def run_clients(work: Callable[[int, FhirClient], Any]) -> list[Any]:
     """Run ``work(index, client)`` in THREADS threads started together; their results."""
-    barrier = threading.Barrier(THREADS)
-    results: list[Any] = [None] * THREADS
-    errors: list[BaseException] = []
-
-    def main(index: int) -> None:
-        client = FhirClient()
-        try:
-            barrier.wait(timeout=60)
-            results[index] = work(index, client)
-        except BaseException as exc:  # reported in the main thread
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=main, args=(i,)) for i in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads), "a writer hung"
-    if errors:
-        raise errors[0]
-    return results
+    return run_threads(lambda index: work(index, FhirClient()), THREADS)
 
 
 def stored_versions(resource_id: str) -> list[int]:
@@ -66,7 +41,7 @@ def test_same_if_match_from_20_threads_lets_exactly_one_win(live_api):
         codes = response.detail_codes() if response.status >= 400 else []
         return response.status, codes[0] if codes else None
 
-    results = run_threads(work)
+    results = run_clients(work)
     assert Counter(results) == {(200, None): 1, (412, "MSG_VERSION_MISMATCH"): THREADS - 1}
     winner = next(i for i, (status, _) in enumerate(results) if status == 200)
     current = live_api.get(f"/Patient/{rid}")
@@ -95,7 +70,7 @@ def test_20_read_modify_write_loops_with_if_match_lose_no_update(live_api):
             assert response.detail_codes() == ["MSG_VERSION_MISMATCH"]
             assert len(attempts) < 500, "no progress"
 
-    results = run_threads(work)
+    results = run_clients(work)
     wins = [version for attempts in results for version, status in attempts if status == 200]
     # Exactly one writer won each version 1..20.
     assert sorted(wins) == list(range(1, THREADS + 1))
@@ -120,7 +95,7 @@ def test_20_patches_without_if_match_all_apply(live_api):
         assert response.status == 200, response
         return response.etag
 
-    etags = run_threads(work)
+    etags = run_clients(work)
     assert sorted(etags) == sorted(f'W/"{v}"' for v in range(2, THREADS + 2))
     final = live_api.get(path).body
     assert final["meta"]["versionId"] == str(THREADS + 1)
@@ -141,7 +116,7 @@ def test_20_puts_creating_one_id_make_one_create_and_contiguous_versions(live_ap
         assert response.status in (200, 201), response
         return response.status
 
-    statuses = run_threads(work)
+    statuses = run_clients(work)
     assert Counter(statuses) == {201: 1, 200: THREADS - 1}
     assert stored_versions("raced") == list(range(1, THREADS + 1))
     assert live_api.get(path).etag == f'W/"{THREADS}"'

@@ -3,8 +3,7 @@
 Covers malformed JSON (400), wrong content type (415), bodies over MAX_BODY_BYTES (413),
 resourceType / id mismatches (400), invalid R4 content (400), unknown routes (404), wrong
 methods (405), non-JSON Accept (406) and unexpected exceptions (500 without internals).
-``row_counts``, ``assert_outcome`` and the ``clickhouse_schema`` fixture are shared by the
-other API test modules.
+``row_counts`` and ``assert_outcome`` are shared by the other API test modules.
 """
 
 from __future__ import annotations
@@ -17,22 +16,10 @@ import pytest
 from django.apps import apps
 from django.test import override_settings
 
-from fhirservice.clickhouse import get_clickhouse
-from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.errors import DETAIL_SYSTEM
 from fhirservice.rest.base import MSG_BODY_TOO_LARGE, MSG_FHIRPATH_PATCH
 from fhirservice.store.services import MSG_ID_MISMATCH, MSG_TYPE_MISMATCH
 from tests.support import FhirResponse, patient
-
-
-@pytest.fixture(scope="session")
-def clickhouse_schema() -> None:
-    """The member event tables exist: tests that store Groups need them on a ClickHouse server.
-
-    chdb migrates itself; a server is migrated by the deploy step (``migrate_clickhouse``),
-    which the test servers do not run. Applying is idempotent.
-    """
-    ch_migrations.apply(get_clickhouse())
 
 
 def row_counts() -> dict[str, int]:

@@ -16,11 +16,10 @@ from django.test import override_settings
 
 from fhirservice.search.query import MSG_UNKNOWN_PARAM
 from fhirservice.store.services import format_instant, now
-from tests.fhirservice.test_api_errors import assert_outcome, clickhouse_schema
+from tests.fhirservice.test_api_errors import assert_outcome
 from tests.support import patient
 
 # Groups are stored here: their rosters need the ClickHouse tables.
-pytestmark = pytest.mark.usefixtures(clickhouse_schema.__name__)
 
 SERVER = "http://testserver/4_0_0"
 SUBSETTED = {

@@ -41,11 +41,9 @@ import pytest
 from django.test import Client
 
 from tests.external import r4_examples
-from tests.fhirservice.test_api_errors import clickhouse_schema
 from tests.support import BASE, FHIR_JSON
 
 # Four examples are Groups: their rosters need the ClickHouse tables.
-pytestmark = pytest.mark.usefixtures(clickhouse_schema.__name__)
 
 SERVER_META = ("versionId", "lastUpdated")
 INSTANT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")

@@ -16,19 +16,11 @@ import orjson
 import pytest
 
 from fhirservice.clickhouse import get_clickhouse
-from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.models import ResourceVersion, StoredResource
 from groups.models import MemberOutbox
 from groups.repository import MemberEventRepository
 from groups.selectors import roster_key
 from tests.support import FhirClient, FhirResponse
-
-
-@pytest.fixture(scope="session", autouse=True)
-def clickhouse_schema() -> None:
-    """The member event tables exist (chdb migrates itself; a server is migrated here)."""
-    ch_migrations.apply(get_clickhouse())
-
 
 # --- request bodies ------------------------------------------------------------------------
 

@@ -8,11 +8,7 @@ each version; the others get 412.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any
-
-from django.db import connections
 
 from groups.models import MemberOutbox
 from groups.repository import MemberEventRepository
@@ -28,36 +24,11 @@ from tests.groups.conftest import (
     refs_of,
     remove_ref,
 )
-from tests.support import FhirClient
+from tests.support import FhirClient, run_threads
 
 THREADS = 16
 WRITES = 50
 ROUNDS = 4
-
-
-def run_threads(work: Callable[[int], Any], count: int = THREADS) -> list[Any]:
-    """Run ``work(t)`` in ``count`` threads started together; their results, in t order."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-
-    def worker(t: int) -> None:
-        try:
-            barrier.wait()
-            results[t] = work(t)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread below
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 def ops_for(t: int, i: int) -> list[dict[str, Any]]:
@@ -103,7 +74,7 @@ def test_concurrent_patches_equal_their_serial_application(live_api):
             done.append((int(response.etag[3:-1]), ops))
         return done
 
-    patches = [p for per_thread in run_threads(writer) for p in per_thread]
+    patches = [p for per_thread in run_threads(writer, THREADS) for p in per_thread]
     versions = sorted(version for version, _ in patches)
     assert versions == list(range(2, THREADS * WRITES + 2))
     assert history_versions(gid) == list(range(1, THREADS * WRITES + 2))
@@ -134,7 +105,7 @@ def test_with_if_match_one_writer_wins_each_version(live_api):
                 assert_outcome(response, 412, "MSG_VERSION_MISMATCH")
             return response.status, response
 
-        results = run_threads(writer)
+        results = run_threads(writer, THREADS)
         statuses = sorted(status for status, _ in results)
         assert statuses == [200] + [412] * (THREADS - 1)
         t, (_, response) = next((t, r) for t, r in enumerate(results) if r[0] == 200)

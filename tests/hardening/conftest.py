@@ -11,16 +11,7 @@ from typing import Any
 import pytest
 from django.core.cache import cache
 
-from fhirservice.clickhouse import get_clickhouse
-from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.conf import DEFAULTS
-
-
-@pytest.fixture(scope="session", autouse=True)
-def hardening_clickhouse_schema(django_db_blocker: Any) -> None:
-    """The member event tables exist (chdb migrates itself; a server is migrated here)."""
-    with django_db_blocker.unblock():
-        ch_migrations.apply(get_clickhouse())
 
 
 @pytest.fixture(autouse=True)

@@ -16,19 +16,11 @@ from typing import Any
 import pytest
 
 from fhirservice.clickhouse import get_clickhouse
-from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
 from groups.models import MemberOutbox
 from tests.support import FhirClient, FhirResponse
 
 SYSTEM = "urn:test:mrn"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def operations_clickhouse_schema(django_db_blocker: Any) -> None:
-    """The member event tables exist (chdb migrates itself; a server is migrated here)."""
-    with django_db_blocker.unblock():
-        ch_migrations.apply(get_clickhouse())
 
 
 @pytest.fixture(params=["pending", "shipped"])

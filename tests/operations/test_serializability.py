@@ -45,7 +45,7 @@ from tests.operations.conftest import (
     text,
     transfer,
 )
-from tests.support import FhirClient, FhirResponse
+from tests.support import FhirClient, FhirResponse, run_threads
 
 SEED = 5_20261123
 THREADS = 8
@@ -278,28 +278,13 @@ def test_random_interleavings_equal_a_serial_replay(live_api):
 
     known = Known(pool + reserve, {p: g for g, members in start.items() for p in members})
     logs: list[list[Op]] = [[] for _ in range(THREADS)]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(THREADS)
 
     def main(index: int) -> None:
-        try:
-            barrier.wait(timeout=60)
-            mine = reserve[index * RESERVE_PER_THREAD : (index + 1) * RESERVE_PER_THREAD]
-            run_thread(index, groups, mine, known, logs[index])
-        except BaseException as exc:  # reported in the main thread
-            errors.append(exc)
-        finally:
-            connection.close()
+        mine = reserve[index * RESERVE_PER_THREAD : (index + 1) * RESERVE_PER_THREAD]
+        run_thread(index, groups, mine, known, logs[index])
 
     started = time.monotonic()
-    threads = [threading.Thread(target=main, args=(i,)) for i in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    assert not any(thread.is_alive() for thread in threads), "a client hung"
-    if errors:
-        raise errors[0]
+    run_threads(main, THREADS, timeout=600)
     ops = [op for log in logs for op in log]
     print(
         f"{len(ops)} operations in {time.monotonic() - started:.1f} s: "
@@ -392,29 +377,7 @@ def test_random_interleavings_equal_a_serial_replay(live_api):
 
 def run_together(work: Any, count: int = THREADS) -> list[Any]:
     """Run ``work(index, client)`` in ``count`` threads released together; their results."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-
-    def main(index: int) -> None:
-        try:
-            client = FhirClient()
-            barrier.wait(timeout=60)
-            results[index] = work(index, client)
-        except BaseException as exc:  # reported in the main thread
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=main, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads), "a client hung"
-    if errors:
-        raise errors[0]
-    return results
+    return run_threads(lambda index: work(index, FhirClient()), count)
 
 
 def answer(response: FhirResponse) -> tuple[int, str | None]:

@@ -12,14 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from tqdm import tqdm
 
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import FhirError
-from fhirservice.models import StoredResource
 from groups.maintenance import (
     MSG_INLINE_MODE,
-    MSG_NO_GROUP,
     BackfillReport,
     MaintenanceError,
     backfill_candidates,
@@ -27,72 +24,9 @@ from groups.maintenance import (
     backfill_checkpoint_reset,
     groups_backfill,
 )
+from groups.management.cli import ProgressBar, add_no_input, confirm, named_groups, positive
 
-MSG_POSITIVE = "--{name} must be a positive whole number, not {value}"
 MSG_GROUP_AND_RESTART = "--restart concerns the checkpoint, which --group runs do not use"
-
-
-class ProgressBar:
-    """A tqdm bar on the command's stderr, fed by the services' ``progress`` callbacks.
-
-    ``progress(total=n, desc=…, unit=…)`` starts a bar, ``progress(k, **counts)`` advances
-    it by ``k`` and shows the counts; at verbosity 0 nothing is drawn.
-    """
-
-    def __init__(self, command: BaseCommand, *, unit: str, verbosity: int) -> None:
-        # The wrapped stream, not Django's OutputWrapper: that one appends a newline to
-        # every write and would break the bar's in-place redraws.
-        self.stream = getattr(command.stderr, "_out", command.stderr)
-        self.unit = unit
-        self.disable = verbosity == 0
-        self.bar: tqdm | None = None
-
-    def __call__(
-        self,
-        n: int = 0,
-        *,
-        total: int | None = None,
-        desc: str | None = None,
-        unit: str | None = None,
-        **counts: Any,
-    ) -> None:
-        """Advance the bar, or (re)start it with a total (and a label and unit)."""
-        if total is not None:
-            self.close()
-            self.bar = tqdm(
-                total=total,
-                desc=desc,
-                unit=unit or self.unit,
-                file=self.stream,
-                disable=self.disable,
-                mininterval=0.5,
-                dynamic_ncols=True,
-            )
-            return
-        if self.bar is None:
-            return
-        if counts:
-            self.bar.set_postfix(counts, refresh=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        """Draw the final state and release the line."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def confirm(command: BaseCommand, question: str) -> bool:
-    """Ask a yes/no question on the terminal; only "y" or "yes" agrees."""
-    answer = input(f"{question} [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
-
-
-def positive(options: dict[str, Any], name: str) -> None:
-    """CommandError unless option ``name`` is None or a positive integer."""
-    value = options[name.replace("-", "_")]
-    if value is not None and value <= 0:
-        raise CommandError(MSG_POSITIVE.format(name=name, value=value))
 
 
 class Command(BaseCommand):
@@ -143,13 +77,7 @@ class Command(BaseCommand):
             default="backfill_group_members",
             help="Who the new versions and member events are recorded as.",
         )
-        parser.add_argument(
-            "--no-input",
-            "--noinput",
-            action="store_false",
-            dest="interactive",
-            help="Do not ask for confirmation before writing.",
-        )
+        add_no_input(parser, "Do not ask for confirmation before writing.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Check arguments, confirm, run with a progress bar, print the summary."""
@@ -160,16 +88,7 @@ class Command(BaseCommand):
             raise CommandError(MSG_GROUP_AND_RESTART)
         if fhir_settings.GROUP_ROSTER_STORAGE != "clickhouse":
             raise CommandError(MSG_INLINE_MODE)
-        if group_ids is not None:
-            group_ids = list(dict.fromkeys(group_ids))
-            known = set(
-                StoredResource.objects.filter(
-                    resource_type="Group", resource_id__in=group_ids
-                ).values_list("resource_id", flat=True)
-            )
-            for group_id in group_ids:
-                if group_id not in known:
-                    raise CommandError(MSG_NO_GROUP.format(id=group_id))
+        group_ids = named_groups(group_ids)
         checkpoint = None if group_ids is not None else backfill_checkpoint()
         resume = checkpoint is not None and checkpoint.finished_at is None
         if options["dry_run"]:

@@ -12,10 +12,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fhirservice.errors import FhirError
-from fhirservice.models import StoredResource
 from groups.maintenance import (
     KINDS,
-    MSG_NO_GROUP,
     PENDING,
     Finding,
     MaintenanceError,
@@ -23,7 +21,7 @@ from groups.maintenance import (
     ScanReport,
     rosters_repair,
 )
-from groups.management.commands.backfill_group_members import ProgressBar, confirm, positive
+from groups.management.cli import ProgressBar, add_no_input, confirm, named_groups, positive
 
 # Exit status when damage is left (bad arguments and failures exit with 1).
 EXIT_PROBLEMS_REMAIN = 3
@@ -79,13 +77,7 @@ class Command(BaseCommand):
             default=20,
             help="Findings listed per kind (default 20; the counts are always complete).",
         )
-        parser.add_argument(
-            "--no-input",
-            "--noinput",
-            action="store_false",
-            dest="interactive",
-            help="Do not ask for confirmation before repairing.",
-        )
+        add_no_input(parser, "Do not ask for confirmation before repairing.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Scan, report, repair when asked, report what is left; exit non-zero if any."""
@@ -93,17 +85,7 @@ class Command(BaseCommand):
         positive(options, "show")
         if options["timeout"] <= 0:
             raise CommandError(f"--timeout must be positive, not {options['timeout']}")
-        group_ids = options["groups"]
-        if group_ids is not None:
-            group_ids = list(dict.fromkeys(group_ids))
-            known = set(
-                StoredResource.objects.filter(
-                    resource_type="Group", resource_id__in=group_ids
-                ).values_list("resource_id", flat=True)
-            )
-            for group_id in group_ids:
-                if group_id not in known:
-                    raise CommandError(MSG_NO_GROUP.format(id=group_id))
+        group_ids = named_groups(options["groups"])
         dry_run, fix = options["dry_run"], options["fix"]
 
         def review(found: ScanReport) -> bool:
