@@ -11,8 +11,6 @@ raises ``BenchError`` with the start of its body, so a broken build never yields
 from __future__ import annotations
 
 import base64
-import io
-import re
 import secrets
 import time
 from collections.abc import Callable
@@ -21,9 +19,9 @@ from typing import Any
 
 import orjson
 from django.conf import settings
-from django.core.management import call_command
 from django.test import Client, override_settings
 
+from fhirservice.access.clients import fhir_client_create
 from fhirservice.conf import fhir_settings
 
 BASE = "/4_0_0"
@@ -80,21 +78,11 @@ class Api:
         if not fhir_settings.AUTH or time.monotonic() < self._token_renew_at:
             return
         if self._credentials is None:
-            out = io.StringIO()
-            call_command(
-                "create_fhir_client",
-                "--name",
-                f"bench-{secrets.token_hex(4)}",
-                "--organization",
-                BENCH_ORGANIZATION,
-                "--scopes",
-                BENCH_SCOPES,
-                stdout=out,
-            )
-            text = out.getvalue()
-            self._credentials = (
-                re.search(r"client_id:\s+(\S+)", text).group(1),
-                re.search(r"client_secret:\s+(\S+)", text).group(1),
+            self._credentials = fhir_client_create(
+                name=f"bench-{secrets.token_hex(4)}",
+                organization=BENCH_ORGANIZATION,
+                all_organizations=False,
+                scopes=BENCH_SCOPES.split(),
             )
         basic = base64.b64encode(":".join(self._credentials).encode()).decode()
         response = check(

@@ -8,14 +8,13 @@ and the curl line that gets a token.
 from __future__ import annotations
 
 import re
-import secrets
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
 from oauth2_provider.models import get_application_model
 
-from fhirservice.access.models import ORGANIZATION_RE, ClientProfile
+from fhirservice.access.clients import fhir_client_create
+from fhirservice.access.models import ORGANIZATION_RE
 from fhirservice.access.scopes import parse_scope
 
 
@@ -78,31 +77,21 @@ class Command(BaseCommand):
         if options["dry_run"]:
             self.stdout.write("Dry run: the input is valid; nothing was created.")
             return
-        secret = secrets.token_urlsafe(32)
-        with transaction.atomic():
-            application = application_model(
-                name=name,
-                client_type=application_model.CLIENT_CONFIDENTIAL,
-                authorization_grant_type=application_model.GRANT_CLIENT_CREDENTIALS,
-                client_secret=secret,
-                hash_client_secret=True,
-            )
-            application.save()
-            ClientProfile.objects.create(
-                application=application,
-                organization=organization,
-                all_organizations=options["all_organizations"],
-                allowed_scopes=" ".join(scopes),
-            )
+        client_id, secret = fhir_client_create(
+            name=name,
+            organization=organization,
+            all_organizations=options["all_organizations"],
+            scopes=scopes,
+        )
         boundary = "all organizations" if options["all_organizations"] else organization
         self.stdout.write(self.style.SUCCESS(f"Created client {name!r} ({boundary})"))
-        self.stdout.write(f"client_id:     {application.client_id}")
+        self.stdout.write(f"client_id:     {client_id}")
         self.stdout.write(f"client_secret: {secret}")
         self.stdout.write(f"scopes:        {' '.join(scopes)}")
         self.stdout.write("The secret is shown only now (only its hash is stored). Get a token:")
         self.stdout.write(
             f"  curl -s -X POST {options['base_url'].rstrip('/')}/oauth/token/ "
-            f"-u '{application.client_id}:{secret}' -d grant_type=client_credentials"
+            f"-u '{client_id}:{secret}' -d grant_type=client_credentials"
         )
         self.stdout.write(
             "then send it as 'Authorization: Bearer <access_token>' on every FHIR request."
