@@ -1,15 +1,30 @@
-"""Transactions that hold on every metadata backend.
+"""Everything that differs between the metadata backends (SQLite, PostgreSQL, MongoDB).
 
-``django.db.transaction.atomic`` does nothing on django-mongodb-backend; its own ``atomic``
-runs a MongoDB transaction (replica sets only). Store code uses :func:`atomic` from here so
-that a version, its history row and its outbox rows commit together on every backend.
+Store, group and operation code never asks which backend runs; it calls these:
+
+- :func:`atomic`: ``django.db.transaction.atomic`` does nothing on django-mongodb-backend,
+  whose own ``atomic`` runs a MongoDB transaction (replica sets only), so that a version, its
+  history row and its outbox rows commit together on every backend;
+- :func:`lock_rows`: row locks where the backend has them (PostgreSQL);
+- :func:`serializable`: PostgreSQL's ``SERIALIZABLE`` isolation (SQLite serializes writers
+  with ``BEGIN IMMEDIATE``, see settings; MongoDB runs snapshot transactions);
+- :func:`is_transient`: the backend errors that mean "lost a race, run it again";
+- :func:`run_retrying`: the one retry loop of writes and operation regions.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from django.db import connection, transaction
+from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
+
+T = TypeVar("T")
+
+# PostgreSQL's serialization failure and deadlock (SQLSTATE): the transaction lost a race.
+TRANSIENT_SQLSTATES = ("40001", "40P01")
 
 
 def atomic(**kwargs: Any) -> Any:
@@ -37,6 +52,58 @@ def lock_rows(queryset: Any) -> Any:
     if connection.features.has_select_for_update:
         return queryset.select_for_update()
     return queryset
+
+
+def serializable() -> None:
+    """Run the current transaction at ``SERIALIZABLE`` isolation where the backend has it.
+
+    PostgreSQL's serializable snapshot isolation also catches predicate conflicts ("no
+    Patient with this identifier yet, so both create one"). It accepts the statement only
+    before the transaction's first query. SQLite's ``BEGIN IMMEDIATE`` already runs writers
+    one after another; MongoDB's transactions abort on write conflicts.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+
+
+def is_transient(exc: DatabaseError) -> bool:
+    """Whether a database error means the transaction lost a race and may simply run again:
+    a PostgreSQL serialization failure or deadlock, SQLite's "database is locked"."""
+    code = getattr(getattr(exc, "__cause__", None), "sqlstate", None)
+    text = str(exc).lower()
+    return (
+        code in TRANSIENT_SQLSTATES
+        or "could not serialize" in text
+        or "locked" in text
+        or "deadlock" in text
+    )
+
+
+def run_retrying(
+    unit: Callable[[], T],
+    *,
+    races: tuple[type[Exception], ...],
+    retries: int,
+    exhausted: Exception,
+) -> T:
+    """Run ``unit`` in a transaction; after a lost race roll back and run it again.
+
+    A race is one of ``races``, an ``IntegrityError`` (a concurrent insert of the same key)
+    or a transient backend error (:func:`is_transient`); anything else propagates. Attempts
+    back off by a random few milliseconds. After ``retries`` retries, ``exhausted`` is raised.
+    """
+    for attempt in range(retries + 1):
+        try:
+            with atomic():
+                return unit()
+        except (*races, IntegrityError):
+            pass
+        except OperationalError as exc:
+            if not is_transient(exc):
+                raise
+        time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))  # noqa: S311
+    raise exhausted
 
 
 def on_commit(func: Any) -> None:

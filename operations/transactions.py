@@ -18,12 +18,8 @@ times. A version the *client* named that is not current is not retried: it answe
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from typing import TypeVar
-
-from django.db import IntegrityError, OperationalError, connection
 
 from fhirservice import db
 from fhirservice.conf import fhir_settings
@@ -81,41 +77,23 @@ class Region:
                 raise RegionRace(key)
 
 
-def _serializable() -> None:
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
-
-
-def _transient(exc: Exception) -> bool:
-    code = getattr(getattr(exc, "__cause__", None), "sqlstate", None)
-    text = str(exc).lower()
-    return (
-        code in ("40001", "40P01")
-        or "could not serialize" in text
-        or "locked" in text
-        or "deadlock" in text
-    )
-
-
 def run_region(body: Callable[[Region], T], *, context: WriteContext) -> T:
     """Run ``body`` as a serializable, version-checked transaction, retried on races."""
     # PostgreSQL accepts SET TRANSACTION only before a transaction's first query: a region
     # nested in a caller's atomic block (e.g. a test case's) runs at that block's level.
     outermost = not db.in_transaction()
-    for attempt in range(fhir_settings.WRITE_RETRIES + 1):
+
+    def attempt() -> T:
         region = Region(context)
-        try:
-            with db.atomic():
-                if outermost:
-                    _serializable()
-                result = body(region)
-                region.verify()
-            return result
-        except (WriteRace, RegionRace, IntegrityError):
-            pass
-        except OperationalError as exc:
-            if not _transient(exc):
-                raise
-        time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))  # noqa: S311
-    raise Conflict(MSG_REGION_RETRIES, detail_code="MSG_CONCURRENT_WRITE")
+        if outermost:
+            db.serializable()
+        result = body(region)
+        region.verify()
+        return result
+
+    return db.run_retrying(
+        attempt,
+        races=(WriteRace, RegionRace),
+        retries=fhir_settings.WRITE_RETRIES,
+        exhausted=Conflict(MSG_REGION_RETRIES, detail_code="MSG_CONCURRENT_WRITE"),
+    )

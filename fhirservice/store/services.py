@@ -12,15 +12,13 @@ identical content makes no version; delete is a version of its own.
 
 from __future__ import annotations
 
-import random
 import re
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, OperationalError
+from django.db import IntegrityError
 from django.utils import timezone
 
 from fhirservice import access, db
@@ -127,25 +125,12 @@ def run_write(unit: Callable[[], WriteResult], *, key: str) -> WriteResult:
                 return unit()
         except (VersionRace, IntegrityError) as exc:
             raise WriteRace(MSG_CONFLICT_RETRIES.format(key=key)) from exc
-    for attempt in range(fhir_settings.WRITE_RETRIES + 1):
-        try:
-            with db.atomic():
-                return unit()
-        except (VersionRace, IntegrityError):
-            pass
-        except OperationalError as exc:
-            # SQLite "database is locked", PostgreSQL serialization failures and deadlocks
-            # are races too; anything else is a real error.
-            if not _is_transient(exc):
-                raise
-        time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))  # noqa: S311
-    raise Conflict(MSG_CONFLICT_RETRIES.format(key=key))
-
-
-def _is_transient(exc: DatabaseError) -> bool:
-    text = str(exc).lower()
-    code = getattr(getattr(exc, "__cause__", None), "sqlstate", None)
-    return code in ("40001", "40P01") or "locked" in text or "deadlock" in text
+    return db.run_retrying(
+        unit,
+        races=(VersionRace,),
+        retries=fhir_settings.WRITE_RETRIES,
+        exhausted=Conflict(MSG_CONFLICT_RETRIES.format(key=key)),
+    )
 
 
 def write_version(
