@@ -34,7 +34,14 @@ OPERATION = OperationDef(
     description="The roster page by page (GET): Parameters with one member parameter per "
     "member (parts entity, period, inactive), groupVersion, quantity and next.",
     parameters=(
-        ParamDef("_count", "in", 0, "1", "integer", "Page size (default 1000, at most 10000)"),
+        ParamDef(
+            "_count",
+            "in",
+            0,
+            "1",
+            "integer",
+            "Page size (default 1000, at most 10000; 0: no member, only quantity)",
+        ),
         ParamDef("_cursor", "in", 0, "1", "string", "The cursor of the next link"),
         ParamDef("active", "in", 0, "1", "boolean", "Only active (true) or inactive (false)"),
         ParamDef("version", "in", 0, "1", "string", "The roster as of this Group version"),
@@ -87,7 +94,7 @@ class GroupMembersView(FhirView):
             raise NotFound(MSG_INLINE, detail_code="MSG_OPERATION_UNAVAILABLE")
         params = request.query_params
         count = self._int(params.get("_count"), "_count", DEFAULT_PAGE)
-        count = min(max(count, 1), MAX_PAGE)
+        count = min(count, MAX_PAGE)
         active = {"true": True, "false": False, None: None}.get(params.get("active"), "bad")
         if active == "bad":
             raise BadRequest(
@@ -101,12 +108,14 @@ class GroupMembersView(FhirView):
         else:
             row = resource_vread(resource_type="Group", resource_id=resource_id, version_id=version)
             as_of = row.version_id
-        page = roster_page(
-            row_roster_key(row),
-            after=_after(params.get("_cursor")),
-            count=count + 1,
-            as_of=as_of,
-            active=active,
+        after = _after(params.get("_cursor"))
+        # _count=0 asks for the total alone (as on searches): no roster read, no next link.
+        page = (
+            roster_page(
+                row_roster_key(row), after=after, count=count + 1, as_of=as_of, active=active
+            )
+            if count
+            else []
         )
         parameters = [_member_parameter(state) for state in page[:count]]
         parameters.append({"name": "groupVersion", "valueString": str(row.version_id)})

@@ -265,6 +265,22 @@ def test_members_paging_is_stable_under_concurrent_writes(any_api):
     assert page_value(third, "next") is None
 
 
+def test_members_count_zero_serves_no_member_but_the_total(any_api):
+    refs = patients(3)
+    gid = create_group(any_api, refs)
+    patched(any_api, gid, [add(refs[1], inactive=True)])
+    for query in ("?_count=0", "?_count=0&active=false", "?_count=0&version=1"):
+        response = member_page(any_api, gid, query)
+        assert response.status == 200, response
+        assert page_refs(response.body) == [], query
+        assert page_value(response.body, "next") is None, query
+        expected = (3, "1") if "version=1" in query else (2, "2")
+        assert (
+            page_value(response.body, "quantity"),
+            page_value(response.body, "groupVersion"),
+        ) == expected
+
+
 def test_members_as_of_a_version_ignore_later_writes(any_api):
     refs = patients(6)
     gid = create_group(any_api, refs)
