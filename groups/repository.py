@@ -171,6 +171,45 @@ class MemberEventRepository:
         )
         return int(rows[0][0])
 
+    def holds_batch(self, roster_key: str, version: int, events: list[list[Any]]) -> bool:
+        """Whether every table that serves reads holds one outbox batch (its ``events``):
+        the log each event, the state and reverse tables each member at a position at least
+        as new as the batch's.
+
+        Each table is checked on its own: an insert is the log's part first and then one part
+        per materialized view, so a server that dies in between leaves a log that holds the
+        batch and state tables that do not (issue 16, D1). A newer position in a state table
+        means re-inserting the batch could not change what it answers there.
+        """
+        seqs = {event[2] for event in events}
+        # A batch's seqs are a contiguous range (numbered in write order, cut into
+        # consecutive chunks): a range keeps the query small where an IN list of 50,000
+        # seqs would exceed max_query_size.
+        low, high = min(seqs), max(seqs)
+        if high - low + 1 != len(seqs):
+            return False
+        rows = self.client.execute(
+            f"SELECT uniqExact(seq) FROM {EVENTS} WHERE roster_key = %(k)s "
+            f"AND version = %(v)s AND seq >= %(low)s AND seq <= %(high)s",
+            {"k": roster_key, "v": version, "low": low, "high": high},
+        )
+        if int(rows[0][0]) != len(seqs):
+            return False
+        newest: dict[str, int] = {}
+        for event in events:
+            newest[event[0]] = max(newest.get(event[0], 0), (version << 32) | event[2])
+        for table, key in ((STATE, "roster_key, member_ref"), (REVERSE, "member_ref, roster_key")):
+            for chunk in in_chunks(newest):
+                rows = self.client.execute(
+                    f"SELECT member_ref, maxMerge(pos) FROM {table} WHERE roster_key = %(k)s "
+                    f"AND member_ref IN %(refs)s GROUP BY {key}",
+                    {"k": roster_key, "refs": chunk},
+                )
+                held = {ref: int(pos) for ref, pos in rows}
+                if any(held.get(ref, -1) < newest[ref] for ref in chunk):
+                    return False
+        return True
+
     def lookup(self, roster_key: str, refs: list[str]) -> dict[str, MemberState]:
         """Current state of some member references (absent: never in the roster)."""
         states: dict[str, MemberState] = {}

@@ -301,8 +301,9 @@ def member_batches_ship(
     """Ship pending outbox batches to ClickHouse and mark them shipped.
 
     Idempotent: a batch shipped twice (a crash between insert and mark) only duplicates rows
-    that every read collapses. ``check_existing`` skips the insert when ClickHouse already
-    holds the batch's events (the relay and repair use it; the hot path does not).
+    that every read collapses. ``check_existing`` skips the insert when every ClickHouse
+    table that serves reads already holds the batch (the relay and repair use it; the hot
+    path does not).
     ``known``: the decoded events of some batches (by key), which then are not read back.
     """
     report = ShipReport()
@@ -328,7 +329,7 @@ def member_batches_ship(
             events = known.get(batch.key)
             if events is None:
                 events = orjson.loads(batch.events)
-            if check_existing and _already_shipped(repository, batch, events):
+            if check_existing and repository.holds_batch(batch.roster_key, batch.version, events):
                 report.skipped += 1
                 _batches_mark_shipped(repository, [(batch, events)], report, insert=False)
                 continue
@@ -385,24 +386,6 @@ def _batches_mark_shipped(
             version_quantity_recount(group_id=batch.group_id, version=batch.version)
             group_quantity_recount(group_id=batch.group_id)
             report.recounted.append(batch.group_id)
-
-
-def _already_shipped(
-    repository: MemberEventRepository, batch: MemberOutbox, events: list[list[Any]]
-) -> bool:
-    # A batch's seqs are a contiguous range (events are numbered in write order and cut
-    # into consecutive chunks): a range condition keeps the query small for 50k events,
-    # where an IN list of every seq would exceed ClickHouse's max_query_size.
-    seqs = {event[2] for event in events}
-    low, high = min(seqs), max(seqs)
-    if high - low + 1 != len(seqs):
-        return False  # not a range: ship again, re-inserting is harmless
-    stored = repository.client.execute(
-        "SELECT uniqExact(seq) FROM Group_4_0_0_MemberEvents WHERE roster_key = %(k)s "
-        "AND version = %(v)s AND seq >= %(low)s AND seq <= %(high)s",
-        {"k": batch.roster_key, "v": batch.version, "low": low, "high": high},
-    )
-    return int(stored[0][0]) == len(seqs)
 
 
 def group_quantity_recount(*, group_id: str) -> int | None:

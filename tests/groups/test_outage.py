@@ -33,10 +33,12 @@ from django.utils import timezone
 from fhirservice.clickhouse import ClickHouseUnavailable, connect, get_clickhouse
 from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.models import ResourceVersion, StoredResource
+from groups.clickhouse_migrations import REVERSE, STATE
+from groups.maintenance import wait_for_mutations
 from groups.models import MemberOutbox
-from groups.repository import MemberEventRepository
+from groups.repository import MaintenanceRepository, MemberEventRepository
 from groups.selectors import MSG_CLICKHOUSE_DOWN
-from groups.services import member_batches_ship
+from groups.services import batch_event_rows, member_batches_ship
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,
@@ -396,6 +398,31 @@ def test_a_crash_between_insert_and_mark_ships_nothing_twice(live_api):
     assert "shipped 1 batches (3 events), 1 already in ClickHouse" in out
     assert clickhouse_raw_count(key) == raw  # checked first: not even a duplicate row
     assert snapshot(live_api, gid) == before
+
+
+@pytest.mark.parametrize("lost", [(STATE, REVERSE), (STATE,), (REVERSE,)])
+def test_a_batch_the_state_tables_lack_is_not_taken_as_shipped(
+    live_api, no_shipping, monkeypatch, lost
+):
+    """ClickHouse died after the log's part of an insert, before the views' parts (D1)."""
+    gid = create_group(live_api, [A, B, C])
+    monkeypatch.undo()  # the process restarts
+    key = current_key(gid)
+    (batch,) = outbox_rows(gid)
+    repository = MaintenanceRepository()
+    repository.insert_events(batch_event_rows(batch, orjson.loads(batch.events)))
+    for table in lost:
+        repository.client.command(
+            f"ALTER TABLE {table} DELETE WHERE roster_key = %(k)s", {"k": key}
+        )
+    wait_for_mutations(repository)
+    assert clickhouse_raw_count(key) == 3
+    out = call_command_output("ship_member_events", min_age=0)
+    assert "shipped 1 batches (3 events), 0 already in ClickHouse" in out
+    assert clickhouse_roster(key) == [A, B, C]
+    assert refs_of(read(live_api, gid)) == [A, B, C]
+    assert page_refs(member_page(live_api, gid).body) == [A, B, C]
+    assert search_ids(live_api, f"member={B}") == ([gid], 1)
 
 
 def test_the_relay_loop_ships_in_rounds(live_api, no_shipping, monkeypatch):
