@@ -73,18 +73,22 @@ class RosterDigest:
     def absent(self, refs: list[str]) -> set[str]:
         """The references certainly not in the roster (as of ``version`` plus what was added)."""
         hashed = np.fromiter((hash(ref) for ref in refs), dtype=np.int64, count=len(refs))
-        hashes = self.hashes
-        if len(hashes):
-            positions = np.minimum(np.searchsorted(hashes, hashed), len(hashes) - 1)
-            stored = hashes[positions] == hashed
-        else:
-            stored = np.zeros(len(refs), dtype=bool)
-        recent = self.recent
-        return {
-            ref
-            for ref, value, held in zip(refs, hashed.tolist(), stored.tolist(), strict=True)
-            if not held and value not in recent
-        }
+        values = hashed.tolist()
+        # Under the lock, as ``add`` writes: a merge swaps ``hashes`` and ``recent`` in two
+        # steps, and a reader between them would find a held member in neither (issue 16,
+        # D6: a remove then became a no-op).
+        with self.lock:
+            hashes = self.hashes
+            if len(hashes):
+                positions = np.minimum(np.searchsorted(hashes, hashed), len(hashes) - 1)
+                stored = (hashes[positions] == hashed).tolist()
+            else:
+                stored = [False] * len(refs)
+            return {
+                ref
+                for ref, value, held in zip(refs, values, stored, strict=True)
+                if not held and value not in self.recent
+            }
 
     def add(self, hashes: Iterable[int]) -> None:
         """Count more references as possibly held."""

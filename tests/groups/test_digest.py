@@ -9,6 +9,7 @@ whether a write asked it: a write that needed the lookup then records its events
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.groups.conftest import (
     remove_ref,
     stored_version,
 )
+from tests.support import run_threads
 
 A, B, C, D, X, Y = (f"Patient/dg-{n}" for n in "abcdxy")
 
@@ -190,3 +192,34 @@ def test_digest_lookup() -> None:
     assert digest.version == 5
     digest.advance(covered=6, to=7)  # did not cover 6: stays
     assert digest.version == 5
+
+
+def test_a_held_member_is_never_absent_while_another_thread_merges(monkeypatch) -> None:
+    """``add`` merges ``recent`` into ``hashes`` on overflow; a reader must see one or the
+    other, never the new ``hashes`` without the old ``recent`` (issue 16, D6)."""
+    monkeypatch.setattr("groups.digest._RECENT_MAX", 64)
+    digest = RosterDigest("g/1", 1, np.zeros(0, dtype=np.int64))
+    overflows = 300
+    added = [0]  # members Patient/held-0 … held-(n-1) are held
+    misses: list[int] = []
+
+    def write() -> None:
+        for round_ in range(overflows):
+            digest.add([hash(f"Patient/held-{round_}")])  # merged at the next overflow
+            added[0] = round_ + 1
+            start = (round_ + 1) * 1000
+            digest.add(range(start, start + 65))  # overflows
+
+    def read() -> None:
+        while added[0] < overflows:
+            held = [f"Patient/held-{n}" for n in range(added[0])]
+            if digest.absent(held):
+                misses.append(added[0])
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the window is small
+    try:
+        run_threads(lambda index: write() if index == 0 else read(), 2, timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert misses == []
