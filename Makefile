@@ -4,7 +4,8 @@
 #                       access control off; FHIR_AUTH=on make run turns it on
 #   make test           the suite on both backend pairs; make test ARGS="-k patient"
 #   make lint           ruff, Django system checks, missing migrations
-#   make bench          benchmarks (python -m bench) on both backend pairs
+#   make bench          benchmarks (python -m bench) on both backend pairs, as served: each
+#                       pass starts scripts/serve.sh itself on a free port and times over HTTP
 #   make migrate        metadata store and ClickHouse schema
 
 SHELL := /bin/bash

@@ -1,4 +1,4 @@
-"""The FHIR requests the benchmark sends, through ``django.test.Client`` (in-process WSGI).
+"""The FHIR requests of ``--in-process`` runs, through ``django.test.Client`` (in-process WSGI).
 
 Every request goes through the full stack (middleware, access control, DRF view, services,
 both stores); only the HTTP server and the network are left out. With access control on (the
@@ -29,7 +29,7 @@ FHIR_JSON = "application/fhir+json"
 PATCH_JSON = "application/json-patch+json"
 MINIMAL = {"Prefer": "return=minimal"}
 BENCH_ORGANIZATION = "bench"
-BENCH_SCOPES = "system/Group.cruds"
+BENCH_SCOPES = "system/Group.cruds system/Patient.cruds"
 
 
 class BenchError(RuntimeError):
@@ -55,6 +55,29 @@ def roster_storage(mode: str):
         yield
 
 
+def access_control() -> str:
+    """How the benchmark's requests authenticate, for the report's header."""
+    if not fhir_settings.AUTH:
+        return "off (FHIR_AUTH=off): no token checks measured"
+    return (
+        f"on: bearer token of a client of organization {BENCH_ORGANIZATION!r} "
+        f"({BENCH_SCOPES}), checked on every request"
+    )
+
+
+def access_credentials() -> tuple[str, str] | None:
+    """With access control on, a new OAuth2 client of the bench's organization: its id and
+    secret (registered in the metadata store); None with access control off."""
+    if not fhir_settings.AUTH:
+        return None
+    return fhir_client_create(
+        name=f"bench-{secrets.token_hex(4)}",
+        organization=BENCH_ORGANIZATION,
+        all_organizations=False,
+        scopes=BENCH_SCOPES.split(),
+    )
+
+
 class Api:
     """The requests of the benchmark rows."""
 
@@ -66,24 +89,14 @@ class Api:
     @property
     def access_control(self) -> str:
         """How the requests authenticate, for the report's header."""
-        if not fhir_settings.AUTH:
-            return "off (FHIR_AUTH=off): no token checks measured"
-        return (
-            f"on: bearer token of a client of organization {BENCH_ORGANIZATION!r} "
-            f"({BENCH_SCOPES}), checked on every request"
-        )
+        return access_control()
 
     def _authorize(self) -> None:
         """With access control on: a client of the bench's own, and a fresh token."""
         if not fhir_settings.AUTH or time.monotonic() < self._token_renew_at:
             return
         if self._credentials is None:
-            self._credentials = fhir_client_create(
-                name=f"bench-{secrets.token_hex(4)}",
-                organization=BENCH_ORGANIZATION,
-                all_organizations=False,
-                scopes=BENCH_SCOPES.split(),
-            )
+            self._credentials = access_credentials()
         basic = base64.b64encode(":".join(self._credentials).encode()).decode()
         response = check(
             self.client.post(
@@ -108,6 +121,19 @@ class Api:
             self._send("POST", "/Group", body, content_type=FHIR_JSON, headers=MINIMAL), 201
         )
         return response.headers["Location"].split("/Group/")[1].split("/")[0]
+
+    def create_patient(self, body: bytes) -> str:
+        """POST a Patient (``Prefer: return=minimal``); its id."""
+        response = check(
+            self._send("POST", "/Patient", body, content_type=FHIR_JSON, headers=MINIMAL), 201
+        )
+        return response.headers["Location"].split("/Patient/")[1].split("/")[0]
+
+    def read_patient(self, patient_id: str) -> None:
+        """GET a Patient."""
+        response = check(self._send("GET", f"/Patient/{patient_id}"), 200)
+        if response.streaming:
+            b"".join(response.streaming_content)
 
     def patch(self, group_id: str, ops: bytes) -> None:
         """PATCH a Group with JSON Patch (``Prefer: return=minimal``)."""

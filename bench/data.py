@@ -33,6 +33,22 @@ def group_body(name: str, prefix: str = "", size: int = 0) -> bytes:
     return head + b',"member":[' + members + b"]}"
 
 
+def patient_body(index: int) -> bytes:
+    """A plain Patient of the size clients typically send (identifier, name, contacts)."""
+    return orjson.dumps(
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:bench:mrn", "value": f"mrn-{index}"}],
+            "active": True,
+            "name": [{"family": f"Family{index}", "given": ["Given", f"G{index % 97}"]}],
+            "telecom": [{"system": "phone", "value": f"+1-555-{index % 10_000:04d}"}],
+            "gender": "female" if index % 2 else "male",
+            "birthDate": f"19{50 + index % 50}-0{1 + index % 9}-1{index % 10}",
+            "address": [{"line": [f"{index} Main St"], "city": "Springfield", "country": "US"}],
+        }
+    )
+
+
 def add_ops(refs: list[str]) -> bytes:
     """A JSON Patch adding each reference as a member."""
     return orjson.dumps(
@@ -84,15 +100,30 @@ def plan_synthetic(prefix: str, target_rows: int, existing_rows: int) -> Synthet
     return Synthetic(prefix, patients, groups_per_layer, layers)
 
 
+def create_synthetic_groups(plan: Synthetic, create_group: Callable[[bytes], str]) -> None:
+    """Create the Groups of every planned layer through the API, with empty rosters.
+
+    All before any event is written: with chdb the service stops while this process writes
+    into ClickHouse. A layer the time cap leaves out keeps empty Groups, which no
+    ``Group?member=`` answer names.
+    """
+    for layer in range(plan.layers):
+        plan.group_ids.append(
+            [
+                create_group(group_body(f"synthetic {plan.prefix} layer {layer} group {index}"))
+                for index in range(plan.groups_per_layer)
+            ]
+        )
+
+
 def fill_synthetic(
     plan: Synthetic,
     *,
-    create_group: Callable[[bytes], str],
     insert_events: Callable[[list[tuple]], object],
     roster_key: Callable[[str, int], str],
     max_seconds: float,
 ) -> Synthetic:
-    """Create each layer's Groups through the API (empty rosters), then insert their events.
+    """Insert the events of each layer's Groups (``create_synthetic_groups`` made them).
 
     Events go through ``MemberEventRepository.insert_events`` in batches of 50,000 rows
     (EVENT_COLUMNS order): version 1 (the create), seq = position in the roster. Layers stop
@@ -107,12 +138,7 @@ def fill_synthetic(
             plan.capped = True
             break
         layer_start = time.perf_counter()
-        ids = []
-        for index in range(plan.groups_per_layer):
-            group_id = create_group(
-                group_body(f"synthetic {plan.prefix} layer {layer} group {index}")
-            )
-            ids.append(group_id)
+        for index, group_id in enumerate(plan.group_ids[layer]):
             key = roster_key(group_id, 1)
             first = index * plan.per_group
             batch: list[tuple] = []
@@ -142,7 +168,6 @@ def fill_synthetic(
             if batch:
                 insert_events(batch)
                 plan.rows += len(batch)
-        plan.group_ids.append(ids)
         plan.layers_done += 1
         last_layer = time.perf_counter() - layer_start
     plan.seconds = time.perf_counter() - started

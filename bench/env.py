@@ -66,3 +66,26 @@ def machine() -> str:
 def load_average() -> float:
     """The 1-minute load average (nan where unknown)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def database_url() -> str | None:
+    """The metadata database this process really uses, as a ``DATABASE_URL`` for the server.
+
+    Under pytest that is the test database, not the one the environment names. None for
+    MongoDB (the server reads ``MONGODB_URI`` as this process does).
+    """
+    from urllib.parse import quote
+
+    from django.db import connection
+
+    config = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{config['NAME']}"
+    if connection.vendor == "postgresql":
+        user = quote(config.get("USER") or "", safe="")
+        password = quote(config.get("PASSWORD") or "", safe="")
+        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = config.get("HOST") or "localhost"
+        port = f":{config['PORT']}" if config.get("PORT") else ""
+        return f"postgres://{auth}{host}{port}/{config['NAME']}"
+    return None

@@ -7,18 +7,30 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 STATUS = "/proc/self/status"
 CLEAR_REFS = "/proc/self/clear_refs"
 
+# Whose CPU time the cpu column shows: this process (in-process runs) or, as served, the
+# server's worker (set_cpu_clock).
+_cpu_clock: Callable[[], float] = time.process_time
+
+
+def set_cpu_clock(clock: Callable[[], float]) -> None:
+    """Measure CPU time with ``clock`` (seconds, monotonic) from now on."""
+    global _cpu_clock
+    _cpu_clock = clock
+
 
 @dataclass
 class Series:
-    """Wall-clock samples of one measurement, in seconds, with this process's CPU time.
+    """Wall-clock samples of one measurement, in seconds, with the CPU time it cost.
 
-    CPU time (user + system, all threads: chdb's query threads included) is far less
-    sensitive than wall time to other jobs on a shared machine; a ClickHouse or PostgreSQL
-    server's CPU is not in it.
+    CPU time (user + system, all threads: chdb's query threads included) of the process
+    that serves (this one in-process, the gunicorn worker as served) is far less sensitive
+    than wall time to other jobs on a shared machine; a ClickHouse or PostgreSQL server's CPU
+    is not in it.
     """
 
     samples: list[float] = field(default_factory=list)
@@ -33,9 +45,9 @@ class Series:
 
     def add_timed(self, fn: Callable[[], object]) -> float:
         """Run ``fn`` once, record its wall and CPU time; the wall time."""
-        cpu = time.process_time()
+        cpu = _cpu_clock()
         wall = timed(fn)
-        self.add(wall, time.process_time() - cpu)
+        self.add(wall, _cpu_clock() - cpu)
         return wall
 
     @property
@@ -159,4 +171,31 @@ class RssWatch:
             hwm = peak_rss_bytes()
             if hwm is not None and hwm > self.peak:
                 self.peak = hwm
+        return max(0, self.peak - self.start)
+
+
+class ServerRssWatch(RssWatch):
+    """``RssWatch`` of a served service's worker (``bench.server.Server``), read from /proc."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        server.record_peak()  # the peak so far counts before it is reset
+        self.hwm_reset = server.reset_peak()
+        self.start = server.rss() or 0
+        self.peak = self.start
+
+    def sample(self) -> None:
+        """Take one RSS sample of the worker."""
+        now = self.server.rss()
+        if now is not None and now > self.peak:
+            self.peak = now
+
+    def growth(self) -> int:
+        """Bytes the worker's RSS rose above its starting value at its highest."""
+        self.sample()
+        if self.hwm_reset:
+            hwm = self.server.peak_rss()
+            if hwm is not None and hwm > self.peak:
+                self.peak = hwm
+        self.server.record_peak()
         return max(0, self.peak - self.start)

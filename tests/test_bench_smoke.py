@@ -1,4 +1,5 @@
-"""The benchmark runs end to end on a tiny roster and prints its table (no timing asserted)."""
+"""The benchmark runs end to end on a tiny roster and prints its table (no timing asserted):
+in-process, and as served (gunicorn started by the benchmark, requests over HTTP)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from fhirservice.clickhouse import migrations as ch_migrations
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
+@pytest.mark.parametrize(
+    ("served", "auth"),
+    [(False, False), (False, True), (True, True)],
+    ids=["in-process-auth-off", "in-process-auth-on", "served-auth-on"],
+)
 def test_bench_quick_mode_prints_the_budget_table(
-    auth: bool, settings, transactional_db: None, capsys
+    served: bool, auth: bool, settings, transactional_db: None, capsys
 ) -> None:
     # With access control on (the production default) the bench takes a token of its own.
     settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "AUTH": auth}
@@ -35,7 +40,10 @@ def test_bench_quick_mode_prints_the_budget_table(
             "2000",
             "--inline-max",
             "100",
+            "--patients",
+            "3",
             "--no-migrate",
+            *([] if served else ["--in-process"]),
         ]
     )
     out = capsys.readouterr().out
@@ -49,4 +57,9 @@ def test_bench_quick_mode_prints_the_budget_table(
     for row in ("4 | GET Group of", "5 | $members page", "5 | quantity", "6 | Group?member="):
         assert row in out, out
     assert "inline/clickhouse" in out
+    assert "7 | create plain Patient" in out and "7 | read plain Patient" in out
+    # As served: gunicorn started by the bench, a row right after a restart, the worker's RSS.
+    assert ("driven         : over HTTP" in out) is served, out
+    assert ("first 20 after restart" in out) is served, out
+    assert ("server RSS, peak" in out) is served, out
     assert "budgets:" in out

@@ -1,0 +1,208 @@
+"""The service as ``make run`` serves it, started, restarted and stopped by the benchmark.
+
+``Server`` runs ``scripts/serve.sh`` (gunicorn, one worker, 8 threads: exactly the command
+``make run`` ends in) on a free loopback port, with the benchmark's own environment (the same
+``DATABASE_URL``, ``CLICKHOUSE_URL`` and ``FHIR_VAR_DIR``), and waits until the API answers.
+It also reads the gunicorn worker's resident memory from ``/proc`` (the server's RSS budget).
+
+chdb allows one process per data path: while the server runs, the benchmark process must not
+open the embedded ClickHouse (``Server.start`` closes the benchmark's own client first).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE = ROOT / "scripts" / "serve.sh"
+READY_PATH = "/metadata"  # public with access control on; answers once Django is loaded
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 60.0
+
+ERROR_NOT_READY = "the service did not answer on port {port} within {seconds:.0f} s; log: {log}"
+
+
+class ServerError(RuntimeError):
+    """The service could not be started."""
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (not the default ports other jobs use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command (which may hold spaces) start after the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _status_bytes(pid: int, name: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Server:
+    """``scripts/serve.sh`` on a free port, with environment overrides."""
+
+    def __init__(self, env: dict[str, str], *, base_path: str, log_path: Path) -> None:
+        self.env = env
+        self.base_path = base_path
+        self.log_path = log_path
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self._max_peak = 0
+        self._worker: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The FHIR base URL of the running service."""
+        return f"http://127.0.0.1:{self.port}{self.base_path}"
+
+    def start(self, **overrides: str) -> float:
+        """Start the service (environment ``overrides`` on top); seconds until it answered."""
+        from fhirservice.clickhouse import reset_clickhouse
+
+        reset_clickhouse()  # chdb: one process per data path
+        self.port = self.port or free_port()  # kept across restarts: clients keep the URL
+        env = {**os.environ, **self.env, **overrides, "PORT": str(self.port)}
+        env["VENV"] = env.get("VENV", str(ROOT / ".venv"))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes it until it stops
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            ["bash", str(SERVE)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.starts += 1
+        while time.perf_counter() - started < START_TIMEOUT:
+            if self.process.poll() is not None:
+                break
+            if self._answers():
+                return time.perf_counter() - started
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(
+            ERROR_NOT_READY.format(port=self.port, seconds=START_TIMEOUT, log=self.log_path)
+        )
+
+    def _answers(self) -> bool:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            connection.request("GET", self.base_path + READY_PATH)
+            response = connection.getresponse()
+            response.read()
+            return response.status == 200
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        """Stop the service gracefully (gunicorn drains its worker on SIGTERM)."""
+        if self.process is not None:
+            self.record_peak()
+        process, self.process, self._worker = self.process, None, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def restart(self, **overrides: str) -> float:
+        """Stop and start again; seconds until the new process answered."""
+        self.stop()
+        return self.start(**overrides)
+
+    def worker_pid(self) -> int | None:
+        """The gunicorn worker serving requests (serve.sh execs the gunicorn master)."""
+        if self.process is None:
+            return None
+        if self._worker is None or not os.path.exists(f"/proc/{self._worker}"):
+            workers = _children(self.process.pid)
+            self._worker = workers[0] if workers else None
+        return self._worker
+
+    def rss(self) -> int | None:
+        """The worker's resident memory now (bytes)."""
+        pid = self.worker_pid()
+        return None if pid is None else _status_bytes(pid, "VmRSS")
+
+    def peak_rss(self) -> int | None:
+        """The worker's peak resident memory since it started or ``reset_peak`` (VmHWM)."""
+        pid = self.worker_pid()
+        return None if pid is None else _status_bytes(pid, "VmHWM")
+
+    def record_peak(self) -> None:
+        """Remember the worker's VmHWM (before a reset or a restart loses it)."""
+        peak = self.peak_rss()
+        if peak is not None:
+            self._max_peak = max(self._max_peak, peak)
+
+    def max_peak_rss(self) -> int | None:
+        """The highest VmHWM of every worker started so far (None if never read)."""
+        self.record_peak()
+        return self._max_peak or None
+
+    def cpu_seconds(self) -> float:
+        """CPU time the worker's threads have run so far (ns precision, from schedstat)."""
+        pid = self.worker_pid()
+        if pid is None:
+            return 0.0
+        total = 0
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return 0.0
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                    total += int(stat.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that just ended
+        return total / 1e9
+
+    def reset_peak(self) -> bool:
+        """Reset the worker's VmHWM to its current RSS (Linux ≥ 4.0); False if not allowed."""
+        pid = self.worker_pid()
+        if pid is None:
+            return False
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as refs:
+                refs.write("5")
+        except OSError:
+            return False
+        return True
