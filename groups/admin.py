@@ -5,13 +5,15 @@
   identifier, and by member reference (``Patient/123``: answered from ClickHouse's reverse
   table). Filters: type, actual, deleted, has pending batches. The list reads the metadata
   store only (one extra query for the page's pending counts), never ClickHouse per row.
-- **Group page**: the resource JSON without its roster; the roster paged from ClickHouse
-  (keyset, by member reference) with a member search and an "as of version" selector; the
+- **Group page**: the resource JSON without its roster; the roster paged (keyset, by member
+  reference) through the API's own selector (``groups.selectors.roster_page``, as
+  ``$members`` pages it), with a member search and an "as of version" selector; the
   pending batches; the member event timeline (version, op, who, when, source); the version
-  history with each version's body changes and member event counts. No part of it reads a
-  whole roster.
-- **Actions** (list and page) call ``groups.maintenance``: ship pending batches, verify a
-  roster, rebuild a roster's current-state rows (after a confirmation page).
+  history with each version's body changes and member event counts. A current page reads a
+  window of the state table; a page as of an older version aggregates the log up to it.
+- **Actions** (list and page) call ``groups.maintenance`` (``scan``, ``repair``): ship
+  pending batches, verify a roster, rebuild a roster's current-state rows (after a
+  confirmation page).
 
 Only staff users reach the admin; ship and rebuild need the change permission on Groups,
 verify the view permission.
@@ -40,25 +42,13 @@ from fhirservice.admin import admin_link, pretty_json, version_history
 from fhirservice.errors import FhirError
 from fhirservice.models import SearchToken
 from fhirservice.search.values import normalize_string
-from groups.maintenance import (
-    MaintenanceError,
-    group_batches_ship,
-    group_roster_rebuild,
-    groups_with_pending_batches,
-    pending_batch_counts,
-    roster_verify,
-)
+from groups.maintenance.common import MaintenanceError
+from groups.maintenance.repair import group_batches_ship, group_roster_rebuild
+from groups.maintenance.scan import groups_with_pending_batches, pending_batch_counts, roster_verify
 from groups.members import REFERENCE_RE
 from groups.models import GroupResource, MemberOutbox
-from groups.repository import MaintenanceRepository, MemberState
-from groups.selectors import (
-    clickhouse_required,
-    groups_with_members,
-    merge_states,
-    pending_states,
-    roster_key,
-    roster_page,
-)
+from groups.repository import MemberEventRepository, MemberState
+from groups.selectors import clickhouse_required, groups_with_members, roster_key, roster_page
 
 GROUP_TYPES = ("person", "animal", "practitioner", "device", "medication", "substance")
 PAGE_SIZES = (25, 100, 500, 1000)
@@ -75,9 +65,6 @@ MSG_TOO_MANY = "Select at most {n} Groups for this action"
 MSG_SEARCH_CAPPED = "More than {n} Groups match one part of the search; refine it to see all"
 # Beyond this many matches a search or a rare-value filter stops listing keys.
 KEY_LIST_LIMIT = 1000
-# Roster windows: page size times these factors, plus a margin, before the plain read.
-WINDOW_FACTORS = (1, 8, 64)
-WINDOW_MARGIN = 50
 # Versions with more member events than this show their total only (no split by op).
 TYPE_SPLIT_LIMIT = 100_000
 # Filtered or searched lists count their matches up to this many (20 pages).
@@ -245,64 +232,11 @@ def _inline_page(members: list[dict[str, Any]], after: str, prefix: str, size: i
     return RosterView(page, page[-1].ref if len(chosen) > size else None)
 
 
-def _window_page(
-    key: str, *, after: str, count: int, as_of: int | None = None
-) -> list[MemberState]:
-    """Up to ``count`` present members in reference order after ``after`` (now or as of a
-    version), merged with pending (unshipped) events as ``roster_page`` does.
-
-    The member range of the page is bounded first with a plain read of the state table's
-    sort key (which holds every member the roster ever had, removed ones too); only that
-    range is then aggregated, and for an older version only its members changed since are
-    read from the log. ``roster_page`` aggregates everything after ``after`` instead, which
-    ClickHouse 18.16 (no in-order aggregation) and any as-of read pay for the whole roster.
-    When windows keep coming back nearly empty (many removed members, or a roster that was
-    much smaller at that version) the rest of the page is read the plain way.
-    """
-    repository = MaintenanceRepository()
-    pending = pending_states(key, max_version=as_of)
-    page: list[MemberState] = []
-    start = after
-    for factor in WINDOW_FACTORS:
-        window = factor * count + WINDOW_MARGIN
-        refs = repository.state_refs(key, after=start, limit=window)
-        upto = refs[-1] if len(refs) == window else None
-        stored = repository.roster_window(key, after=start, upto=upto)
-        if as_of is not None:
-            stored = _as_of(repository, key, as_of, stored)
-        overrides = {r: s for r, s in pending.items() if r > start and (upto is None or r <= upto)}
-        for state in merge_states(stored, overrides, after=start):
-            page.append(state)
-            if len(page) == count:
-                return page
-        if upto is None:
-            return page
-        start = upto
-    return page + roster_page(key, after=start, count=count - len(page), as_of=as_of)
-
-
-def _as_of(
-    repository: MaintenanceRepository, key: str, version: int, current: list[MemberState]
-) -> list[MemberState]:
-    """Current states turned into states as of ``version`` (reference order kept).
-
-    A member whose latest event is at or before the version has the same state then as
-    now; only members changed later are derived again from the log up to the version.
-    """
-    changed = [state.ref for state in current if state.pos >> 32 > version]
-    if not changed:
-        return current
-    older = repository.states_as_of(key, version, changed)
-    kept = [state for state in current if state.pos >> 32 <= version]
-    return sorted([*kept, *older], key=lambda state: state.ref)
-
-
 def _roster_view(key: str, *, after: str, prefix: str, size: int, as_of: int | None) -> RosterView:
     """A page of members in reference order, from ``after`` (or the search prefix on)."""
     start = after or (_before(prefix) if prefix else "")
     try:
-        with clickhouse_required():
-            page = _window_page(key, after=start, count=size + 1, as_of=as_of)
+        page = roster_page(key, after=start, count=size + 1, as_of=as_of)
     except FhirError as exc:
         return RosterView([], None, error=exc.diagnostics)
     if prefix:
@@ -359,7 +293,7 @@ def _timeline(
     low = None if member_ref else _timeline_low(group_id, key, before, TIMELINE_PAGE + 1)
     try:
         with clickhouse_required():
-            events = MaintenanceRepository().timeline(
+            events = MemberEventRepository().timeline(
                 key, before=before, low=low, member_ref=member_ref, limit=TIMELINE_PAGE + 1
             )
     except FhirError as exc:
@@ -789,7 +723,7 @@ def group_history(
             by_incarnation.setdefault(line.row.incarnation, []).append(line.row.version_id)
     try:
         with clickhouse_required():
-            repository = MaintenanceRepository()
+            repository = MemberEventRepository()
             for incarnation, numbers in by_incarnation.items():
                 key = key_of(row.resource_id, incarnation)
                 counts = repository.event_type_counts(key, numbers)

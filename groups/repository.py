@@ -146,8 +146,63 @@ def in_chunks(values: Iterable[str], max_bytes: int = IN_LIST_BYTES) -> Iterator
         yield tuple(chunk)
 
 
+# The tables one roster lives in: repair's deletes and mutation checks cover all three.
+MEMBER_TABLES = (EVENTS, STATE, REVERSE)
+# Columns of the admin's member timeline.
+_TIMELINE_KEYS = (
+    "version",
+    "seq",
+    "member_ref",
+    "member_type",
+    "event_type",
+    "period_start",
+    "period_end",
+    "inactive",
+    "recorded_at",
+    "request_id",
+    "source",
+    "actor",
+)
+_PRESENT = f"argMax(toUInt8(event_type != 'removed'), {POS})"
+
+
+@dataclass(frozen=True, slots=True)
+class RosterConsistency:
+    """How one roster's current-state rows compare with its event log.
+
+    ``state_mismatches``: members whose ``MemberState`` row differs from the argMax over the
+    log (or exists on one side only); ``reverse_mismatches`` the same for ``MemberGroups``.
+    ``log_present`` / ``log_active``: members present / active according to the log.
+    """
+
+    roster_key: str
+    state_mismatches: int = 0
+    reverse_mismatches: int = 0
+    sample: str = ""
+    log_present: int = 0
+    log_active: int = 0
+
+    @property
+    def consistent(self) -> bool:
+        """Both state tables agree with the log."""
+        return not self.state_mismatches and not self.reverse_mismatches
+
+
 class MemberEventRepository:
-    """SQL over the member event tables of one ClickHouse client."""
+    """SQL over the member event tables of one ClickHouse client.
+
+    Request paths use the roster reads (lookups, pages, streams, reverse lookups). The
+    operator's reads (timeline, whole-roster checks) and the mutations repair needs follow;
+    the checks read whole rosters and the mutations rewrite parts, so no request path calls
+    them, except :meth:`timeline` and :meth:`event_type_counts` (the admin's Group page).
+
+    Removal uses ``ALTER TABLE … DELETE WHERE`` mutations (ClickHouse 18.16 has no
+    lightweight ``DELETE``). Mutations are asynchronous and apply only to parts that exist
+    when the mutation is created; rows inserted afterwards are kept. :meth:`rebuild_state`
+    relies on that: it creates the delete first and inserts the rebuilt states after it, so
+    readers never see an empty roster; :meth:`pending_mutations` tells when the old rows are
+    gone.
+    """
 
     def __init__(self, client: ClickHouseClient | None = None) -> None:
         self.client = client or get_clickhouse()
@@ -456,92 +511,7 @@ class MemberEventRepository:
         )
         return {int(v): int(n) for v, n in rows}
 
-
-def event_row(
-    roster_key: str,
-    version: int,
-    event: list[Any],
-    recorded_at: datetime,
-    request_id: str,
-    source: str,
-    actor: str,
-) -> tuple:
-    """A ClickHouse row from an outbox event list (see MemberOutbox.events)."""
-    ref, event_type, seq, member_type, start, end, inactive, extra = event
-    return (
-        roster_key,
-        ref,
-        member_type,
-        event_type,
-        version,
-        seq,
-        start,
-        end,
-        1 if inactive else 0,
-        extra,
-        recorded_at,
-        request_id,
-        source,
-        actor,
-    )
-
-
-# -- roster maintenance (admin, verify, rebuild, repair) -----------------------------------
-
-_TIMELINE_KEYS = (
-    "version",
-    "seq",
-    "member_ref",
-    "member_type",
-    "event_type",
-    "period_start",
-    "period_end",
-    "inactive",
-    "recorded_at",
-    "request_id",
-    "source",
-    "actor",
-)
-_PRESENT = f"argMax(toUInt8(event_type != 'removed'), {POS})"
-
-
-@dataclass(frozen=True, slots=True)
-class RosterConsistency:
-    """How one roster's current-state rows compare with its event log.
-
-    ``state_mismatches``: members whose ``MemberState`` row differs from the argMax over the
-    log (or exists on one side only); ``reverse_mismatches`` the same for ``MemberGroups``.
-    ``log_present`` / ``log_active``: members present / active according to the log.
-    """
-
-    roster_key: str
-    state_mismatches: int = 0
-    reverse_mismatches: int = 0
-    sample: str = ""
-    log_present: int = 0
-    log_active: int = 0
-
-    @property
-    def consistent(self) -> bool:
-        """Both state tables agree with the log."""
-        return not self.state_mismatches and not self.reverse_mismatches
-
-
-class MaintenanceRepository(MemberEventRepository):
-    """Operator SQL: timelines, whole-roster checks and the mutations repair needs.
-
-    Not for request hot paths except :meth:`timeline` and :meth:`event_type_counts` (the
-    admin's Group page): the checks read whole rosters, and the mutations rewrite parts.
-
-    Removal uses ``ALTER TABLE … DELETE WHERE`` mutations (ClickHouse 18.16 has no
-    lightweight ``DELETE``). Mutations are asynchronous and apply only to parts that exist
-    when the mutation is created; rows inserted afterwards are kept. :meth:`rebuild_state`
-    relies on that: it creates the delete first and inserts the rebuilt states after it, so
-    readers never see an empty roster, and :meth:`wait_for_mutations` waits until the old
-    rows are gone.
-    """
-
-    TABLES = (EVENTS, STATE, REVERSE)
+    # -- operator reads and the mutations repair needs --------------------------------------
 
     def timeline(
         self,
@@ -606,52 +576,6 @@ class MaintenanceRepository(MemberEventRepository):
         for version, event_type, n in rows:
             counts.setdefault(int(version), {})[event_type] = int(n)
         return counts
-
-    def state_refs(self, roster_key: str, *, after: str, limit: int) -> list[str]:
-        """Member references of the state table after ``after``, in order, duplicates kept.
-
-        A plain read of the sort key (no aggregation): it bounds the member range of a page,
-        so the aggregating read that follows covers that range only. 18.16 can neither
-        aggregate nor read in order, and aggregating a whole roster to show 100 members
-        costs seconds there on a million-member roster.
-        """
-        rows = self.client.execute(
-            f"SELECT member_ref FROM {STATE} WHERE roster_key = %(k)s AND member_ref > %(after)s "
-            f"ORDER BY member_ref LIMIT %(limit)s",
-            {"k": roster_key, "after": after, "limit": limit},
-        )
-        return [row[0] for row in rows]
-
-    def roster_window(self, roster_key: str, *, after: str, upto: str | None) -> list[MemberState]:
-        """Current states of the members in (``after``, ``upto``], removed ones too."""
-        conditions = "roster_key = %(k)s AND member_ref > %(after)s"
-        params: dict[str, Any] = {"k": roster_key, "after": after}
-        if upto is not None:
-            conditions += " AND member_ref <= %(upto)s"
-            params["upto"] = upto
-        rows = self.client.execute(
-            f"SELECT {_STATE_COLUMNS} FROM {STATE} WHERE {conditions} "
-            f"GROUP BY roster_key, member_ref ORDER BY member_ref",
-            params,
-            settings=self._in_order(),
-        )
-        return [_state(row) for row in rows]
-
-    def states_as_of(self, roster_key: str, version: int, refs: list[str]) -> list[MemberState]:
-        """States as of ``version`` of some members (from events up to it), removed too.
-
-        For members changed after ``version``: the log is sorted by version, not member, so
-        this filters the roster's log by member (a column scan, no index).
-        """
-        states: list[MemberState] = []
-        for chunk in in_chunks(refs):
-            rows = self.client.execute(
-                f"SELECT {_EVENT_STATE_COLUMNS} FROM {EVENTS} WHERE roster_key = %(k)s "
-                f"AND version <= %(v)s AND member_ref IN %(refs)s GROUP BY member_ref",
-                {"k": roster_key, "v": version, "refs": chunk},
-            )
-            states.extend(_state(row) for row in rows)
-        return sorted(states, key=lambda state: state.ref)
 
     def roster_keys(self, *, prefix: str | None = None) -> set[str]:
         """Every roster key found in the log or either state table (optionally by prefix)."""
@@ -749,7 +673,7 @@ class MaintenanceRepository(MemberEventRepository):
 
     def delete_roster(self, roster_key: str) -> None:
         """Start removing every row of a roster key from the log and both state tables."""
-        for table in self.TABLES:
+        for table in MEMBER_TABLES:
             self.client.command(
                 f"ALTER TABLE {table} DELETE WHERE roster_key = %(k)s", {"k": roster_key}
             )
@@ -759,7 +683,7 @@ class MaintenanceRepository(MemberEventRepository):
 
         The deletes are created before the inserts, so they remove only the old rows: the
         roster stays readable throughout (old and new states merge by position until the
-        mutation has run). Call :meth:`wait_for_mutations` before relying on the result.
+        mutation has run). Wait until :meth:`pending_mutations` is 0 before relying on the result.
         """
         params = {"k": roster_key}
         self.client.command(f"ALTER TABLE {STATE} DELETE WHERE roster_key = %(k)s", params)
@@ -788,6 +712,35 @@ class MaintenanceRepository(MemberEventRepository):
         rows = self.client.execute(
             "SELECT count() FROM system.mutations WHERE database = currentDatabase() "
             "AND table IN %(tables)s AND is_done = 0",
-            {"tables": self.TABLES},
+            {"tables": MEMBER_TABLES},
         )
         return int(rows[0][0])
+
+
+def event_row(
+    roster_key: str,
+    version: int,
+    event: list[Any],
+    recorded_at: datetime,
+    request_id: str,
+    source: str,
+    actor: str,
+) -> tuple:
+    """A ClickHouse row from an outbox event list (see MemberOutbox.events)."""
+    ref, event_type, seq, member_type, start, end, inactive, extra = event
+    return (
+        roster_key,
+        ref,
+        member_type,
+        event_type,
+        version,
+        seq,
+        start,
+        end,
+        1 if inactive else 0,
+        extra,
+        recorded_at,
+        request_id,
+        source,
+        actor,
+    )

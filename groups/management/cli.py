@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from fhirservice.models import StoredResource
-from groups.maintenance import MSG_NO_GROUP
+from groups.maintenance.common import MSG_NO_GROUP
 
 MSG_POSITIVE = "--{name} must be a positive whole number, not {value}"
 

@@ -23,9 +23,9 @@ from django.test.utils import CaptureQueriesContext
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.services import resource_patch
-from groups.maintenance import roster_rebuild
+from groups.maintenance.repair import roster_rebuild
 from groups.models import MemberOutbox
-from groups.repository import MaintenanceRepository, MemberEventRepository
+from groups.repository import MemberEventRepository
 from tests.groups.conftest import (
     add,
     clickhouse_roster,
@@ -363,17 +363,17 @@ def test_the_page_survives_clickhouse_being_down(admin_client, live_api, clickho
 def test_a_page_never_reads_more_of_the_roster_than_it_shows(admin_client, live_api, monkeypatch):
     gid = create_group(live_api, patients(400, "n"))
     read_states = []
-    real = MaintenanceRepository.roster_window
+    real = MemberEventRepository._page
 
     def counting(self, *args, **kwargs):
-        states = real(self, *args, **kwargs)
-        read_states.extend(states)
-        return states
+        rows = real(self, *args, **kwargs)
+        read_states.extend(rows)
+        return rows
 
-    monkeypatch.setattr(MaintenanceRepository, "roster_window", counting)
+    monkeypatch.setattr(MemberEventRepository, "_page", counting)
     text = html(admin_client.get(page_url(gid, "?size=25")))
     assert len(roster_refs(text)) == 25
-    assert len(read_states) == 26 + 50  # one window: the page, one more, and a margin
+    assert len(read_states) == 26  # the API's page query: the page and one more
 
 
 # --- the generic store ---------------------------------------------------------------------
@@ -442,15 +442,13 @@ def test_as_of_merges_batches_not_yet_shipped(admin_client, live_api):
     assert roster_refs(html(admin_client.get(page_url(gid)))) == ["Patient/m2"]
 
 
-def test_a_roster_of_mostly_removed_members_pages_right(admin_client, live_api, monkeypatch):
+def test_a_roster_of_mostly_removed_members_pages_right(admin_client, live_api):
     gid = create_group(live_api, [*patients(300, "a"), "Patient/zz", "Patient/zz2"])
     patched(live_api, gid, [remove_ref(ref) for ref in patients(300, "a")])
     assert roster_refs(html(admin_client.get(page_url(gid, "?size=25")))) == [
         "Patient/zz",
         "Patient/zz2",
     ]
-    # With a single small window the page falls back to reading the roster the plain way.
-    monkeypatch.setattr("groups.admin.WINDOW_FACTORS", (1,))
     text = html(admin_client.get(page_url(gid, "?size=25")))
     assert roster_refs(text) == ["Patient/zz", "Patient/zz2"]
     text = html(admin_client.get(page_url(gid, "?size=25&as_of=1")))

@@ -19,9 +19,9 @@ from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 from django.test import override_settings
 
-import groups.maintenance
+import groups.maintenance.backfill
 from fhirservice.models import ResourceVersion, StoredResource
-from groups.maintenance import BACKFILL_CHECKPOINT, MSG_INLINE_MODE, backfill_checkpoint
+from groups.maintenance.backfill import BACKFILL_CHECKPOINT, MSG_INLINE_MODE, backfill_checkpoint
 from groups.management.commands.repair_group_members import EXIT_PROBLEMS_REMAIN
 from groups.models import BackfillCheckpoint, MemberOutbox
 from tests.groups.conftest import (
@@ -166,7 +166,7 @@ def test_backfill_stopped_by_limit_resumes_from_its_checkpoint(live_api):
 
 def test_backfill_interrupted_by_a_crash_resumes_where_it_stopped(live_api, monkeypatch):
     gids = inline_groups(live_api, 6)
-    real = groups.maintenance.group_roster_backfill
+    real = groups.maintenance.backfill.group_roster_backfill
     calls = []
 
     def crash_on_the_fourth(**kwargs):
@@ -175,13 +175,13 @@ def test_backfill_interrupted_by_a_crash_resumes_where_it_stopped(live_api, monk
             raise RuntimeError("the process was killed")
         return real(**kwargs)
 
-    monkeypatch.setattr(groups.maintenance, "group_roster_backfill", crash_on_the_fourth)
+    monkeypatch.setattr(groups.maintenance.backfill, "group_roster_backfill", crash_on_the_fourth)
     with pytest.raises(RuntimeError, match="killed"):
         run("backfill_group_members", "--no-input", "--batch-size", "2")
     assert versions(gids) == [2, 2, 2, 1, 1, 1]
     # Saved when the exception left the loop, mid-batch: after the last Group moved.
     assert backfill_checkpoint().last_key == f"Group/{gids[2]}"
-    monkeypatch.setattr(groups.maintenance, "group_roster_backfill", real)
+    monkeypatch.setattr(groups.maintenance.backfill, "group_roster_backfill", real)
     out, _ = run("backfill_group_members", "--no-input")
     assert f"Resumed after Group/{gids[2]}." in out
     assert "Moved 3 Groups (9 members)" in out

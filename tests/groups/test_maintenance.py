@@ -23,7 +23,14 @@ from django.test import override_settings
 
 from fhirservice.models import ResourceVersion, StoredResource
 from fhirservice.store.handlers import WriteContext
-from groups.maintenance import (
+from groups.maintenance.backfill import (
+    backfill_candidates,
+    group_roster_backfill,
+    groups_backfill,
+)
+from groups.maintenance.common import MaintenanceError, wait_for_mutations
+from groups.maintenance.repair import group_batches_ship, group_roster_rebuild, rosters_repair
+from groups.maintenance.scan import (
     MISSING_EVENTS,
     PENDING,
     QUANTITY,
@@ -31,19 +38,11 @@ from groups.maintenance import (
     STRAY_EVENTS,
     STRAY_ROSTER,
     STRAY_VERSION,
-    MaintenanceError,
-    backfill_candidates,
-    group_batches_ship,
-    group_roster_backfill,
-    group_roster_rebuild,
-    groups_backfill,
     roster_verify,
-    rosters_repair,
     rosters_scan,
-    wait_for_mutations,
 )
 from groups.models import MemberOutbox
-from groups.repository import MaintenanceRepository
+from groups.repository import MemberEventRepository
 from tests.groups.conftest import (
     add,
     clickhouse_roster,
@@ -87,12 +86,12 @@ def stray_event(key: str, version: int, seq: int, ref: str, event_type: str = "a
         "test",
         "intruder",
     )
-    MaintenanceRepository().insert_events([row])
+    MemberEventRepository().insert_events([row])
 
 
 def bogus_state(key: str, ref: str, *, present: int, version: int = 1 << 20) -> None:
     """Insert a MemberState row that no event backs."""
-    client = MaintenanceRepository().client
+    client = MemberEventRepository().client
     pos = version << 32
     at = "toUInt64(%(p)s)"
     client.command(
@@ -107,7 +106,7 @@ def bogus_state(key: str, ref: str, *, present: int, version: int = 1 << 20) -> 
 
 def bogus_reverse(key: str, ref: str) -> None:
     """Insert a MemberGroups row claiming ``ref`` is in the roster."""
-    MaintenanceRepository().client.command(
+    MemberEventRepository().client.command(
         "INSERT INTO Group_4_0_0_MemberGroups (member_ref, roster_key, pos, present, inactive) "
         "SELECT %(r)s, %(k)s, maxState(toUInt64(1)), argMaxState(toUInt8(1), toUInt64(1)), "
         "argMaxState(toUInt8(0), toUInt64(1))",
@@ -117,7 +116,7 @@ def bogus_reverse(key: str, ref: str) -> None:
 
 def lose_version(key: str, version: int) -> None:
     """Delete a committed version's events from the log only (a lost ClickHouse part)."""
-    repository = MaintenanceRepository()
+    repository = MemberEventRepository()
     repository.client.command(
         "ALTER TABLE Group_4_0_0_MemberEvents DELETE WHERE roster_key = %(k)s AND version = %(v)s",
         {"k": key, "v": version},
@@ -248,7 +247,7 @@ def test_rows_of_a_roster_key_of_no_incarnation_are_removed(live_api):
     assert kinds(report.findings) == {STRAY_ROSTER: 1}
     assert report.findings[0].roster_key == stray_key
     repaired(gid, Counter({STRAY_ROSTER: 1}))
-    assert MaintenanceRepository().roster_keys(prefix=f"{gid}/") == {current_key(gid)}
+    assert MemberEventRepository().roster_keys(prefix=f"{gid}/") == {current_key(gid)}
     assert_healthy(live_api, gid, refs)
 
 

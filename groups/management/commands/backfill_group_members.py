@@ -15,15 +15,15 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import FhirError
-from groups.maintenance import (
+from groups.maintenance.backfill import (
     MSG_INLINE_MODE,
     BackfillReport,
-    MaintenanceError,
     backfill_candidates,
     backfill_checkpoint,
     backfill_checkpoint_reset,
     groups_backfill,
 )
+from groups.maintenance.common import MaintenanceError
 from groups.management.cli import ProgressBar, add_no_input, confirm, named_groups, positive
 
 MSG_GROUP_AND_RESTART = "--restart concerns the checkpoint, which --group runs do not use"

@@ -2,7 +2,8 @@
 
 Checks every roster (or those of ``--group``) across the outbox, the ClickHouse event log,
 the current-state tables and ``Group.quantity``, ships pending batches, and with ``--fix``
-repairs the rest. See ``groups.maintenance`` for the kinds of damage and how each is fixed.
+repairs the rest. See ``groups.maintenance.scan`` for the kinds of damage and
+``groups.maintenance.repair`` for how each is fixed.
 """
 
 from __future__ import annotations
@@ -12,15 +13,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fhirservice.errors import FhirError
-from groups.maintenance import (
-    KINDS,
-    PENDING,
-    Finding,
-    MaintenanceError,
-    RepairReport,
-    ScanReport,
-    rosters_repair,
-)
+from groups.maintenance.common import MaintenanceError
+from groups.maintenance.repair import RepairReport, rosters_repair
+from groups.maintenance.scan import KINDS, PENDING, Finding, ScanReport
 from groups.management.cli import ProgressBar, add_no_input, confirm, named_groups, positive
 
 # Exit status when damage is left (bad arguments and failures exit with 1).
