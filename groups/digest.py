@@ -48,6 +48,36 @@ logger = logging.getLogger(__name__)
 _RECENT_MAX = 65_536
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``values`` sorted without repeats (sorts in place).
+
+    Not ``np.unique``: since NumPy 2.3 it dedupes int64 through a hash table, ~1 s for 10^6
+    random 64-bit hashes against ~0.06 s for a sort and a mask.
+    """
+    values.sort()
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
+def _merged(hashes: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """Sorted unique ``hashes`` with the unique values ``more`` inserted (a new array).
+
+    Insertion at searched positions copies the array once (~5 ms at 10^6), under the
+    digest's lock; ``np.union1d`` sorted everything again (~1 s with NumPy 2.3's hash-table
+    ``unique``), and every write of the roster waited for it.
+    """
+    more = np.sort(more)
+    positions = np.searchsorted(hashes, more)
+    if len(hashes):
+        known = hashes[np.minimum(positions, len(hashes) - 1)] == more
+        more, positions = more[~known], positions[~known]
+    return np.insert(hashes, positions, more)
+
+
 def _held_hashes(events: Iterable[list[Any]]) -> Iterable[int]:
     """Hashes of the references an outbox batch's events leave possibly present."""
     return (hash(event[0]) for event in events if event[1] != "removed")
@@ -96,7 +126,7 @@ class RosterDigest:
             self.recent.update(hashes)
             if len(self.recent) > _RECENT_MAX:
                 merged = np.fromiter(self.recent, dtype=np.int64, count=len(self.recent))
-                self.hashes = np.union1d(self.hashes, merged)
+                self.hashes = _merged(self.hashes, merged)
                 self.recent = set()
 
     def advance(self, *, covered: int, to: int) -> None:
@@ -113,7 +143,7 @@ def digest_build(roster_key: str, version: int) -> RosterDigest:
         np.fromiter(_held_hashes(orjson.loads(events)), dtype=np.int64)
         for events in rows.values_list("events", flat=True).iterator(chunk_size=4)
     ]
-    hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    hashes = _sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
     return RosterDigest(roster_key, version, hashes)
 
 

@@ -223,3 +223,23 @@ def test_a_held_member_is_never_absent_while_another_thread_merges(monkeypatch) 
     finally:
         sys.setswitchinterval(interval)
     assert misses == []
+
+
+def test_digest_sets_are_sorted_unique_as_numpy_would_make_them() -> None:
+    # The build and the overflow merge replaced np.unique / np.union1d (slow since NumPy 2.3
+    # for 64-bit hashes); the arrays must stay exactly what absent() searches.
+    from groups.digest import _merged, _sorted_unique
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64)
+    values = np.concatenate([values, values[:300], [0, 0, -1]]).astype(np.int64)
+    built = _sorted_unique(values.copy())
+    assert np.array_equal(built, np.unique(values))
+    more = np.array(
+        sorted({*rng.integers(-(2**63), 2**63 - 1, size=700).tolist(), *built[:50].tolist()})
+    )
+    rng.shuffle(more)
+    assert np.array_equal(_merged(built, more.astype(np.int64)), np.union1d(built, more))
+    empty = np.zeros(0, dtype=np.int64)
+    assert np.array_equal(_merged(empty, np.array([3, 1], dtype=np.int64)), [1, 3])
+    assert len(_sorted_unique(empty.copy())) == 0
