@@ -10,17 +10,21 @@ class GroupsConfig(AppConfig):
     verbose_name = "Group rosters"
 
     def ready(self) -> None:
-        """Plug the Group handler, the post-save receiver, ``member`` search and the shipper in."""
+        """Plug the Group handler, the post-save receiver, ``member`` search, the shipper and
+        the digests' warm-up in."""
         from fhirservice.clickhouse import clickhouse_closing
         from fhirservice.search.query import register_param
+        from fhirservice.serving import service_starting
         from fhirservice.store.handlers import register_handler, resource_saved
         from groups import shipping
+        from groups.digest import digests
         from groups.handlers import GroupHandler, on_resource_saved
         from groups.search import member_param
 
         register_handler("Group", GroupHandler())
         clickhouse_closing.connect(shipping.on_clickhouse_closing, dispatch_uid="groups.shipping")
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
+        service_starting.connect(digests.warm_up, dispatch_uid="groups.digests.warm_up")
         register_param(
             "Group",
             "member",

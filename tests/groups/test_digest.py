@@ -155,6 +155,34 @@ def test_large_rosters_are_digested_in_the_background(live_api, clickhouse_down)
         assert read(live_api, gid)["quantity"] == 5
 
 
+def test_a_starting_server_digests_its_large_rosters_before_the_first_write(
+    live_api, clickhouse_down
+) -> None:
+    # A restarted process used to learn a large roster only at its first write, then build
+    # in the background while writes asked ClickHouse (as served: the first 20 PATCHes).
+    from fhirservice.serving import warm_up
+
+    large = create_group(live_api, [A, B, C])
+    small = create_group(live_api, [D])
+    gone = create_group(live_api, [X, Y, A])
+    assert live_api.delete(f"/Group/{gone}").status == 204
+    digests.clear()  # a new process
+    with service_settings(MEMBER_DIGEST_SYNC_MAX=2):
+        warm_up()
+        digest = digests.get(current_key(large))
+        assert digest is not None and digest.version == stored_version(large)
+        assert digests.get(current_key(small)) is None  # digested inside its first write
+        assert digests.get(current_key(gone)) is None
+        with clickhouse_down():
+            patched(live_api, large, [add(X)])
+        assert not last_batch_recount(large)  # the digest answered, ClickHouse was not asked
+        assert read(live_api, large)["quantity"] == 4
+    digests.clear()
+    with service_settings(MEMBER_DIGEST_SYNC_MAX=2, MEMBER_DIGEST_ENTRIES=3):
+        digests.warm_up()  # 4 events: more than the digests may hold
+        assert digests.get(current_key(large)) is None
+
+
 def test_least_recently_used_digests_make_room(live_api) -> None:
     with service_settings(MEMBER_DIGEST_ENTRIES=3):
         first = create_group(live_api, [A])
