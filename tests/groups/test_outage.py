@@ -34,7 +34,7 @@ from fhirservice.clickhouse import ClickHouseUnavailable, connect, get_clickhous
 from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.models import ResourceVersion, StoredResource
 from groups.clickhouse_migrations import REVERSE, STATE
-from groups.maintenance import wait_for_mutations
+from groups.maintenance.common import wait_for_mutations
 from groups.models import MemberOutbox
 from groups.repository import MaintenanceRepository, MemberEventRepository
 from groups.selectors import MSG_CLICKHOUSE_DOWN
