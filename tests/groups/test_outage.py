@@ -36,7 +36,7 @@ from fhirservice.models import ResourceVersion, StoredResource
 from groups.clickhouse_migrations import REVERSE, STATE
 from groups.maintenance.common import wait_for_mutations
 from groups.models import MemberOutbox
-from groups.repository import MaintenanceRepository, MemberEventRepository
+from groups.repository import MemberEventRepository
 from groups.selectors import MSG_CLICKHOUSE_DOWN
 from groups.services import batch_event_rows, member_batches_ship
 from tests.fhirservice.test_api_errors import assert_outcome
@@ -409,7 +409,7 @@ def test_a_batch_the_state_tables_lack_is_not_taken_as_shipped(
     monkeypatch.undo()  # the process restarts
     key = current_key(gid)
     (batch,) = outbox_rows(gid)
-    repository = MaintenanceRepository()
+    repository = MemberEventRepository()
     repository.insert_events(batch_event_rows(batch, orjson.loads(batch.events)))
     for table in lost:
         repository.client.command(
