@@ -53,6 +53,23 @@ def check_clickhouse_url(app_configs: Any = None, **kwargs: Any) -> list[checks.
 
 
 @checks.register()
+def check_clickhouse_cluster(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """CLICKHOUSE_CLUSTER, when set, is a plain cluster name on a ClickHouse server."""
+    from fhirservice.clickhouse.migrations import MSG_CHDB_CLUSTER, on_cluster_clause
+
+    cluster = getattr(settings, "CLICKHOUSE_CLUSTER", None)
+    if not cluster:
+        return []
+    try:
+        on_cluster_clause(cluster)
+    except ValueError as exc:
+        return [checks.Error(f"CLICKHOUSE_CLUSTER: {exc}", id="fhirservice.E004")]
+    if getattr(settings, "CLICKHOUSE_URL", "").startswith("chdb://"):
+        return [checks.Error(MSG_CHDB_CLUSTER, id="fhirservice.E004")]
+    return []
+
+
+@checks.register()
 def check_embedded_workers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """chdb allows one process per data path: several gunicorn workers would fail to start."""
     import os

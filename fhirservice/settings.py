@@ -6,7 +6,9 @@ Backends are chosen by URL:
   ``postgres://user:pass@host:port/db``. ``MONGODB_URI`` switches to MongoDB through
   django-mongodb-backend instead.
 - ``CLICKHOUSE_URL``: the member event store. ``chdb:///path`` (embedded default) or
-  ``clickhouse://user:pass@host:port/db``.
+  ``clickhouse://user:pass@host:port/db``. ``CLICKHOUSE_CLUSTER`` (a server's
+  ``remote_servers`` name) makes ``migrate_clickhouse`` build replicated tables behind
+  Distributed ones on every node of that cluster.
 
 ``FHIR_AUTH`` (``on``/``off``, default on) switches access control: OAuth2 bearer tokens with
 SMART system scopes and per-organization data boundaries (``fhirservice.access``).
@@ -134,6 +136,7 @@ else:
         DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 CLICKHOUSE_URL = env.str("CLICKHOUSE_URL", default=f"chdb:///{VAR_DIR / 'chdb'}")
+CLICKHOUSE_CLUSTER = env.str("CLICKHOUSE_CLUSTER", default="") or None
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

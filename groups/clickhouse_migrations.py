@@ -8,9 +8,12 @@
   the paging key are its sort key.
 - ``Group_4_0_0_MemberGroups``: the same state sorted by (member reference, roster key), for
   ``Group?member=`` and "which groups is this patient in".
+
+On a ClickHouse cluster (``CLICKHOUSE_CLUSTER``) each is a replicated ``<name>_local`` table
+on every node behind a Distributed table of its name (``fhirservice.clickhouse.migrations``).
 """
 
-from fhirservice.clickhouse.migrations import Migration
+from fhirservice.clickhouse.migrations import MaterializedView, Migration, ServedTable
 
 EVENTS = "Group_4_0_0_MemberEvents"
 STATE = "Group_4_0_0_MemberState"
@@ -18,12 +21,18 @@ REVERSE = "Group_4_0_0_MemberGroups"
 
 POS = "bitShiftLeft(toUInt64(version), 32) + seq"
 
+# Sharding key of all three tables: a roster's events and both of its state tables' rows
+# live on one shard, where the views derive the states from the events.
+SHARD_BY = "cityHash64(roster_key)"
+
 MIGRATIONS = [
     Migration(
         "groups",
         "0001_member_events",
         [
-            f"""CREATE TABLE IF NOT EXISTS {EVENTS}{{on_cluster}} (
+            ServedTable(
+                EVENTS,
+                """
             roster_key String,
             member_ref String,
             member_type String,
@@ -38,8 +47,14 @@ MIGRATIONS = [
             request_id String,
             source String,
             actor String
-        ) ENGINE = ReplacingMergeTree ORDER BY (roster_key, version, seq)""",
-            f"""CREATE TABLE IF NOT EXISTS {STATE}{{on_cluster}} (
+        """,
+                "ReplacingMergeTree",
+                "(roster_key, version, seq)",
+                SHARD_BY,
+            ),
+            ServedTable(
+                STATE,
+                """
             roster_key String,
             member_ref String,
             pos AggregateFunction(max, UInt64),
@@ -49,30 +64,48 @@ MIGRATIONS = [
             period_end AggregateFunction(argMax, String, UInt64),
             inactive AggregateFunction(argMax, UInt8, UInt64),
             extra AggregateFunction(argMax, String, UInt64)
-        ) ENGINE = AggregatingMergeTree ORDER BY (roster_key, member_ref)""",
-            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {STATE}_mv{{on_cluster}} TO {STATE} AS
-        SELECT roster_key, member_ref,
+        """,
+                "AggregatingMergeTree",
+                "(roster_key, member_ref)",
+                SHARD_BY,
+            ),
+            MaterializedView(
+                f"{STATE}_mv",
+                STATE,
+                EVENTS,
+                f"""roster_key, member_ref,
             maxState({POS}) AS pos,
             argMaxState(toUInt8(event_type != 'removed'), {POS}) AS present,
             argMaxState(member_type, {POS}) AS member_type,
             argMaxState(period_start, {POS}) AS period_start,
             argMaxState(period_end, {POS}) AS period_end,
             argMaxState(inactive, {POS}) AS inactive,
-            argMaxState(extra, {POS}) AS extra
-        FROM {EVENTS} GROUP BY roster_key, member_ref""",
-            f"""CREATE TABLE IF NOT EXISTS {REVERSE}{{on_cluster}} (
+            argMaxState(extra, {POS}) AS extra""",
+                "roster_key, member_ref",
+            ),
+            ServedTable(
+                REVERSE,
+                """
             member_ref String,
             roster_key String,
             pos AggregateFunction(max, UInt64),
             present AggregateFunction(argMax, UInt8, UInt64),
             inactive AggregateFunction(argMax, UInt8, UInt64)
-        ) ENGINE = AggregatingMergeTree ORDER BY (member_ref, roster_key)""",
-            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {REVERSE}_mv{{on_cluster}} TO {REVERSE} AS
-        SELECT member_ref, roster_key,
+        """,
+                "AggregatingMergeTree",
+                "(member_ref, roster_key)",
+                SHARD_BY,
+            ),
+            MaterializedView(
+                f"{REVERSE}_mv",
+                REVERSE,
+                EVENTS,
+                f"""member_ref, roster_key,
             maxState({POS}) AS pos,
             argMaxState(toUInt8(event_type != 'removed'), {POS}) AS present,
-            argMaxState(inactive, {POS}) AS inactive
-        FROM {EVENTS} GROUP BY member_ref, roster_key""",
+            argMaxState(inactive, {POS}) AS inactive""",
+                "member_ref, roster_key",
+            ),
         ],
     ),
 ]

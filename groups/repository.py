@@ -16,6 +16,7 @@ from itertools import islice
 from typing import Any, NamedTuple
 
 from fhirservice.clickhouse import ClickHouseClient, get_clickhouse
+from fhirservice.clickhouse.migrations import local_table
 from groups.clickhouse_migrations import EVENTS, POS, REVERSE, STATE
 
 EVENT_COLUMNS = (
@@ -201,7 +202,9 @@ class MemberEventRepository:
     when the mutation is created; rows inserted afterwards are kept. :meth:`rebuild_state`
     relies on that: it creates the delete first and inserts the rebuilt states after it, so
     readers never see an empty roster; :meth:`pending_mutations` tells when the old rows are
-    gone.
+    gone. On a ClickHouse cluster the mutations name the connected replica's replicated tables
+    (``local_table``); ZooKeeper hands them to the other replicas of its shard (the tested
+    layout has one shard).
     """
 
     def __init__(self, client: ClickHouseClient | None = None) -> None:
@@ -669,13 +672,16 @@ class MemberEventRepository:
         if min_seq is not None:
             conditions.append("seq >= %(s)s")
             params["s"] = min_seq
-        self.client.command(f"ALTER TABLE {EVENTS} DELETE WHERE {' AND '.join(conditions)}", params)
+        self.client.command(
+            f"ALTER TABLE {local_table(EVENTS)} DELETE WHERE {' AND '.join(conditions)}", params
+        )
 
     def delete_roster(self, roster_key: str) -> None:
         """Start removing every row of a roster key from the log and both state tables."""
         for table in MEMBER_TABLES:
             self.client.command(
-                f"ALTER TABLE {table} DELETE WHERE roster_key = %(k)s", {"k": roster_key}
+                f"ALTER TABLE {local_table(table)} DELETE WHERE roster_key = %(k)s",
+                {"k": roster_key},
             )
 
     def rebuild_state(self, roster_key: str) -> None:
@@ -686,8 +692,10 @@ class MemberEventRepository:
         mutation has run). Wait until :meth:`pending_mutations` is 0 before relying on the result.
         """
         params = {"k": roster_key}
-        self.client.command(f"ALTER TABLE {STATE} DELETE WHERE roster_key = %(k)s", params)
-        self.client.command(f"ALTER TABLE {REVERSE} DELETE WHERE roster_key = %(k)s", params)
+        for table in (STATE, REVERSE):
+            self.client.command(
+                f"ALTER TABLE {local_table(table)} DELETE WHERE roster_key = %(k)s", params
+            )
         self.client.command(
             f"INSERT INTO {STATE} (roster_key, member_ref, pos, present, member_type, "
             f"period_start, period_end, inactive, extra) SELECT roster_key, member_ref, "
@@ -712,7 +720,7 @@ class MemberEventRepository:
         rows = self.client.execute(
             "SELECT count() FROM system.mutations WHERE database = currentDatabase() "
             "AND table IN %(tables)s AND is_done = 0",
-            {"tables": MEMBER_TABLES},
+            {"tables": tuple(local_table(table) for table in MEMBER_TABLES)},
         )
         return int(rows[0][0])
 

@@ -3,7 +3,8 @@
 #
 #   scripts/bootstrap.sh            # .venv with the project and its dev extras
 #   scripts/bootstrap.sh --servers  # also the Debian packages the tests need:
-#                                   # clickhouse-server/-client, postgresql, chromium
+#                                   # clickhouse-server/-client, postgresql, chromium,
+#                                   # zookeeper (the cluster pass)
 #
 # Nothing is started: tests start throwaway servers themselves (scripts/test-servers.sh).
 set -euo pipefail
@@ -14,7 +15,7 @@ for arg in "$@"; do
     case $arg in
     --servers) servers=1 ;;
     -h | --help)
-        sed -n '2,8p' "$0"
+        sed -n '2,9p' "$0"
         exit 0
         ;;
     *)
@@ -28,7 +29,7 @@ log() { echo "bootstrap: $*"; }
 
 # --- Debian packages -------------------------------------------------------------------
 if [ "$servers" = 1 ]; then
-    wanted=(clickhouse-server clickhouse-client postgresql chromium)
+    wanted=(clickhouse-server clickhouse-client postgresql chromium zookeeper)
     missing=()
     for pkg in "${wanted[@]}"; do
         if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
@@ -40,8 +41,9 @@ if [ "$servers" = 1 ]; then
         sudo=()
         [ "$(id -u)" = 0 ] || sudo=(sudo)
         # policy-rc.d answering 101 keeps the packages' maintainer scripts from starting
-        # their services (PostgreSQL's cluster on 5432, ClickHouse on 9000): the tests never
-        # use them. Only installed for this run, and only if the machine has none of its own.
+        # their services (PostgreSQL's cluster on 5432, ClickHouse on 9000, ZooKeeper on
+        # 2181): the tests never use them. Only installed for this run, and only if the
+        # machine has none of its own.
         policy=/usr/sbin/policy-rc.d
         if [ ! -e "$policy" ]; then
             printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs the pytest suite twice, once per backend pair:
+# Runs the pytest suite twice, once per backend pair, then the roster suite on a cluster:
 #   embedded: SQLite + chdb (the `make run` defaults)
 #   servers:  PostgreSQL + ClickHouse server (throwaway instances on loopback, started here)
-# Extra arguments go to pytest:  scripts/run-tests.sh -k patient -x
+#   cluster:  PostgreSQL + a ClickHouse cluster (ZooKeeper, one shard of two replicas, on
+#             loopback; CLICKHOUSE_CLUSTER set): $CLUSTER_TESTS (tests/groups, tests/operations,
+#             tests/cluster; paths among the arguments replace them). FHIR_TEST_CLUSTER=0
+#             leaves this pass out.
+# Extra arguments go to pytest (in every pass):  scripts/run-tests.sh -k patient -x
 #
-# Both passes always run; the exit status is non-zero if either failed (including pytest's
+# All passes always run; the exit status is non-zero if any failed (including pytest's
 # "no tests collected", exit 5). Per-pass artefacts (junit.xml, whatever tests write to
 # $FHIR_TEST_ARTIFACTS) land in test-artifacts/<pass>/.
 set -uo pipefail # no -e: a failing pass must not stop the other one
@@ -13,7 +17,7 @@ root=$PWD
 
 bash scripts/bootstrap.sh --servers || exit 1
 # Artefacts of an earlier run must not be mistaken for this run's.
-rm -rf "$root/test-artifacts/embedded" "$root/test-artifacts/servers"
+rm -rf "$root/test-artifacts/embedded" "$root/test-artifacts/servers" "$root/test-artifacts/cluster"
 
 PG_PORT=${PG_PORT:-55432}
 CH_TCP_PORT=${CH_TCP_PORT:-19000}
@@ -22,8 +26,17 @@ export PG_PORT CH_TCP_PORT
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fhir-tests.XXXXXX")
 # The servers run as other users in part (PostgreSQL as postgres): let them enter tmp.
 chmod 755 "$tmp"
-mkdir -p "$tmp/var" "$tmp/var2" # FHIR_VAR_DIR of each pass; SQLite won't create directories
+mkdir -p "$tmp/var" "$tmp/var2" "$tmp/var3" # FHIR_VAR_DIR of each pass; SQLite won't create directories
+FHIR_TEST_CLUSTER=${FHIR_TEST_CLUSTER:-1}
+CLUSTER_TESTS=${CLUSTER_TESTS:-tests/groups tests/operations tests/cluster}
+# Paths among the arguments choose what every pass runs, the cluster pass included.
+for arg in "$@"; do
+    [[ $arg == tests* ]] && CLUSTER_TESTS=""
+done
+passes=(embedded servers)
+[ "$FHIR_TEST_CLUSTER" = 1 ] && passes+=(cluster)
 cleanup() {
+    bash scripts/test-servers.sh stop "$tmp/cluster" || true
     bash scripts/test-servers.sh stop "$tmp/servers" || true
     rm -rf "$tmp"
 }
@@ -40,15 +53,23 @@ fi
 
 declare -A status
 # run_pass NAME VAR=VALUE... : one pytest run with the pass's environment.
+# run_pass NAME VAR=VALUE... [-- PATH...] : one pytest run with the pass's environment, on
+# PATHs (default: the whole suite).
 run_pass() {
     local name=$1
     shift
+    local env_vars=() paths=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do
+        env_vars+=("$1")
+        shift
+    done
+    [ $# -gt 0 ] && shift && paths=("$@")
     local artifacts=$root/test-artifacts/$name
     mkdir -p "$artifacts"
     echo
-    echo "=============== pass: $name ($*) ==============="
-    env "$@" FHIR_TEST_PASS="$name" FHIR_TEST_ARTIFACTS="$artifacts" \
-        .venv/bin/python -m pytest --junitxml="$artifacts/junit.xml" "${pytest_args[@]}"
+    echo "=============== pass: $name (${env_vars[*]}) ==============="
+    env "${env_vars[@]}" FHIR_TEST_PASS="$name" FHIR_TEST_ARTIFACTS="$artifacts" \
+        .venv/bin/python -m pytest --junitxml="$artifacts/junit.xml" "${paths[@]}" "${pytest_args[@]}"
     status[$name]=$?
 }
 pytest_args=("$@")
@@ -67,6 +88,24 @@ else
     status[servers]=1
 fi
 
+# The cluster: its replicas on CH_TCP_PORT+1.., beside the single server, and the same
+# PostgreSQL. CLICKHOUSE_URL names the first replica and the others as failover hosts.
+cluster_up=0
+if [ "$FHIR_TEST_CLUSTER" = 1 ] && [ "$servers_up" = 1 ]; then
+    if bash scripts/test-servers.sh start-cluster "$tmp/cluster"; then
+        cluster_up=1
+        # shellcheck disable=SC2086 # CLUSTER_TESTS is a list of paths
+        run_pass cluster \
+            DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/fhirservice" \
+            CLICKHOUSE_URL="clickhouse://default@127.0.0.1:$((CH_TCP_PORT + 1))/fhir_test?alt_hosts=127.0.0.1:$((CH_TCP_PORT + 2))" \
+            CLICKHOUSE_CLUSTER=fhir FHIR_TEST_CLUSTER_DIR="$tmp/cluster" \
+            FHIR_VAR_DIR="$tmp/var3" -- $CLUSTER_TESTS
+    else
+        echo "run-tests: the ClickHouse cluster did not start; the cluster pass will be reported as failed" >&2
+    fi
+fi
+[ "$cluster_up" = 1 ] || status[cluster]=${status[cluster]:-1}
+
 # Stop the servers now rather than in the EXIT trap, so the summary is the log's last word.
 cleanup
 trap - EXIT
@@ -77,18 +116,27 @@ trap - EXIT
 # "N passed, N failed, N skipped" that CI reads (junit files count them as skipped).
 echo
 rc=0
-for name in embedded servers; do
+for name in "${passes[@]}"; do
     code=${status[$name]}
     case $code in
     0) verdict="passed" ;;
-    5) verdict="FAILED (no tests collected)" ;;
+    5)
+        verdict="FAILED (no tests collected)"
+        # A -k or -m of the caller may match nothing among the roster tests.
+        if [ "$name" = cluster ] && [ $# -gt 0 ]; then
+            verdict="passed (no test selected)" code=0
+        fi
+        ;;
     *) verdict="FAILED (pytest exit $code)" ;;
     esac
     [ "$name" = servers ] && [ "$servers_up" = 0 ] && verdict="FAILED (servers did not start)"
+    [ "$name" = cluster ] && [ "$cluster_up" = 0 ] && verdict="FAILED (cluster did not start)"
     [ "$code" = 0 ] || rc=1
     echo "run-tests: pass $name: $verdict"
 done
-.venv/bin/python - "$root/test-artifacts/embedded/junit.xml" "$root/test-artifacts/servers/junit.xml" <<'EOF'
+junits=()
+for name in "${passes[@]}"; do junits+=("$root/test-artifacts/$name/junit.xml"); done
+.venv/bin/python - "${junits[@]}" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 

@@ -6,7 +6,9 @@ Two backends behind one interface, chosen by URL:
   may hold a data path; within a process only one path can be open at a time.
 - ``clickhouse://user:pass@host:port/db``: a ClickHouse server over the native protocol
   (clickhouse-driver). The database is created when missing. Optional query parameters:
-  ``connect_timeout``, ``send_receive_timeout`` and ``sync_request_timeout`` (seconds).
+  ``connect_timeout``, ``send_receive_timeout`` and ``sync_request_timeout`` (seconds), and
+  ``alt_hosts=host:port,host:port``: other replicas a new connection tries, in order, when
+  ``host:port`` does not answer (a cluster, ``CLICKHOUSE_CLUSTER``).
 
 Everything sent must run on ClickHouse 18.16 (the server our tests use) as well as on
 current releases; see ``docs/adr`` for the SQL subset.
@@ -390,16 +392,25 @@ class ClickHouseClient(abc.ABC):
         return f"<{type(self).__name__} {self.url_for_logs}>"
 
 
-def _timeouts(query: str) -> dict[str, float]:
-    timeouts = dict(DEFAULT_TIMEOUTS)
+_HOST_PORT = re.compile(r"[A-Za-z0-9_.\-]+:[0-9]{1,5}")
+
+
+def _options(query: str) -> dict[str, Any]:
+    """The URL's query options: timeouts (seconds) and ``alt_hosts``."""
+    options: dict[str, Any] = dict(DEFAULT_TIMEOUTS)
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in timeouts:
+        if key == "alt_hosts":
+            if not all(_HOST_PORT.fullmatch(host) for host in value.split(",")):
+                raise ValueError(f"CLICKHOUSE_URL alt_hosts is not host:port,…: {value!r}")
+            options[key] = value
+            continue
+        if key not in DEFAULT_TIMEOUTS:
             raise ValueError(f"Unknown CLICKHOUSE_URL option: {key!r}")
         try:
-            timeouts[key] = float(value)
+            options[key] = float(value)
         except ValueError:
             raise ValueError(f"CLICKHOUSE_URL option {key} is not a number: {value!r}") from None
-    return timeouts
+    return options
 
 
 def connect(url: str) -> ClickHouseClient:
@@ -426,7 +437,7 @@ def connect(url: str) -> ClickHouseClient:
             user=unquote(parts.username) if parts.username else "default",
             password=unquote(parts.password) if parts.password else "",
             database=database,
-            **_timeouts(parts.query),
+            **_options(parts.query),
         )
     raise ValueError(f"CLICKHOUSE_URL must start with chdb:// or clickhouse://, not {url!r}")
 

@@ -84,6 +84,7 @@ class DriverClient(ClickHouseClient):
         connect_timeout: float,
         send_receive_timeout: float,
         sync_request_timeout: float,
+        alt_hosts: str = "",
     ) -> None:
         self.url = url
         self.database = database
@@ -98,8 +99,21 @@ class DriverClient(ClickHouseClient):
             "client_name": "fhirservice",
             # parallel_view_processing: an insert feeds its table's materialized views side
             # by side (the member events have two): ~25 % less time per insert (18.16 and current).
-            "settings": {"insert_block_size": INSERT_BATCH_ROWS, "parallel_view_processing": 1},
+            # On a cluster (Distributed tables, see clickhouse.migrations) an insert must be
+            # stored when it returns, as on one node: insert_distributed_sync; and stored
+            # even when a block repeats one inserted before (a state rebuilt after a delete),
+            # which replicated tables would otherwise drop: insert_deduplicate 0. Our tables
+            # are idempotent by construction, as on one node. Neither changes a plain table.
+            "settings": {
+                "insert_block_size": INSERT_BATCH_ROWS,
+                "parallel_view_processing": 1,
+                "insert_distributed_sync": 1,
+                "insert_deduplicate": 0,
+            },
         }
+        if alt_hosts:
+            # Failover: a new connection tries host:port, then these in order.
+            self._client_kwargs["alt_hosts"] = alt_hosts
         self._datetime_indexes: dict[
             tuple[str, tuple[str, ...]], tuple[tuple[int, ...], tuple[int, ...]]
         ] = {}

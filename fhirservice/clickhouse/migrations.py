@@ -7,8 +7,10 @@ schema here. An installed app may have a module ``<app>/clickhouse_migrations.py
 
     MIGRATIONS = [
         Migration("groups", "0001_member_events", [
-            "CREATE TABLE IF NOT EXISTS Group_4_0_0_MemberEvents{on_cluster} (...) "
-            "ENGINE = MergeTree ORDER BY (...)",
+            ServedTable("Group_4_0_0_MemberEvents", "roster_key String, ...",
+                        "ReplacingMergeTree", "(roster_key, version, seq)",
+                        "cityHash64(roster_key)"),
+            "ALTER TABLE x{on_cluster} ...",
         ]),
     ]
 
@@ -22,12 +24,21 @@ Rules:
   a crash between a statement and the record, or two processes migrating at once, runs the
   statements again.
 - Statements follow the SQL subset that also runs on ClickHouse 18.16 (see ``docs/adr``).
-- ``{on_cluster}`` in a statement becomes `` ON CLUSTER `name` `` when the optional Django
-  setting ``CLICKHOUSE_CLUSTER`` names a cluster (default ``None``: single node, the
-  placeholder becomes empty). With a cluster, DDL runs on every node, while the records
-  live on the node we are connected to; another node's first ``apply`` re-runs the
-  idempotent statements and records them there. No other braces are touched, so statements
-  need no escaping.
+- Tables that serve reads and writes are declared as ``ServedTable`` and their materialized
+  views as ``MaterializedView`` rather than as SQL text, because their DDL depends on the
+  layout. On a single node (the optional Django setting ``CLICKHOUSE_CLUSTER`` unset, the
+  default) a served table is a plain MergeTree-family table of its name. With
+  ``CLICKHOUSE_CLUSTER`` naming a cluster (servers' ``remote_servers``), every node gets a
+  ``Replicated…`` table ``<name>_local`` (coordinated by ZooKeeper, path
+  ``/clickhouse/tables/{shard}/<database>/<name>``, the ``{shard}`` and ``{replica}`` macros
+  from each server's config) and a ``Distributed`` table ``<name>`` over them, sharded by
+  the table's ``shard_by``; reads and writes go through ``<name>`` unchanged, mutations and
+  ``system`` tables name ``local_table(<name>)``. A view reads the local source and writes
+  the local target, so each replica's insert feeds the replicated states next to it.
+  Names are qualified with the database on a cluster: a distributed DDL runs on the other
+  nodes in their default database otherwise.
+- ``{on_cluster}`` in a plain statement becomes `` ON CLUSTER `name` `` with a cluster, and
+  ``''`` without one; no other braces are touched, so statements need no escaping.
 
 Chdb stores are migrated automatically on first use (``get_clickhouse``); servers by
 ``manage.py migrate_clickhouse``.
@@ -47,28 +58,126 @@ from . import ClickHouseClient
 RECORD_TABLE = "fhir_schema_migrations"
 MODULE_NAME = "clickhouse_migrations"
 ON_CLUSTER = "{on_cluster}"
+LOCAL_SUFFIX = "_local"
 
 _CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-_RECORD_TABLE_DDL = (
-    f"CREATE TABLE IF NOT EXISTS {RECORD_TABLE}{ON_CLUSTER} "
-    "(app String, name String, applied_at DateTime) ENGINE = MergeTree ORDER BY (app, name)"
+MSG_CHDB_CLUSTER = "CLICKHOUSE_CLUSTER needs a ClickHouse server: chdb is one process on one node"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the schema goes: one node (``cluster`` None) or every node of a cluster,
+    in ``database``."""
+
+    cluster: str | None = None
+    database: str = "default"
+
+    def __post_init__(self) -> None:
+        on_cluster_clause(self.cluster)  # validates the name
+        if not _PLAIN_NAME.fullmatch(self.database):
+            raise ValueError(f"Not a plain ClickHouse database name: {self.database!r}")
+
+    @property
+    def on_cluster(self) -> str:
+        """`` ON CLUSTER `name` ``, or ``''`` on a single node."""
+        return on_cluster_clause(self.cluster)
+
+    def qualified(self, table: str) -> str:
+        """``table`` as DDL names it: qualified with the database on a cluster."""
+        return f"`{self.database}`.`{table}`" if self.cluster else table
+
+
+@dataclass(frozen=True)
+class ServedTable:
+    """A table that reads and writes name: plain on one node, replicated behind a
+    ``Distributed`` table on a cluster (see the module docstring).
+
+    ``engine`` is a MergeTree-family engine without arguments (``ReplacingMergeTree``);
+    ``columns`` the column list without its parentheses; ``shard_by`` the sharding
+    expression of the Distributed table (rows that are aggregated together must share it).
+    """
+
+    name: str
+    columns: str
+    engine: str
+    order_by: str
+    shard_by: str
+
+    def sql(self, layout: Layout) -> list[str]:
+        """The statements that create this table in ``layout``."""
+        if not layout.cluster:
+            return [
+                f"CREATE TABLE IF NOT EXISTS {self.name} ({self.columns}) "
+                f"ENGINE = {self.engine} ORDER BY {self.order_by}"
+            ]
+        local = f"{self.name}{LOCAL_SUFFIX}"
+        path = f"/clickhouse/tables/{{shard}}/{layout.database}/{self.name}"
+        return [
+            f"CREATE TABLE IF NOT EXISTS {layout.qualified(local)}{layout.on_cluster} "
+            f"({self.columns}) ENGINE = Replicated{self.engine}('{path}', '{{replica}}') "
+            f"ORDER BY {self.order_by}",
+            f"CREATE TABLE IF NOT EXISTS {layout.qualified(self.name)}{layout.on_cluster} "
+            f"AS {layout.qualified(local)} ENGINE = Distributed(`{layout.cluster}`, "
+            f"`{layout.database}`, `{local}`, {self.shard_by})",
+        ]
+
+
+@dataclass(frozen=True)
+class MaterializedView:
+    """A view fed by inserts into served table ``source`` that writes served table
+    ``target``: ``AS SELECT <select> FROM <source> GROUP BY <group_by>``."""
+
+    name: str
+    target: str
+    source: str
+    select: str
+    group_by: str
+
+    def sql(self, layout: Layout) -> list[str]:
+        """The statement that creates this view in ``layout``."""
+        target, source = self.target, self.source
+        if layout.cluster:
+            target, source = target + LOCAL_SUFFIX, source + LOCAL_SUFFIX
+        # Every part comes from code (declared schema), none from a request.
+        return [
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {layout.qualified(self.name)}"  # noqa: S608
+            f"{layout.on_cluster} TO {layout.qualified(target)} AS SELECT {self.select} "
+            f"FROM {layout.qualified(source)} GROUP BY {self.group_by}"
+        ]
+
+
+Statement = str | ServedTable | MaterializedView
+
+_RECORD_TABLE = ServedTable(
+    RECORD_TABLE,
+    "app String, name String, applied_at DateTime",
+    "MergeTree",
+    "(app, name)",
+    "cityHash64(app)",
 )
 
 
 @dataclass(frozen=True)
 class Migration:
-    """One named step of an app's ClickHouse schema: statements run in order."""
+    """One named step of an app's ClickHouse schema: statements run in order.
+
+    A statement is SQL text (``{on_cluster}`` filled in), a ``ServedTable`` or a
+    ``MaterializedView``.
+    """
 
     app: str
     name: str
-    statements: list[str] = field(hash=False)
+    statements: list[Statement] = field(hash=False)
 
     def __post_init__(self) -> None:
         if not self.app or not self.name:
             raise ValueError("A ClickHouse migration needs an app and a name")
         if not self.statements or not all(
-            isinstance(statement, str) and statement.strip() for statement in self.statements
+            isinstance(statement, ServedTable | MaterializedView)
+            or (isinstance(statement, str) and statement.strip())
+            for statement in self.statements
         ):
             raise ValueError(f"Migration {self.key} needs a non-empty list of SQL statements")
 
@@ -77,12 +186,16 @@ class Migration:
         """The (app, name) pair recorded when the migration has run."""
         return (self.app, self.name)
 
-    def sql(self, cluster: str | None = None) -> list[str]:
-        """The statements with ``{on_cluster}`` filled in for ``cluster``."""
-        return [
-            statement.replace(ON_CLUSTER, on_cluster_clause(cluster))
-            for statement in self.statements
-        ]
+    def sql(self, cluster: str | Layout | None = None) -> list[str]:
+        """The SQL of every statement for a layout (or a cluster name in ``default``)."""
+        layout = cluster if isinstance(cluster, Layout) else Layout(cluster)
+        rendered: list[str] = []
+        for statement in self.statements:
+            if isinstance(statement, str):
+                rendered.append(statement.replace(ON_CLUSTER, layout.on_cluster))
+            else:
+                rendered.extend(statement.sql(layout))
+        return rendered
 
 
 def on_cluster_clause(cluster: str | None) -> str:
@@ -92,6 +205,19 @@ def on_cluster_clause(cluster: str | None) -> str:
     if not _CLUSTER_NAME.fullmatch(cluster):
         raise ValueError(f"Not a ClickHouse cluster name: {cluster!r}")
     return f" ON CLUSTER `{cluster}`"
+
+
+def local_table(name: str, cluster: str | None = None) -> str:
+    """The table holding a served table's rows on the connected node: ``<name>_local`` on a
+    cluster (default: ``CLICKHOUSE_CLUSTER``), ``name`` itself on a single node.
+
+    Mutations (``ALTER TABLE … DELETE``) and ``system.mutations`` / ``system.parts`` need it:
+    a Distributed table has neither. A mutation of a replicated table reaches every replica
+    of the node's shard through ZooKeeper.
+    """
+    if cluster is None:
+        cluster = configured_cluster()
+    return f"{name}{LOCAL_SUFFIX}" if cluster else name
 
 
 def configured_cluster() -> str | None:
@@ -163,19 +289,24 @@ def apply(
 
     ``migrations`` defaults to ``collect()``; ``cluster`` defaults (``None``) to
     ``CLICKHOUSE_CLUSTER``, and ``""`` means no cluster whatever the setting. The record
-    table is created when missing. With ``dry_run`` nothing is created or run: the result
-    lists what would run. A failing statement stops the run; the migrations before it stay
-    recorded.
+    table (and on a cluster the database on every node) is created when missing. With
+    ``dry_run`` nothing is created or run: the result lists what would run. A failing
+    statement stops the run; the migrations before it stay recorded.
     """
     if cluster is None:
         cluster = configured_cluster()
-    clause = on_cluster_clause(cluster)
+    if cluster and client.in_process:
+        raise ValueError(MSG_CHDB_CLUSTER)
+    layout = Layout(cluster or None, getattr(client, "database", "default"))
     if dry_run:
         return pending(client, migrations)
-    client.command(_RECORD_TABLE_DDL.replace(ON_CLUSTER, clause))
+    if layout.cluster:
+        client.command(f"CREATE DATABASE IF NOT EXISTS `{layout.database}`{layout.on_cluster}")
+    for statement in _RECORD_TABLE.sql(layout):
+        client.command(statement)
     to_run = pending(client, migrations)
     for migration in to_run:
-        for statement in migration.sql(cluster):
+        for statement in migration.sql(layout):
             client.command(statement)
         client.insert(
             RECORD_TABLE,

@@ -621,3 +621,80 @@ def test_chdb_path_held_by_another_process_is_unavailable(ch, url):
         [sys.executable, "-c", probe, url], capture_output=True, timeout=60, cwd=root
     )
     assert done.returncode == 3, done.stderr.decode()[-2000:]
+
+
+def test_served_tables_are_plain_on_one_node():
+    from groups.clickhouse_migrations import MIGRATIONS
+
+    statements = MIGRATIONS[0].sql(None)
+    assert len(statements) == 5
+    assert not any("Replicated" in s or "Distributed" in s or "_local" in s for s in statements)
+    assert "ENGINE = ReplacingMergeTree ORDER BY (roster_key, version, seq)" in statements[0]
+    assert statements[2].startswith(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS Group_4_0_0_MemberState_mv "
+        "TO Group_4_0_0_MemberState AS SELECT"
+    )
+    assert statements[2].endswith("FROM Group_4_0_0_MemberEvents GROUP BY roster_key, member_ref")
+
+
+def test_served_tables_are_replicated_behind_distributed_tables_on_a_cluster():
+    from groups.clickhouse_migrations import MIGRATIONS
+
+    layout = ch_migrations.Layout("main", "fhir")
+    statements = MIGRATIONS[0].sql(layout)
+    # Each of the three tables twice (replicated, distributed), each view once.
+    assert len(statements) == 8
+    assert all(" ON CLUSTER `main` " in s for s in statements)
+    events_local, events = statements[0], statements[1]
+    assert events_local.startswith(
+        "CREATE TABLE IF NOT EXISTS `fhir`.`Group_4_0_0_MemberEvents_local` ON CLUSTER `main` ("
+    )
+    assert (
+        "ENGINE = ReplicatedReplacingMergeTree("
+        "'/clickhouse/tables/{shard}/fhir/Group_4_0_0_MemberEvents', '{replica}') "
+        "ORDER BY (roster_key, version, seq)"
+    ) in events_local
+    assert events == (
+        "CREATE TABLE IF NOT EXISTS `fhir`.`Group_4_0_0_MemberEvents` ON CLUSTER `main` "
+        "AS `fhir`.`Group_4_0_0_MemberEvents_local` ENGINE = Distributed(`main`, `fhir`, "
+        "`Group_4_0_0_MemberEvents_local`, cityHash64(roster_key))"
+    )
+    assert "ENGINE = ReplicatedAggregatingMergeTree(" in statements[2]
+    # A view reads the local log and writes the local states, names qualified: a distributed
+    # DDL runs in each node's default database otherwise.
+    view = statements[4]
+    assert view.startswith(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `fhir`.`Group_4_0_0_MemberState_mv` "
+        "ON CLUSTER `main` TO `fhir`.`Group_4_0_0_MemberState_local` AS SELECT"
+    )
+    assert view.endswith(
+        "FROM `fhir`.`Group_4_0_0_MemberEvents_local` GROUP BY roster_key, member_ref"
+    )
+    with pytest.raises(ValueError):
+        ch_migrations.Layout("main", "fhir`; DROP")
+
+
+def test_local_table_names_the_replicated_table_on_a_cluster():
+    assert ch_migrations.local_table("t", "main") == "t_local"
+    assert ch_migrations.local_table("t", "") == "t"
+
+
+def test_cluster_setting_is_checked(django_ready):
+    from django.test import override_settings
+
+    from fhirservice.checks import check_clickhouse_cluster
+
+    server = "clickhouse://default@127.0.0.1:9000/fhir"
+    with override_settings(CLICKHOUSE_URL=server, CLICKHOUSE_CLUSTER=None):
+        assert check_clickhouse_cluster() == []
+    with override_settings(CLICKHOUSE_URL=server, CLICKHOUSE_CLUSTER="main"):
+        assert check_clickhouse_cluster() == []
+    with override_settings(CLICKHOUSE_URL=server, CLICKHOUSE_CLUSTER="a b"):
+        assert [e.id for e in check_clickhouse_cluster()] == ["fhirservice.E004"]
+    with override_settings(CLICKHOUSE_URL="chdb:///tmp/x", CLICKHOUSE_CLUSTER="main"):
+        assert [e.msg for e in check_clickhouse_cluster()] == [ch_migrations.MSG_CHDB_CLUSTER]
+
+
+def test_alt_hosts_must_be_host_port_pairs():
+    with pytest.raises(ValueError, match="alt_hosts"):
+        connect("clickhouse://default@127.0.0.1:9/db?alt_hosts=127.0.0.1")

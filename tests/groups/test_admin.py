@@ -20,9 +20,11 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
+from fhirservice.clickhouse.migrations import local_table
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.services import resource_patch
+from groups.clickhouse_migrations import EVENTS
 from groups.maintenance.repair import roster_rebuild
 from groups.models import MemberOutbox
 from groups.repository import MemberEventRepository
@@ -430,7 +432,7 @@ def test_as_of_merges_batches_not_yet_shipped(admin_client, live_api):
     patched(live_api, gid, [remove_ref("Patient/m1")])
     MemberOutbox.objects.filter(group_id=gid, version__gte=2).update(shipped_at=None)
     MemberEventRepository().client.command(
-        "ALTER TABLE Group_4_0_0_MemberEvents DELETE WHERE roster_key = %(k)s AND version >= 2",
+        f"ALTER TABLE {local_table(EVENTS)} DELETE WHERE roster_key = %(k)s AND version >= 2",
         {"k": current_key(gid)},
     )
     roster_rebuild(roster_key=current_key(gid))

@@ -21,8 +21,10 @@ import orjson
 import pytest
 from django.test import override_settings
 
+from fhirservice.clickhouse.migrations import local_table
 from fhirservice.models import ResourceVersion, StoredResource
 from fhirservice.store.handlers import WriteContext
+from groups.clickhouse_migrations import EVENTS
 from groups.maintenance.backfill import (
     backfill_candidates,
     group_roster_backfill,
@@ -118,7 +120,7 @@ def lose_version(key: str, version: int) -> None:
     """Delete a committed version's events from the log only (a lost ClickHouse part)."""
     repository = MemberEventRepository()
     repository.client.command(
-        "ALTER TABLE Group_4_0_0_MemberEvents DELETE WHERE roster_key = %(k)s AND version = %(v)s",
+        f"ALTER TABLE {local_table(EVENTS)} DELETE WHERE roster_key = %(k)s AND version = %(v)s",
         {"k": key, "v": version},
     )
     wait_for_mutations(repository)

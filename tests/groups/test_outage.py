@@ -193,7 +193,8 @@ def outage(request, tmp_path, clickhouse_down):
     server = DedicatedServer(tmp_path / "clickhouse")
     server.start()
     try:
-        with override_settings(CLICKHOUSE_URL=server.url):
+        # A single node of its own, also when the suite runs against a cluster.
+        with override_settings(CLICKHOUSE_URL=server.url, CLICKHOUSE_CLUSTER=None):
             ch_migrations.apply(get_clickhouse())
             yield StoppedServerOutage(server)
     finally:
