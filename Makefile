@@ -26,6 +26,7 @@ bootstrap-servers:
 migrate: bootstrap
 	@mkdir -p "$${FHIR_VAR_DIR:-var}"
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py createcachetable
 	$(PY) manage.py migrate_clickhouse
 
 # Access control is off unless FHIR_AUTH=on (scripts/serve.sh says so loudly).

@@ -20,6 +20,7 @@ esac
 
 if [ "${FHIR_MIGRATE_ON_START:-1}" = "1" ]; then
     python manage.py migrate --noinput
+    python manage.py createcachetable  # CACHE_URL=dbcache://…; nothing for other caches
     python manage.py migrate_clickhouse
 fi
 

@@ -84,4 +84,13 @@ def check_embedded_workers(app_configs: Any = None, **kwargs: Any) -> list[check
                 id="fhirservice.E003",
             )
         ]
+    backend = settings.CACHES.get("default", {}).get("BACKEND", "")
+    if workers.isdigit() and int(workers) > 1 and backend.endswith(".LocMemCache"):
+        return [
+            checks.Warning(
+                "Each worker process counts throttled requests in its own local-memory cache",
+                hint="Share one: CACHE_URL=dbcache://fhir_cache and manage.py createcachetable",
+                id="fhirservice.W002",
+            )
+        ]
     return []

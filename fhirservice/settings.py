@@ -138,6 +138,12 @@ else:
 CLICKHOUSE_URL = env.str("CLICKHOUSE_URL", default=f"chdb:///{VAR_DIR / 'chdb'}")
 CLICKHOUSE_CLUSTER = env.str("CLICKHOUSE_CLUSTER", default="") or None
 
+# The default cache holds the throttles' counts (failed token requests, per-client request
+# rates). Local memory is per process: several app processes (gunicorn workers, instances)
+# share counts through CACHE_URL=dbcache://fhir_cache (after `manage.py createcachetable`;
+# PostgreSQL or SQLite) or a Redis/Memcached URL.
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]

@@ -256,17 +256,25 @@ def test_clickhouse_url_check(url, expected):
         assert check_ids(checks.check_clickhouse_url()) == expected
 
 
+LOCMEM = "django.core.cache.backends.locmem.LocMemCache"
+DBCACHE = "django.core.cache.backends.db.DatabaseCache"
+
+
 @pytest.mark.parametrize(
-    ("url", "workers", "expected"),
+    ("url", "workers", "cache", "expected"),
     [
-        ("chdb:///var/chdb", "1", []),
-        ("chdb:///var/chdb", "4", ["fhirservice.E003"]),
-        ("clickhouse://default@127.0.0.1:9000/fhir", "4", []),
+        ("chdb:///var/chdb", "1", LOCMEM, []),
+        ("chdb:///var/chdb", "4", LOCMEM, ["fhirservice.E003"]),
+        ("clickhouse://default@127.0.0.1:9000/fhir", "4", DBCACHE, []),
+        # Each worker would count throttled requests on its own.
+        ("clickhouse://default@127.0.0.1:9000/fhir", "4", LOCMEM, ["fhirservice.W002"]),
+        ("clickhouse://default@127.0.0.1:9000/fhir", "1", LOCMEM, []),
     ],
 )
-def test_embedded_workers_check(monkeypatch, url, workers, expected):
+def test_embedded_workers_check(monkeypatch, url, workers, cache, expected):
     monkeypatch.setenv("WEB_CONCURRENCY", workers)
-    with override_settings(CLICKHOUSE_URL=url):
+    caches = {"default": {"BACKEND": cache, "LOCATION": "fhir_cache"}}
+    with override_settings(CLICKHOUSE_URL=url, CACHES=caches):
         assert check_ids(checks.check_embedded_workers()) == expected
 
 
