@@ -407,7 +407,7 @@ stop_clickhouse() {
     local d
     stop_pidfile ClickHouse "$dir/clickhouse/server.pid" clickhouse
     for d in "$dir"/clickhouse-*/; do
-        [ -d "$d" ] && stop_pidfile "ClickHouse replica ${d%/}" "${d}server.pid" clickhouse
+        [ -d "$d" ] && stop_pidfile "ClickHouse $(basename "$d")" "${d}server.pid" clickhouse
     done
     stop_pidfile ZooKeeper "$dir/zookeeper/server.pid" QuorumPeerMain
 }

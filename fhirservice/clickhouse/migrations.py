@@ -3,7 +3,7 @@
 Django's migration framework does not reach ClickHouse, so apps declare their ClickHouse
 schema here. An installed app may have a module ``<app>/clickhouse_migrations.py``::
 
-    from fhirservice.clickhouse.migrations import Migration
+    from fhirservice.clickhouse.migrations import Migration, ServedTable
 
     MIGRATIONS = [
         Migration("groups", "0001_member_events", [
@@ -36,7 +36,9 @@ Rules:
   ``system`` tables name ``local_table(<name>)``. A view reads the local source and writes
   the local target, so each replica's insert feeds the replicated states next to it.
   Names are qualified with the database on a cluster: a distributed DDL runs on the other
-  nodes in their default database otherwise.
+  nodes in their default database otherwise. The layout is chosen when a database is first
+  migrated: a database migrated on one node does not become a cluster's by setting
+  ``CLICKHOUSE_CLUSTER`` later (its migrations are recorded as done).
 - ``{on_cluster}`` in a plain statement becomes `` ON CLUSTER `name` `` with a cluster, and
   ``''`` without one; no other braces are touched, so statements need no escaping.
 

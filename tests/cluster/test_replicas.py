@@ -17,14 +17,18 @@ import os
 import subprocess
 import threading
 import time
+import uuid
+from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from django.test import override_settings
 
 from fhirservice.clickhouse import connect, get_clickhouse, reset_clickhouse
-from fhirservice.clickhouse.migrations import local_table
+from fhirservice.clickhouse.migrations import RECORD_TABLE, local_table
+from fhirservice.management.commands.migrate_clickhouse import MSG_NOTHING
 from groups.clickhouse_migrations import EVENTS, REVERSE, STATE
 from tests.groups.conftest import add, create_group, current_key, read, refs_of
 from tests.support import FhirClient
@@ -88,10 +92,10 @@ def replica_state(host: str, port: int, key: str) -> tuple[list[str], int, int]:
     return [row[0] for row in members], int(events[0][0]), int(reverse[0][0])
 
 
-def test_the_member_tables_are_replicated_behind_distributed_tables():
+def assert_cluster_schema(database: str) -> None:
+    """Every replica holds the member tables as replicated tables behind Distributed ones."""
     hosts = replicas()
     assert len(hosts) >= 2
-    database = get_clickhouse().database
     for host, port in hosts:
         with connect(f"clickhouse://default@{host}:{port}/{database}") as client:
             engines = dict(
@@ -101,10 +105,40 @@ def test_the_member_tables_are_replicated_behind_distributed_tables():
             )
         assert engines[EVENTS] == "Distributed"
         assert engines[local_table(EVENTS)] == "ReplicatedReplacingMergeTree"
+        assert engines[local_table(RECORD_TABLE)] == "ReplicatedMergeTree"
         for table in (STATE, REVERSE):
             assert engines[table] == "Distributed"
             assert engines[local_table(table)] == "ReplicatedAggregatingMergeTree"
             assert engines[f"{table}_mv"] == "MaterializedView"
+
+
+def test_the_member_tables_are_replicated_behind_distributed_tables():
+    assert_cluster_schema(get_clickhouse().database)
+
+
+def test_migrate_clickhouse_builds_the_schema_on_every_replica():
+    """From an empty database: the deploy step alone (``migrate_clickhouse``) makes it."""
+    database = f"fhir_migrate_{uuid.uuid4().hex[:8]}"
+    (first_host, first_port), (other_host, other_port) = replicas()[:2]
+    try:
+        out = StringIO()
+        with override_settings(
+            CLICKHOUSE_URL=f"clickhouse://default@{first_host}:{first_port}/{database}"
+        ):
+            call_command("migrate_clickhouse", stdout=out)
+        assert "Applied groups.0001_member_events" in out.getvalue()
+        assert_cluster_schema(database)
+        # The records are replicated too: the other replica has nothing left to run.
+        out = StringIO()
+        with override_settings(
+            CLICKHOUSE_URL=f"clickhouse://default@{other_host}:{other_port}/{database}"
+        ):
+            call_command("migrate_clickhouse", stdout=out)
+        assert MSG_NOTHING in out.getvalue()
+    finally:
+        get_clickhouse().command(
+            f"DROP DATABASE IF EXISTS `{database}` ON CLUSTER `{settings.CLICKHOUSE_CLUSTER}`"
+        )
 
 
 @pytest.mark.parametrize("victim", [1, 2], ids=["connected-replica", "other-replica"])

@@ -25,8 +25,8 @@ class Command(BaseCommand):
     help = (
         "Apply pending ClickHouse schema migrations of all installed apps to the store named "
         "by CLICKHOUSE_URL, recording each in fhir_schema_migrations. Statements are "
-        "idempotent; {on_cluster} becomes ON CLUSTER <CLICKHOUSE_CLUSTER> when that setting "
-        "is set."
+        "idempotent. With CLICKHOUSE_CLUSTER set, every node of that cluster gets replicated "
+        "tables behind Distributed ones (ON CLUSTER)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -53,7 +53,9 @@ class Command(BaseCommand):
                 if list_only:
                     self._list(declared, ch_migrations.applied(client))
                     return
-                self.stdout.write(f"ClickHouse: {client.url_for_logs}")
+                cluster = ch_migrations.configured_cluster()
+                where = f" (cluster {cluster})" if cluster else ""
+                self.stdout.write(f"ClickHouse: {client.url_for_logs}{where}")
                 done = ch_migrations.apply(client, dry_run=dry_run, migrations=declared)
         except ClickHouseUnavailable as exc:
             raise CommandError(str(exc)) from exc  # names the store, without a password
