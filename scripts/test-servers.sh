@@ -14,6 +14,7 @@
 #   scripts/test-servers.sh start-cluster DIR      # ZooKeeper and the replicas, state under DIR
 #   scripts/test-servers.sh kill-replica DIR N     # kill -9 replica N (1-based): fault tests
 #   scripts/test-servers.sh start-replica DIR N    # (re)start replica N from its config
+#   scripts/test-servers.sh kill-zookeeper DIR     # kill -9 ZooKeeper; start-zookeeper DIR
 #
 # Replica N listens on CH_TCP_PORT+N, CH_HTTP_PORT+N and CH_INTERSERVER_PORT+N (so a single
 # server and a cluster started with the same variables do not collide); ZooKeeper on ZK_PORT
@@ -28,7 +29,8 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 start|start-cluster|stop DIR, or $0 kill-replica|start-replica DIR N" >&2
+    echo "usage: $0 start|start-cluster|stop|kill-zookeeper|start-zookeeper DIR," \
+        "or $0 kill-replica|start-replica DIR N" >&2
     exit 2
 }
 [ $# -eq 2 ] || [ $# -eq 3 ] || usage
@@ -279,6 +281,10 @@ start_zookeeper() {
         log "ZooKeeper already running from $zkdir"
         return
     fi
+    if [ -f "$zkdir/zoo.cfg" ]; then
+        # A restart (start-zookeeper) keeps the port the cluster was started with.
+        ZK_PORT=$(sed -n 's/^clientPort=//p' "$zkdir/zoo.cfg")
+    fi
     port_busy "$ZK_PORT" && die "port $ZK_PORT is already in use (another server?); set ZK_PORT"
     mkdir -p "$zkdir/data"
     # A short tick: sessions of a killed replica expire in seconds, not the default minute.
@@ -412,17 +418,18 @@ stop_clickhouse() {
     stop_pidfile ZooKeeper "$dir/zookeeper/server.pid" QuorumPeerMain
 }
 
-# kill -9 one replica (its data stays): what a crash looks like to the rest of the cluster.
-kill_replica() {
-    local pidfile=$dir/clickhouse-$1/server.pid pid
-    [ -s "$pidfile" ] || die "replica $1 is not running under $dir"
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null && grep -qa clickhouse "/proc/$pid/cmdline" 2>/dev/null; then
+# kill_pidfile NAME PIDFILE PATTERN: kill -9 (its data stays), what a crash looks like to
+# the rest of the cluster.
+kill_pidfile() {
+    local pid
+    [ -s "$2" ] || die "$1 is not running under $dir"
+    pid=$(cat "$2")
+    if kill -0 "$pid" 2>/dev/null && grep -qa "$3" "/proc/$pid/cmdline" 2>/dev/null; then
         kill -KILL "$pid"
         while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
     fi
-    rm -f "$pidfile"
-    log "ClickHouse replica $1 killed"
+    rm -f "$2"
+    log "$1 killed"
 }
 
 on_start_exit() {
@@ -451,7 +458,19 @@ start | start-cluster)
 kill-replica | start-replica)
     [ -n "$replica" ] || usage
     dir=$(cd "$dir" && pwd)
-    if [ "$cmd" = kill-replica ]; then kill_replica "$replica"; else start_replica "$replica"; fi
+    if [ "$cmd" = kill-replica ]; then
+        kill_pidfile "ClickHouse replica $replica" "$dir/clickhouse-$replica/server.pid" clickhouse
+    else
+        start_replica "$replica"
+    fi
+    ;;
+kill-zookeeper)
+    dir=$(cd "$dir" && pwd)
+    kill_pidfile ZooKeeper "$dir/zookeeper/server.pid" QuorumPeerMain
+    ;;
+start-zookeeper)
+    dir=$(cd "$dir" && pwd)
+    start_zookeeper
     ;;
 stop)
     [ -d "$dir" ] || exit 0

@@ -31,10 +31,12 @@ Datetimes
 
 Errors
     ``ClickHouseUnavailable`` means the store cannot be reached (refused, timed out, gone,
-    chdb path locked by another process, client closed). Everything else keeps the
-    backend's own type: ``clickhouse_driver.errors.ServerException`` (and the driver's
-    client-side errors) for the server; for chdb, ``chdb.state.sqlitelike.ChdbError`` for
-    queries and ``RuntimeError`` for inserts (``chdb.ChdbError`` is a different class).
+    chdb path locked by another process, client closed) or, on a cluster, cannot take the
+    statement now (replicated tables read-only without ZooKeeper, no replica reachable).
+    Everything else keeps the backend's own type: ``clickhouse_driver.errors.ServerException``
+    (and the driver's client-side errors) for the server; for chdb,
+    ``chdb.state.sqlitelike.ChdbError`` for queries and ``RuntimeError`` for inserts
+    (``chdb.ChdbError`` is a different class).
 
 Threads
     Each backend keeps a small pool of connections (driver ``Client`` objects are not thread

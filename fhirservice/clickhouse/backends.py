@@ -43,6 +43,21 @@ from . import (
 # What a lost, refused or silent server raises inside the driver. Server-side errors
 # (ServerException: bad SQL, unknown table, limits) are deliberately not in this list.
 _UNREACHABLE = (driver_errors.NetworkError, driver_errors.SocketTimeoutError, EOFError, OSError)
+# Server errors that mean "not now" rather than "wrong": a cluster whose replicated tables
+# lost ZooKeeper (read-only, no session, connection loss, insert status unknown) or whose
+# Distributed table reached no replica. Callers treat them as the store being down: the
+# batch stays pending and ships later (idempotent by construction).
+_UNAVAILABLE_CODES = frozenset(
+    {
+        209,  # SOCKET_TIMEOUT (to another replica)
+        210,  # NETWORK_ERROR (to another replica)
+        225,  # NO_ZOOKEEPER
+        242,  # TABLE_IS_READ_ONLY
+        279,  # ALL_CONNECTION_TRIES_FAILED
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        999,  # KEEPER_EXCEPTION
+    }
+)
 
 
 # (column index, function) pairs for the columns whose values need converting; NULLs pass.
@@ -156,6 +171,13 @@ class DriverClient(ClickHouseClient):
         except _UNREACHABLE as exc:
             raise ClickHouseUnavailable(
                 f"ClickHouse at {self.url_for_logs} cannot be reached: {exc}"
+            ) from exc
+        except driver_errors.ServerException as exc:
+            if exc.code not in _UNAVAILABLE_CODES:
+                raise
+            first_line = str(exc).split("\n", 2)[:2]
+            raise ClickHouseUnavailable(
+                f"ClickHouse at {self.url_for_logs} cannot take this now: {' '.join(first_line)}"
             ) from exc
 
     def _escape_context(self) -> Context:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from fhirservice.clickhouse import connect, get_clickhouse, reset_clickhouse
@@ -47,6 +47,8 @@ DOWN_FOR = 6.0
 AFTER_RESTART = 2.0
 # How long both replicas may take to hold the same rows once the victim is back.
 CONVERGE_SECONDS = 60.0
+# Member writes while ZooKeeper is down.
+ZOOKEEPER_WRITES = 10
 
 
 def replicas() -> list[tuple[str, int]]:
@@ -59,10 +61,11 @@ def replicas() -> list[tuple[str, int]]:
     return [(host, int(port)) for host, port in rows]
 
 
-def cluster_servers(command: str, replica: int) -> None:
-    """``scripts/test-servers.sh COMMAND CLUSTER_DIR REPLICA`` (kill-replica, start-replica)."""
+def cluster_servers(command: str, *replica: int) -> None:
+    """``scripts/test-servers.sh COMMAND CLUSTER_DIR [REPLICA]`` (kill-replica, start-replica,
+    kill-zookeeper, start-zookeeper)."""
     subprocess.run(
-        ["bash", str(ROOT / "scripts/test-servers.sh"), command, CLUSTER_DIR, str(replica)],
+        ["bash", str(ROOT / "scripts/test-servers.sh"), command, CLUSTER_DIR, *map(str, replica)],
         check=True,
         capture_output=True,
         timeout=120,
@@ -147,7 +150,6 @@ def test_a_replica_killed_mid_run_loses_no_acknowledged_member(live_api, victim)
     the acknowledged members, through the app and on every replica."""
     hosts = replicas()
     gid = create_group(live_api, ["Patient/seed"])
-    key = current_key(gid)
     writer = FhirClient(wait_for_shipping=False)
     acknowledged = ["Patient/seed"]
     refused = 0
@@ -190,9 +192,52 @@ def test_a_replica_killed_mid_run_loses_no_acknowledged_member(live_api, victim)
 
     # The documented recovery: ship whatever the outage left pending.
     call_command("ship_member_events", "--min-age", "0")
+    assert_everywhere(live_api, gid, hosts, acknowledged)
 
+
+def test_writes_during_a_zookeeper_outage_ship_once_it_is_back(live_api):
+    """Without ZooKeeper the replicated tables refuse inserts (read-only): member writes are
+    still acknowledged from the outbox, and ship once ZooKeeper is back."""
+    hosts = replicas()
+    gid = create_group(live_api, ["Patient/seed"])
+    writer = FhirClient(wait_for_shipping=False)
+    acknowledged = ["Patient/seed"]
+    cluster_servers("kill-zookeeper")
+    try:
+        for n in range(ZOOKEEPER_WRITES):
+            ref = f"Patient/z{n:03d}"
+            response = writer.patch(
+                f"/Group/{gid}", [add(ref)], headers={"Prefer": "return=minimal"}
+            )
+            assert response.status == 200, response
+            acknowledged.append(ref)
+        # The relay reports what is left (exit 1) like during a ClickHouse outage.
+        with pytest.raises(CommandError, match="still pending"):
+            call_command("ship_member_events", "--min-age", "0")
+    finally:
+        cluster_servers("start-zookeeper")
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while not all(writable(host, port) for host, port in hosts):
+        assert time.monotonic() < deadline, "replicas still read-only after ZooKeeper returned"
+        time.sleep(0.5)
+    call_command("ship_member_events", "--min-age", "0")
+    assert_everywhere(live_api, gid, hosts, acknowledged)
+
+
+def writable(host: str, port: int) -> bool:
+    """Whether no replicated table of a replica is read-only (it has its ZooKeeper session)."""
+    with connect(f"clickhouse://default@{host}:{port}/{get_clickhouse().database}") as client:
+        return client.execute("SELECT sum(is_readonly) FROM system.replicas")[0][0] == 0
+
+
+def assert_everywhere(
+    api: FhirClient, gid: str, hosts: list[tuple[str, int]], acknowledged: list[str]
+) -> None:
+    """The roster is exactly the acknowledged members through the app, and on every replica
+    once replication has caught up."""
+    key = current_key(gid)
     expected = sorted(acknowledged)
-    body = read(live_api, gid)
+    body = read(api, gid)
     assert sorted(refs_of(body)) == expected
     assert body["quantity"] == len(expected)
     deadline = time.monotonic() + CONVERGE_SECONDS
