@@ -29,7 +29,8 @@ migrate: bootstrap
 	$(PY) manage.py createcachetable
 	$(PY) manage.py migrate_clickhouse
 
-# Access control is off unless FHIR_AUTH=on (scripts/serve.sh says so loudly).
+# Access control is off unless FHIR_AUTH=on (scripts/serve.sh says so loudly). serve.sh
+# also runs collectstatic: the admin's styles are served by WhiteNoise from STATIC_ROOT.
 run: migrate
 	@PORT=$(PORT) VENV=$(VENV) bash scripts/serve.sh
 

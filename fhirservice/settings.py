@@ -64,6 +64,9 @@ MIDDLEWARE = [
     # OperationOutcome bodies on every FHIR answer, including Django's own error pages.
     "fhirservice.middleware.HardeningMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Serves STATIC_ROOT (the admin's CSS and scripts, gathered by collectstatic) from the
+    # app server itself: gunicorn has no static file handler and no proxy is assumed.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "fhirservice.middleware.RequestIdMiddleware",
     "groups.middleware.GroupMemberEventsMiddleware",
@@ -154,7 +157,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+# Filled by ``manage.py collectstatic`` (scripts/serve.sh, the Docker image) and served by
+# WhiteNoise. Beside the code, not under FHIR_VAR_DIR: the image builds it, and a volume
+# mounted on the data directory would hide it.
+STATIC_ROOT = BASE_DIR / "staticfiles"
 
 # Large Group bodies are streamed by our own views; Django's own form-size guard stays for
 # everything else.

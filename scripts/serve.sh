@@ -33,5 +33,8 @@ Access control is ON: every FHIR request needs a bearer token (metadata is publi
 HOWTO
 fi
 echo "Serving $base/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLICKHOUSE_URL to change)."
+# The admin's CSS and scripts, gathered into STATIC_ROOT, which WhiteNoise serves: gunicorn
+# itself serves no static files.
+"$VENV/bin/python" manage.py collectstatic --noinput --verbosity 0
 # One gunicorn worker: chdb allows one process per data path (threads are fine).
 exec "$VENV/bin/gunicorn" fhirservice.wsgi:application --bind "127.0.0.1:${PORT}" --workers 1 --threads 8
