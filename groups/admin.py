@@ -28,6 +28,7 @@ import orjson
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.admin.views.main import ChangeList
+from django.contrib.auth.models import Group as AuthGroup
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import QuerySet
@@ -40,7 +41,7 @@ from django.utils.http import urlencode
 
 from fhirservice.admin import admin_link, pretty_json, version_history
 from fhirservice.errors import FhirError
-from fhirservice.models import SearchToken
+from fhirservice.models import ResourceVersion, SearchToken
 from fhirservice.search.values import normalize_string
 from groups.maintenance.common import MaintenanceError
 from groups.maintenance.repair import group_batches_ship, group_roster_rebuild
@@ -69,6 +70,7 @@ KEY_LIST_LIMIT = 1000
 TYPE_SPLIT_LIMIT = 100_000
 # Filtered or searched lists count their matches up to this many (20 pages).
 COUNT_LIMIT = 1000
+UPDATED_FORMAT = "%Y-%m-%d %H:%M:%S"
 # Query parameters of the list that do not narrow it: with only these, the count is exact.
 UNFILTERED_PARAMS = {"o", "p", "all", "e", "_changelist_filters"}
 
@@ -310,6 +312,11 @@ def _timeline(
     return events, cursor, ""
 
 
+# Django's permission groups ("Groups", next to "FHIR Groups") are not used here: staff
+# rights are granted per user. Unlisted so that "Groups" in the admin means FHIR Groups.
+admin.site.unregister(AuthGroup)
+
+
 @admin.register(GroupResource)
 class GroupAdmin(admin.ModelAdmin):
     """Groups: list, roster page, member timeline, history, and roster maintenance."""
@@ -321,7 +328,7 @@ class GroupAdmin(admin.ModelAdmin):
         "actual",
         "quantity",
         "version_id",
-        "last_updated",
+        "updated",
         "pending",
         "deleted",
     )
@@ -342,8 +349,13 @@ class GroupAdmin(admin.ModelAdmin):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        """The list, titled for what it is (the admin's default asks to pick one to change)."""
-        return super().changelist_view(request, {"title": "FHIR Groups", **(extra_context or {})})
+        """The list, titled for what it is (the admin's default asks to pick one to change).
+
+        Without the admin's navigation sidebar: beside the filters it left the nine columns
+        ~700 px of a 1400 px window, cutting off the last ones.
+        """
+        context = {"title": "FHIR Groups", "is_nav_sidebar_enabled": False}
+        return super().changelist_view(request, {**context, **(extra_context or {})})
 
     def get_paginator(
         self, request: HttpRequest, queryset: QuerySet, per_page: int, **kwargs: Any
@@ -423,7 +435,12 @@ class GroupAdmin(admin.ModelAdmin):
         """Group.quantity (active members, kept exact in the metadata store)."""
         return row.parsed.get("quantity", "")
 
-    @admin.display(description="pending batches")
+    @admin.display(description="lastUpdated", ordering="last_updated")
+    def updated(self, row: GroupResource) -> str:
+        """When the current version was written (UTC), compact: the default format wraps."""
+        return row.last_updated.strftime(UPDATED_FORMAT)
+
+    @admin.display(description="pending")
     def pending(self, row: GroupResource) -> int:
         """Unshipped outbox batches."""
         return row.pending_batches
@@ -600,70 +617,122 @@ class GroupAdmin(admin.ModelAdmin):
         return render(request, "admin/groups/group_detail.html", context)
 
 
-def group_page_context(request: HttpRequest, row: GroupResource) -> dict[str, Any]:
-    """Everything the Group page shows, from its query string.
+@dataclass
+class PageQuery:
+    """The Group page's query string, checked against the Group's versions."""
 
-    ``member`` (a reference or its beginning), ``after`` (roster cursor), ``size``,
-    ``as_of`` (a version), ``ev`` (timeline cursor ``version.seq``), ``hist`` (history
-    cursor).
-    """
-    params = request.GET
-    body = _loads(row.body)
-    inline_members = body.pop("member", None)
-    key = roster_key(row.resource_id, row.incarnation)
-    prefix = params.get("member", "").strip()
+    prefix: str
+    size: int
+    after: str
+    as_of: int | None
+    error: str = ""
+
+    @property
+    def base(self) -> dict[str, Any]:
+        """The parameters every link of the page keeps."""
+        return {"member": self.prefix, "size": self.size, "as_of": self.as_of or ""}
+
+
+def _page_query(params: Any, row: GroupResource) -> PageQuery:
+    """``member``, ``size``, ``after`` and ``as_of``; a version outside the Group's current
+    life is dropped with an error."""
     size = _int(params.get("size")) or DEFAULT_PAGE_SIZE
-    size = size if size in PAGE_SIZES else DEFAULT_PAGE_SIZE
-    after = params.get("after", "")
-    as_of = _int(params.get("as_of"))
-    error = ""
-    if as_of is not None and not row.incarnation <= as_of <= row.version_id:
-        error = MSG_BAD_VERSION.format(value=as_of, low=row.incarnation, high=row.version_id)
-        as_of = None
-    # The current version's roster is the current state: read the state table, not the log.
-    read_as_of = as_of if as_of is not None and as_of < row.version_id else None
+    query = PageQuery(
+        prefix=params.get("member", "").strip(),
+        size=size if size in PAGE_SIZES else DEFAULT_PAGE_SIZE,
+        after=params.get("after", ""),
+        as_of=_int(params.get("as_of")),
+    )
+    if query.as_of is not None and not row.incarnation <= query.as_of <= row.version_id:
+        query.error = MSG_BAD_VERSION.format(
+            value=query.as_of, low=row.incarnation, high=row.version_id
+        )
+        query.as_of = None
+    return query
+
+
+def _shown_version(row: GroupResource, as_of: int | None) -> Any:
+    """The version the page's header and resource show: version ``as_of``, or the current."""
+    if as_of is None or as_of >= row.version_id:
+        return row
+    version = ResourceVersion.objects.filter(
+        resource_type="Group", resource_id=row.resource_id, version_id=as_of
+    ).first()
+    return version or row
+
+
+def _roster_section(
+    row: GroupResource, query: PageQuery, inline_members: list[Any] | None, read_as_of: int | None
+) -> RosterView:
+    """The roster as the page shows it: from the shown version's body when it held the
+    roster inline, else from ClickHouse (now, or as of an older version)."""
     if row.deleted:
-        roster = RosterView([], None, error="The Group is deleted; see its history.")
-    elif inline_members is not None:
-        roster = _inline_page(inline_members, after, prefix, size)
-    else:
-        roster = _roster_view(key, after=after, prefix=prefix, size=size, as_of=read_as_of)
-    ev = params.get("ev", "")
+        return RosterView([], None, error="The Group is deleted; see its history.")
+    if inline_members is not None:
+        return _inline_page(inline_members, query.after, query.prefix, query.size)
+    key = roster_key(row.resource_id, row.incarnation)
+    return _roster_view(
+        key, after=query.after, prefix=query.prefix, size=query.size, as_of=read_as_of
+    )
+
+
+def _timeline_section(
+    row: GroupResource, query: PageQuery, ev: str, read_as_of: int | None
+) -> tuple[list[dict[str, Any]], str | None, str]:
+    """The member event timeline from cursor ``ev`` (or from the version shown)."""
     ev_version, _, ev_seq = ev.partition(".")
     before = (int(ev_version), int(ev_seq)) if ev_version.isdigit() and ev_seq.isdigit() else None
     if before is None and read_as_of is not None:
         before = (read_as_of + 1, 0)
-    member_ref = prefix if REFERENCE_RE.fullmatch(prefix) else None
-    events, events_next, events_error = _timeline(
-        row.resource_id, key, before=before, member_ref=member_ref
-    )
+    member_ref = query.prefix if REFERENCE_RE.fullmatch(query.prefix) else None
+    key = roster_key(row.resource_id, row.incarnation)
+    return _timeline(row.resource_id, key, before=before, member_ref=member_ref)
+
+
+def group_page_context(request: HttpRequest, row: GroupResource) -> dict[str, Any]:
+    """Everything the Group page shows, from its query string.
+
+    ``member`` (a reference or its beginning), ``after`` (roster cursor), ``size``,
+    ``as_of`` (a version: the header, resource and roster are then that version's), ``ev``
+    (timeline cursor ``version.seq``), ``hist`` (history cursor).
+    """
+    params = request.GET
+    query = _page_query(params, row)
+    shown = _shown_version(row, query.as_of)
+    body = _loads(shown.body)
+    inline_members = body.pop("member", None)
+    # The current version's roster is the current state: read the state table, not the log.
+    read_as_of = shown.version_id if shown is not row else None
+    roster = _roster_section(row, query, inline_members, read_as_of)
+    ev = params.get("ev", "")
+    events, events_next, events_error = _timeline_section(row, query, ev, read_as_of)
     history, history_next, history_error = group_history(
         row, before=_int(params.get("hist")), key_of=roster_key
     )
     oldest = max(row.incarnation, row.version_id - AS_OF_CHOICES + 1)
-    versions = list(range(row.version_id, oldest - 1, -1))
     pending = list(
         MemberOutbox.objects.filter(group_id=row.resource_id, shipped_at__isnull=True)
         .order_by("version", "chunk")
         .values("key", "version", "chunk", "event_count", "recorded_at", "attempts", "last_error")
     )
-    base = {"member": prefix, "size": size, "as_of": as_of or ""}
+    base = query.base
     return {
         "row": row,
+        "shown": shown,
         "body": pretty_json(body),
         "inline_count": len(inline_members) if inline_members is not None else None,
-        "roster_key": key,
+        "roster_key": roster_key(row.resource_id, row.incarnation),
         "quantity": body.get("quantity"),
         "roster": roster,
         "member_rows": [_member_row(state) for state in roster.members],
-        "member": prefix,
-        "size": size,
+        "member": query.prefix,
+        "size": query.size,
         "sizes": PAGE_SIZES,
-        "as_of": as_of,
-        "versions": versions,
-        "error": error,
+        "as_of": query.as_of,
+        "versions": list(range(row.version_id, oldest - 1, -1)),
+        "error": query.error,
         "roster_next": _query(base, after=roster.next_after) if roster.next_after else None,
-        "roster_first": _query(base) if after else None,
+        "roster_first": _query(base) if query.after else None,
         "events": events,
         "events_error": events_error,
         "events_next": _query(base, ev=events_next) if events_next else None,

@@ -242,6 +242,32 @@ def test_the_roster_as_of_an_older_version(admin_client, big_group):
     assert "There is no version 7 of this roster: choose 1–2" in bad
 
 
+def test_as_of_a_version_shows_that_versions_header_and_resource(admin_client, big_group):
+    gid, _, _ = big_group
+    text = html(admin_client.get(page_url(gid, "?as_of=1")))
+    resource = text.split('<pre class="fhir-json">', 1)[1].split("</pre>", 1)[0]
+    body = orjson.loads(resource.replace("&quot;", '"'))
+    assert body["name"] == "Before" and body["meta"]["versionId"] == "1"
+    assert body["quantity"] == 250
+    assert '<dd id="group-quantity">250</dd>' in text
+    assert '<dd id="group-version">1 <span class="fhir-note">(shown as of this version' in text
+    assert "Resource as of version 1 (without its roster)" in text
+    current = html(admin_client.get(page_url(gid)))
+    assert '<dd id="group-version">2</dd>' in current
+    assert "Resource (without its roster)" in current
+
+
+def test_writes_without_an_actor_say_access_control_was_off(admin_client, big_group):
+    gid, _, _ = big_group
+    text = html(admin_client.get(page_url(gid)))
+    history = text.split('id="history-table"', 1)[1].split("</table>", 1)[0]
+    # Version 1 came through the API with FHIR_AUTH off: no caller, so no actor.
+    assert "access control off" in history and "alice" in history
+    older = html(admin_client.get(page_url(gid, "?ev=2.0")))
+    timeline = older.split('id="timeline-table"', 1)[1].split("</table>", 1)[0]
+    assert "access control off" in timeline
+
+
 def test_the_timeline_says_who_changed_the_roster_and_when(admin_client, big_group):
     gid, refs, prefix = big_group
     text = html(admin_client.get(page_url(gid)))
@@ -378,6 +404,13 @@ def test_a_page_never_reads_more_of_the_roster_than_it_shows(admin_client, live_
     assert len(read_states) == 26  # the API's page query: the page and one more
 
 
+def test_djangos_permission_groups_are_not_listed_beside_fhir_groups(admin_client):
+    index = html(admin_client.get("/admin/"))
+    assert "FHIR Groups" in index
+    assert "/admin/auth/group/" not in index and "/admin/auth/user/" in index
+    assert admin_client.get("/admin/auth/group/").status_code == 404
+
+
 # --- the generic store ---------------------------------------------------------------------
 
 
@@ -400,7 +433,7 @@ def test_a_resource_page_shows_json_and_history(admin_client, live_api):
     text = html(admin_client.get(url))
     assert "Zorro" in text.split('id="resource-json"', 1)[1]
     assert "replace /name/0/family = &quot;Zorro&quot;" in text
-    assert "created" in text
+    assert "created" in text and "access control off" in text
     assert admin_client.post(url, {}).status_code in (200, 403)
     assert StoredResource.objects.get(key=f"Patient/{pid}").version_id == 2
 
