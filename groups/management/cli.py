@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from fhirservice.clickhouse import ClickHouseUnavailable, get_clickhouse
 from fhirservice.models import StoredResource
 from groups.maintenance.common import MSG_NO_GROUP
 
 MSG_POSITIVE = "--{name} must be a positive whole number, not {value}"
+MSG_EMBEDDED_IN_USE = (
+    "The embedded ClickHouse store {path} is held by another process, most likely the "
+    "running service (chdb lets one process open a path): stop the service, run this "
+    "command, and start the service again, or run service and commands on a ClickHouse "
+    "server (CLICKHOUSE_URL=clickhouse://…), which they can share."
+)
 
 
 class ProgressBar:
@@ -97,3 +108,31 @@ def named_groups(group_ids: list[str] | None) -> list[str] | None:
         if group_id not in known:
             raise CommandError(MSG_NO_GROUP.format(id=group_id))
     return group_ids
+
+
+def embedded_clickhouse_or_refuse() -> None:
+    """Open the embedded ClickHouse store now; CommandError when another process holds it.
+
+    chdb lets one process open a data path, so beside a running service on the embedded
+    default a command cannot reach the member store at all. It refuses up front, in one
+    sentence, instead of failing with a traceback halfway. A ClickHouse server is opened
+    lazily, and being down is reported by each command as before.
+    """
+    url = settings.CLICKHOUSE_URL
+    if not url.startswith("chdb://"):
+        return
+    # The embedded engine writes its own "Cannot lock file" line to file descriptor 2 before
+    # Python sees the error: held back, and shown only if the store opens after all.
+    with tempfile.TemporaryFile() as engine_output:
+        saved = os.dup(2)
+        os.dup2(engine_output.fileno(), 2)
+        try:
+            get_clickhouse()
+        except ClickHouseUnavailable as exc:
+            path = unquote(urlsplit(url).path)
+            raise CommandError(MSG_EMBEDDED_IN_USE.format(path=path)) from exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        engine_output.seek(0)
+        os.write(2, engine_output.read())

@@ -10,8 +10,13 @@ straight into the stores.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
 from io import StringIO
+from pathlib import Path
 
 import orjson
 import pytest
@@ -22,6 +27,7 @@ from django.test import override_settings
 import groups.maintenance.backfill
 from fhirservice.models import ResourceVersion, StoredResource
 from groups.maintenance.backfill import BACKFILL_CHECKPOINT, MSG_INLINE_MODE, backfill_checkpoint
+from groups.management.cli import MSG_EMBEDDED_IN_USE
 from groups.management.commands.repair_group_members import EXIT_PROBLEMS_REMAIN
 from groups.models import BackfillCheckpoint, MemberOutbox
 from tests.groups.conftest import (
@@ -347,3 +353,73 @@ def test_ship_rejects_bad_arguments():
     assert "--interval and --batch-limit must be positive" in str(
         failing("ship_member_events", "--interval", "0")
     )
+
+
+# --- beside a running service on the embedded store ------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+# What the service does on its first roster read: open the process-wide client (chdb, with
+# its schema). Then it holds the path until it exits.
+HOLD_THE_STORE = (
+    "from fhirservice.clickhouse import get_clickhouse; get_clickhouse(); "
+    "print('holding', flush=True); import sys; sys.stdin.read()"
+)
+
+
+@pytest.fixture(scope="module")
+def embedded_store_in_use(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The environment of a ``make run`` service on the embedded defaults, and a second
+    process (``manage.py shell``, as the service opens it) holding its chdb path."""
+    tmp_path = tmp_path_factory.mktemp("embedded")
+    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI",)}
+    env.update(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'fhirservice.sqlite3'}",
+        CLICKHOUSE_URL=f"chdb://{tmp_path / 'chdb'}",
+        FHIR_VAR_DIR=str(tmp_path / "var"),
+    )
+    manage = [sys.executable, "manage.py"]
+    subprocess.run(
+        [*manage, "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    holder = subprocess.Popen(
+        [*manage, "shell", "--no-imports", "-c", HOLD_THE_STORE],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield env
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["repair_group_members", "--dry-run"],
+        ["repair_group_members", "--fix", "--no-input"],
+        ["backfill_group_members", "--no-input"],
+        ["ship_member_events"],
+    ],
+)
+def test_commands_refuse_in_one_sentence_while_the_service_holds_the_store(
+    embedded_store_in_use, args
+):
+    env = embedded_store_in_use
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    path = env["CLICKHOUSE_URL"].removeprefix("chdb://")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"CommandError: {MSG_EMBEDDED_IN_USE.format(path=path)}"
+    assert result.stdout == ""

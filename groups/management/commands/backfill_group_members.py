@@ -24,7 +24,14 @@ from groups.maintenance.backfill import (
     groups_backfill,
 )
 from groups.maintenance.common import MaintenanceError
-from groups.management.cli import ProgressBar, add_no_input, confirm, named_groups, positive
+from groups.management.cli import (
+    ProgressBar,
+    add_no_input,
+    confirm,
+    embedded_clickhouse_or_refuse,
+    named_groups,
+    positive,
+)
 
 MSG_GROUP_AND_RESTART = "--restart concerns the checkpoint, which --group runs do not use"
 
@@ -94,6 +101,7 @@ class Command(BaseCommand):
         if options["dry_run"]:
             self._dry_run(group_ids, checkpoint if resume else None)
             return
+        embedded_clickhouse_or_refuse()
         if options["interactive"]:
             where = (
                 f"resuming after {checkpoint.last_key}"

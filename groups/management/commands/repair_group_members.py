@@ -16,7 +16,14 @@ from fhirservice.errors import FhirError
 from groups.maintenance.common import MaintenanceError
 from groups.maintenance.repair import RepairReport, rosters_repair
 from groups.maintenance.scan import KINDS, PENDING, Finding, ScanReport
-from groups.management.cli import ProgressBar, add_no_input, confirm, named_groups, positive
+from groups.management.cli import (
+    ProgressBar,
+    add_no_input,
+    confirm,
+    embedded_clickhouse_or_refuse,
+    named_groups,
+    positive,
+)
 
 # Exit status when damage is left (bad arguments and failures exit with 1).
 EXIT_PROBLEMS_REMAIN = 3
@@ -80,6 +87,7 @@ class Command(BaseCommand):
         positive(options, "show")
         if options["timeout"] <= 0:
             raise CommandError(f"--timeout must be positive, not {options['timeout']}")
+        embedded_clickhouse_or_refuse()
         group_ids = named_groups(options["groups"])
         dry_run, fix = options["dry_run"], options["fix"]
 

@@ -12,6 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from groups.management.cli import embedded_clickhouse_or_refuse
 from groups.models import MemberOutbox
 from groups.services import member_batches_ship
 
@@ -59,6 +60,7 @@ class Command(BaseCommand):
         """Ship, report, and exit non-zero when batches stay pending after a single run."""
         if options["interval"] <= 0 or options["batch_limit"] <= 0 or options["min_age"] < 0:
             raise CommandError("--interval and --batch-limit must be positive, --min-age >= 0")
+        embedded_clickhouse_or_refuse()
         rounds = 0
         while True:
             shipped = self._round(options)
