@@ -21,19 +21,14 @@ import orjson
 from django.conf import settings
 from django.test import Client, override_settings
 
+from bench.http_api import FHIR_JSON, PATCH_JSON, BenchError
 from fhirservice.access.clients import fhir_client_create
 from fhirservice.conf import fhir_settings
 
 BASE = "/4_0_0"
-FHIR_JSON = "application/fhir+json"
-PATCH_JSON = "application/json-patch+json"
 MINIMAL = {"Prefer": "return=minimal"}
 BENCH_ORGANIZATION = "bench"
 BENCH_SCOPES = "system/Group.cruds system/Patient.cruds"
-
-
-class BenchError(RuntimeError):
-    """The service answered something a benchmark did not expect."""
 
 
 def check(response: Any, *expected: int) -> Any:

@@ -1,9 +1,9 @@
 """The benchmark's FHIR requests over HTTP, as a client sees them.
 
-One keep-alive HTTP/1.1 connection (``http.client``, standard library only, so ``bench/compare.py``
-runs against any server without installing anything) sends each request and reads the whole
-answer; the caller times that from outside. ``HttpApi`` has the methods of ``bench.api.Api``
-(the in-process client) plus plain Patient create and read, so the rows run unchanged on both.
+One keep-alive HTTP/1.1 connection (``http.client``; no Django here, so ``bench.compare``
+runs against any server from any checkout) sends each request and reads the whole answer; the
+caller times that from outside. ``HttpApi`` has the methods of ``bench.api.Api`` (the
+in-process client) plus plain Patient create and read, so the rows run unchanged on both.
 
 Access control: with ``credentials`` (client id, secret) the client takes a client-credentials
 token at ``token_url`` and renews it at half its lifetime; with ``token`` it sends that bearer
@@ -20,13 +20,17 @@ from collections.abc import Callable
 
 import orjson
 
-from bench.api import FHIR_JSON, PATCH_JSON, BenchError
-
+FHIR_JSON = "application/fhir+json"
+PATCH_JSON = "application/json-patch+json"
 CHUNK = 65_536
 ENTITY = b'"entity"'
 # Connections idle longer than this are reopened before the next request: gunicorn closes
 # idle keep-alive connections after 2 s, and a request sent into a closing socket fails.
 IDLE_REOPEN = 1.5
+
+
+class BenchError(RuntimeError):
+    """The service answered something a benchmark did not expect."""
 
 
 class HttpApi:

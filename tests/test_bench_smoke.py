@@ -63,3 +63,37 @@ def test_bench_quick_mode_prints_the_budget_table(
     assert ("first 20 after restart" in out) is served, out
     assert ("server RSS, peak" in out) is served, out
     assert "budgets:" in out
+
+
+@pytest.mark.slow
+def test_compare_runs_the_scenario_against_a_base_url(
+    transactional_db: None, tmp_path, capsys
+) -> None:
+    # bench.compare only needs a base URL: here our own service, served as make run does.
+    from bench import compare, env
+    from bench.server import Server
+    from fhirservice.conf import fhir_settings
+
+    url = env.database_url()  # the test database
+    server = Server(
+        {"FHIR_AUTH": "off", **({"DATABASE_URL": url} if url else {})},
+        base_path="/" + fhir_settings.BASE_PATH,
+        log_path=tmp_path / "server.log",
+    )
+    server.start()
+    try:
+        pid = str(server.worker_pid())
+        status = compare.main(
+            [server.base_url, "--sizes", "10,100", "--repeat", "2", "--patients", "2"]
+            + ["--server-pid", pid, "--name", "this service"]
+        )
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "as a client sees them: this service" in out
+    for row in ("1 | PATCH +1 member, Group of 100", "3 | create Group, 100 members"):
+        assert row in out, out
+    for row in ("4 | GET Group of 104 members", "4 |   server RSS, peak", "7 | read plain"):
+        assert row in out, out
+    assert "members received" not in out, out
