@@ -33,12 +33,12 @@ def group_body(name: str, prefix: str = "", size: int = 0) -> bytes:
     return head + b',"member":[' + members + b"]}"
 
 
-def patient_body(index: int) -> bytes:
+def patient_body(index: int, system: str = "urn:bench:mrn") -> bytes:
     """A plain Patient of the size clients typically send (identifier, name, contacts)."""
     return orjson.dumps(
         {
             "resourceType": "Patient",
-            "identifier": [{"system": "urn:bench:mrn", "value": f"mrn-{index}"}],
+            "identifier": [{"system": system, "value": f"mrn-{index}"}],
             "active": True,
             "name": [{"family": f"Family{index}", "given": ["Given", f"G{index % 97}"]}],
             "telecom": [{"system": "phone", "value": f"+1-555-{index % 10_000:04d}"}],

@@ -14,7 +14,8 @@ Rows (the budget table of DESIGN.md, as tightened for a client's view in issue 1
 4. GET of the largest Group, streamed, with RSS growth;
 5. ``$members`` page of 1,000 at random cursors, and ``_elements=quantity``;
 6. ``Group?member=`` over a reverse table of 10^7 rows (synthetic events, see bench.data);
-7. plain Patient create and read.
+7. plain Patient create and read;
+8. as served only: a load test with mixed traffic (locust; bench.load, bench/locustfile.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ GET_RSS = 200e6  # ... with RSS growth at most this
 SERVER_RSS = 1e9  # the server process with a 10^6 roster in use
 PATIENT_CREATE = 0.004  # POST a plain Patient
 PATIENT_READ = 0.0015  # GET a plain Patient
+# Issue 16, "Performance": member writes across 100 Groups of 10^5 under mixed traffic.
+LOAD_WRITES = 500.0  # per second, sustained
+LOAD_P99 = 0.100  # p99 of member writes
 PAGE = 0.030  # $members page of 1,000
 QUANTITY = 0.005  # quantity
 MEMBER_SEARCH = 0.030  # Group?member= over 10^7 rows
@@ -120,8 +124,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rows",
-        default="1,2,3,4,5,6,7",
-        help="which rows to run (default all: 1,2,3,4,5,6,7)",
+        default="1,2,3,4,5,6,7,8",
+        help="which rows to run (default all: 1,2,3,4,5,6,7,8)",
+    )
+    parser.add_argument(
+        "--load-groups", type=int, help="row 8: Groups written to (default 100, quick 5)"
+    )
+    parser.add_argument(
+        "--load-members",
+        type=int,
+        help="row 8: members of each of those Groups (default 100000, quick 1000)",
+    )
+    parser.add_argument(
+        "--load-users", type=int, default=32, help="row 8: simulated clients (default 32)"
+    )
+    parser.add_argument(
+        "--load-seconds", type=float, help="row 8: longest run (default 60 s, quick 10 s)"
+    )
+    parser.add_argument(
+        "--load-requests",
+        type=int,
+        help="row 8: most requests (default 200000, quick 2000)",
     )
     parser.add_argument(
         "--in-process",
@@ -163,6 +186,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.get_repeat = args.get_repeat or (1 if quick else 3)
     args.member_rows = args.member_rows or (100_000 if quick else 10_000_000)
     args.patients = args.patients or (10 if quick else 50)
+    args.load_groups = args.load_groups or (5 if quick else 100)
+    args.load_members = args.load_members or (1000 if quick else 100_000)
+    args.load_seconds = args.load_seconds or (10.0 if quick else 60.0)
+    args.load_requests = args.load_requests or (2000 if quick else 200_000)
     if args.profile and not args.in_process:
         parser.error("--profile profiles this process: use it with --in-process")
     try:
@@ -911,6 +938,87 @@ class Bench:
             )
         self.profiler.run("row6-member-search", search)
 
+    # -- row 8 ----------------------------------------------------------------------------
+
+    def row_load(self) -> None:
+        """Mixed traffic from many clients (locust), as served; per kind p50/p99, rates."""
+        if self.server is None:
+            self.report.note("row 8 (load test) runs as served only, not --in-process")
+            return
+        from django.conf import settings
+
+        from bench.load import run_load
+
+        args = self.args
+        result = run_load(
+            self.api,
+            f"http://127.0.0.1:{self.server.port}",
+            self.server.base_path,
+            tag=self.tag,
+            groups=args.load_groups,
+            members=args.load_members,
+            users=args.load_users,
+            seconds=args.load_seconds,
+            max_requests=args.load_requests,
+            workdir=Path(settings.VAR_DIR) / "bench-load",
+            progress=progress,
+        )
+        for kind in [*result.kinds, result.total]:
+            self.report.add(
+                Line(
+                    "8",
+                    f"load: {kind.name}",
+                    f"{kind.count:,}",
+                    seconds(kind.p50),
+                    note=f"p99 {seconds(kind.p99)}, {kind.rate:.0f}/s"
+                    + (f", {kind.failures} failed" if kind.failures else ""),
+                )
+            )
+        writes = result.member_writes
+        rate = sum(kind.rate for kind in writes)
+        worst = max((kind.p99 for kind in writes if kind.p99 is not None), default=None)
+        failures = result.total.failures
+        where = f"{args.load_groups} Groups of {size_label(args.load_members)}"
+        self.report.add(
+            Line(
+                "8",
+                f"load: member writes/s across {where}",
+                "",
+                f"{rate:.0f}/s",
+                budget=f"≥ {LOAD_WRITES:.0f}/s",
+                verdict=PASS if rate >= LOAD_WRITES else FAIL,
+            )
+        )
+        self.report.add(
+            Line(
+                "8",
+                "load: p99 of member writes (worse of PATCH, $add-member)",
+                "",
+                seconds(worst),
+                budget=f"≤ {seconds(LOAD_P99)}",
+                verdict=verdict(worst, LOAD_P99),
+            )
+        )
+        self.report.add(
+            Line(
+                "8",
+                "load: failed requests",
+                "",
+                f"{failures:,}",
+                budget="0",
+                verdict=PASS if failures == 0 else FAIL,
+            )
+        )
+        self.report.note(
+            f"row 8: locust --headless, {args.load_users} clients (FastHttpUser, keep-alive, "
+            f"0-10 ms think time) for {seconds(result.seconds)} (cap {args.load_seconds:.0f} s "
+            f"or {args.load_requests:,} requests) on loopback; weights PATCH +1 member 8, "
+            "$add-member 2 (an existing Patient by identifier), quantity read 2, Patient read "
+            "2, Group?member= 1, Patient create+update+delete 1. Set-up through the API took "
+            f"{seconds(result.setup_seconds)}. The load generator shares the machine's "
+            f"{os.cpu_count()} CPUs with the service; p50/p99 are locust's (ms buckets)"
+        )
+
     # -- row 7 ----------------------------------------------------------------------------
 
     def row_patient(self) -> None:
@@ -1032,6 +1140,8 @@ def rows(bench: Bench) -> None:
         bench.row_page_and_quantity()
     if 7 in args.rows:
         bench.row_patient()
+    if 8 in args.rows:
+        bench.row_load()
     if 6 in args.rows:
         bench.row_member_search()
     bench.report.lines.sort(key=lambda line: line.row[:1])

@@ -42,6 +42,8 @@ def test_bench_quick_mode_prints_the_budget_table(
             "100",
             "--patients",
             "3",
+            *("--load-groups 2 --load-members 10 --load-users 4 --load-seconds 5".split()),
+            *("--load-requests", "150"),
             "--no-migrate",
             *([] if served else ["--in-process"]),
         ]
@@ -62,6 +64,9 @@ def test_bench_quick_mode_prints_the_budget_table(
     assert ("driven         : over HTTP" in out) is served, out
     assert ("first 20 after restart" in out) is served, out
     assert ("server RSS, peak" in out) is served, out
+    # Row 8, the load test with mixed traffic, runs as served only.
+    assert ("8 | load: member writes/s" in out) is served, out
+    assert ("8 | load: all requests" in out) is served, out
     assert "budgets:" in out
 
 

@@ -1,0 +1,172 @@
+"""Row 8: a load test over HTTP with mixed traffic (``locust --headless``, loopback only).
+
+Set-up through the API: ``groups`` Groups of ``members`` members each and up to 300
+Patients with identifiers of this run's own system. Then ``bench/locustfile.py`` runs with
+``users`` simulated clients for at most ``seconds`` and ``max_requests`` requests, and its
+CSV statistics come back as one ``KindStats`` per request kind: count, failures,
+throughput, p50 and p99 (locust's own percentiles, in ms buckets).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.data import group_body, patient_body
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+PATIENTS = 300  # created for reads, $add-member and searches (fewer for small runs)
+MEMBER_WRITES = ("PATCH Group (+1 member)", "POST Group/$add-member")  # locustfile's names
+
+
+@dataclass
+class KindStats:
+    """Locust's statistics of one request kind."""
+
+    name: str
+    count: int
+    failures: int
+    rate: float  # requests per second over the run
+    p50: float | None  # seconds (None: no request completed)
+    p99: float | None
+
+
+@dataclass
+class LoadResult:
+    """What the load run measured."""
+
+    kinds: list[KindStats]
+    total: KindStats
+    seconds: float  # how long locust ran
+    setup_seconds: float
+
+    @property
+    def member_writes(self) -> list[KindStats]:
+        """The kinds that write members."""
+        return [kind for kind in self.kinds if kind.name in MEMBER_WRITES]
+
+
+def run_load(
+    api: Any,
+    host: str,
+    base_path: str,
+    *,
+    tag: str,
+    groups: int,
+    members: int,
+    users: int,
+    seconds: float,
+    max_requests: int,
+    workdir: Path,
+    progress: Any,
+) -> LoadResult:
+    """Create the load's Groups and Patients through ``api``, run locust against ``host``."""
+    started = time.perf_counter()
+    count = min(PATIENTS, max(20, max_requests // 20))
+    progress(f"load test set-up: {groups} Groups of {members:,} members, {count} Patients")
+    group_ids = [
+        api.create_group(group_body(f"load {tag} {index}", f"{tag}L{index}", members))
+        for index in range(groups)
+    ]
+    system = f"urn:bench:load:{tag}:mrn"
+    patients = [api.create_patient(patient_body(index, system)) for index in range(count)]
+    setup = time.perf_counter() - started
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "load.json"
+    config.write_text(
+        json.dumps(
+            {
+                "base_path": base_path,
+                "groups": group_ids,
+                "patients": patients,
+                "mrn_system": system,
+                "tag": tag,
+                "token": getattr(api, "token", None),
+                "max_requests": max_requests,
+            }
+        )
+    )
+    prefix = workdir / "locust"
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(users),
+        "--run-time",
+        f"{max(1, round(seconds))}s",
+        "--host",
+        host,
+        "--csv",
+        str(prefix),
+        "--only-summary",
+        "--stop-timeout",
+        "5",
+        "--loglevel",
+        "WARNING",
+        "--exit-code-on-error",
+        "0",
+    ]
+    progress(
+        f"locust: {users} clients, at most {seconds:.0f} s and {max_requests:,} requests "
+        f"(log {workdir / 'locust.log'})"
+    )
+    env = {**os.environ, "FHIR_LOAD_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
+    ran = time.perf_counter()
+    with open(workdir / "locust.log", "wb") as log:
+        subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=seconds + 300,
+            check=True,
+        )
+    elapsed = time.perf_counter() - ran
+    kinds, total = read_stats(Path(f"{prefix}_stats.csv"))
+    return LoadResult(kinds, total, elapsed, setup)
+
+
+def read_stats(path: Path) -> tuple[list[KindStats], KindStats]:
+    """Locust's ``*_stats.csv``: one KindStats per request name, and the aggregate."""
+    kinds = []
+    total = None
+    with open(path, newline="") as stats:
+        for row in csv.DictReader(stats):
+            kind = KindStats(
+                name=row["Name"] if row["Name"] != "Aggregated" else "all requests",
+                count=int(row["Request Count"]),
+                failures=int(row["Failure Count"]),
+                rate=float(row["Requests/s"]),
+                p50=_ms(row["50%"]),
+                p99=_ms(row["99%"]),
+            )
+            if row["Name"] == "Aggregated":
+                total = kind
+            else:
+                kinds.append(kind)
+    if total is None:
+        raise RuntimeError(f"no aggregate line in {path}")
+    return kinds, total
+
+
+def _ms(value: str) -> float | None:
+    try:
+        milliseconds = float(value)
+    except ValueError:  # "N/A"
+        return None
+    return None if milliseconds != milliseconds else milliseconds / 1000  # NaN

@@ -1,0 +1,151 @@
+"""Mixed traffic for the load test (row 8, ``bench.load``), run by ``locust --headless``.
+
+Each simulated client sends, by weight: member PATCHes adding one new member to one of the
+load Groups, ``$add-member`` of an existing Patient (by identifier), Group quantity reads,
+Patient reads, ``Group?member=`` searches, and plain Patient CRUD (create, update, delete).
+Request names group the statistics by kind. ``bench.load`` writes the set-up (base path,
+Group ids, Patient ids and identifiers, bearer token, request cap) as JSON to the file named
+by ``FHIR_LOAD_CONFIG``; after ``max_requests`` requests the run stops (bounded in requests
+as well as in time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+
+from locust import FastHttpUser, between, events, task
+
+CONFIG = json.loads(open(os.environ["FHIR_LOAD_CONFIG"]).read())  # noqa: SIM115
+BASE = CONFIG["base_path"]
+GROUPS: list[str] = CONFIG["groups"]
+PATIENTS: list[str] = CONFIG["patients"]  # ids of Patients created for the run
+MRN_SYSTEM = CONFIG["mrn_system"]
+TAG = CONFIG["tag"]
+FHIR = "application/fhir+json"
+HEADERS = {"Accept": FHIR, "Content-Type": FHIR, "Prefer": "return=minimal"}
+if CONFIG.get("token"):
+    HEADERS["Authorization"] = f"Bearer {CONFIG['token']}"
+PATCH_HEADERS = {**HEADERS, "Content-Type": "application/json-patch+json"}
+READ_HEADERS = {k: v for k, v in HEADERS.items() if k != "Content-Type"}
+
+# Names of the request kinds (the report's rows); member writes are the first two.
+PATCH = "PATCH Group (+1 member)"
+ADD_MEMBER = "POST Group/$add-member"
+QUANTITY = "GET Group?_elements=quantity"
+READ_PATIENT = "GET Patient/{id}"
+SEARCH = "GET Group?member="
+CREATE = "POST Patient"
+UPDATE = "PUT Patient/{id}"
+DELETE = "DELETE Patient/{id}"
+MEMBER_WRITES = (PATCH, ADD_MEMBER)
+
+_counter = itertools.count()
+_sent = 0
+
+
+@events.request.add_listener
+def _bounded(**_: object) -> None:
+    """Stop the run once ``max_requests`` requests have completed."""
+    global _sent
+    _sent += 1
+    if _sent == CONFIG["max_requests"]:
+        runner = _environment.runner if _environment is not None else None
+        if runner is not None:
+            runner.quit()
+
+
+_environment = None
+
+
+@events.init.add_listener
+def _keep(environment, **_: object) -> None:
+    global _environment
+    _environment = environment
+
+
+def _patient(index: int) -> bytes:
+    return json.dumps(
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": f"urn:bench:load:{TAG}", "value": f"crud-{index}"}],
+            "name": [{"family": f"Load{index}", "given": ["Crud"]}],
+            "gender": "other",
+        }
+    ).encode()
+
+
+class FhirClient(FastHttpUser):
+    """One client of the service; keep-alive connections (geventhttpclient)."""
+
+    wait_time = between(0, 0.01)
+
+    @task(8)
+    def patch_member(self) -> None:
+        group = random.choice(GROUPS)
+        ref = f"Patient/{TAG}-load-{next(_counter)}"
+        body = json.dumps(
+            [{"op": "add", "path": "/member/-", "value": {"entity": {"reference": ref}}}]
+        )
+        self.client.patch(f"{BASE}/Group/{group}", data=body, headers=PATCH_HEADERS, name=PATCH)
+
+    @task(2)
+    def add_member(self) -> None:
+        group = random.choice(GROUPS)
+        index = random.randrange(len(PATIENTS))
+        body = json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {
+                        "name": "identifier",
+                        "valueIdentifier": {"system": MRN_SYSTEM, "value": f"mrn-{index}"},
+                    }
+                ],
+            }
+        )
+        self.client.post(
+            f"{BASE}/Group/{group}/$add-member", data=body, headers=HEADERS, name=ADD_MEMBER
+        )
+
+    @task(2)
+    def read_quantity(self) -> None:
+        group = random.choice(GROUPS)
+        self.client.get(
+            f"{BASE}/Group/{group}?_elements=quantity", headers=READ_HEADERS, name=QUANTITY
+        )
+
+    @task(2)
+    def read_patient(self) -> None:
+        patient = random.choice(PATIENTS)
+        self.client.get(f"{BASE}/Patient/{patient}", headers=READ_HEADERS, name=READ_PATIENT)
+
+    @task(1)
+    def search_member(self) -> None:
+        patient = random.choice(PATIENTS)
+        self.client.get(f"{BASE}/Group?member=Patient/{patient}", headers=READ_HEADERS, name=SEARCH)
+
+    @task(1)
+    def patient_crud(self) -> None:
+        index = next(_counter)
+        with self.client.post(
+            f"{BASE}/Patient",
+            data=_patient(index),
+            headers=HEADERS,
+            name=CREATE,
+            catch_response=True,
+        ) as response:
+            location = response.headers.get("Location", "")
+            if response.status_code != 201 or "/Patient/" not in location:
+                response.failure(f"HTTP {response.status_code}, Location {location!r}")
+                return
+        patient = location.split("/Patient/")[1].split("/")[0]
+        body = json.loads(_patient(index))
+        body["id"] = patient
+        body["active"] = True
+        self.client.put(
+            f"{BASE}/Patient/{patient}", data=json.dumps(body), headers=HEADERS, name=UPDATE
+        )
+        self.client.delete(f"{BASE}/Patient/{patient}", headers=READ_HEADERS, name=DELETE)
