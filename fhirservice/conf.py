@@ -60,6 +60,11 @@ DEFAULTS: dict[str, Any] = {
     # each; 0: off), and the largest roster digested inside a write (larger: in background).
     "MEMBER_DIGEST_ENTRIES": 4_000_000,
     "MEMBER_DIGEST_SYNC_MAX": 20_000,
+    # The outbox relay of each server process (groups.shipping.Relay): seconds between its
+    # rounds (0: none; run ``ship_member_events --loop`` instead), and the longest wait
+    # between rounds while they fail (ClickHouse down), the wait doubling up to it.
+    "MEMBER_RELAY_INTERVAL": 5.0,
+    "MEMBER_RELAY_MAX_INTERVAL": 60.0,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -88,6 +93,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "MEMBER_SHIPPING": lambda v: v in ("background", "request"),
     "MEMBER_DIGEST_ENTRIES": lambda v: type(v) is int and v >= 0,
     "MEMBER_DIGEST_SYNC_MAX": lambda v: type(v) is int and v >= 0,
+    "MEMBER_RELAY_INTERVAL": lambda v: isinstance(v, int | float) and v >= 0,
+    "MEMBER_RELAY_MAX_INTERVAL": lambda v: isinstance(v, int | float) and v > 0,
 }
 
 

@@ -10,8 +10,8 @@ class GroupsConfig(AppConfig):
     verbose_name = "Group rosters"
 
     def ready(self) -> None:
-        """Plug the Group handler, the post-save receiver, ``member`` search, the shipper and
-        the digests' warm-up in."""
+        """Plug the Group handler, the post-save receiver, ``member`` search, the shipper, the
+        digests' warm-up and the outbox relay in."""
         from fhirservice.clickhouse import clickhouse_closing
         from fhirservice.search.query import register_param
         from fhirservice.serving import service_starting
@@ -20,11 +20,13 @@ class GroupsConfig(AppConfig):
         from groups.digest import digests
         from groups.handlers import GroupHandler, on_resource_saved
         from groups.search import member_param
+        from groups.services import outbox_relay_start
 
         register_handler("Group", GroupHandler())
         clickhouse_closing.connect(shipping.on_clickhouse_closing, dispatch_uid="groups.shipping")
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
         service_starting.connect(digests.warm_up, dispatch_uid="groups.digests.warm_up")
+        service_starting.connect(outbox_relay_start, dispatch_uid="groups.outbox_relay")
         register_param(
             "Group",
             "member",

@@ -31,7 +31,8 @@ class MemberOutbox(models.Model):
     request_id = models.CharField(max_length=64, blank=True, default="")
     source = models.CharField(max_length=32, blank=True, default="")
     actor = models.CharField(max_length=200, blank=True, default="")
-    # Written while ClickHouse was unreachable: the Group's quantity is recounted on shipping.
+    # Written while ClickHouse was unreachable: the quantities of this version and of every
+    # later one are corrected once ClickHouse answers again (services.roster_quantities_recount).
     recount = models.BooleanField(default=False)
     shipped_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
@@ -42,6 +43,8 @@ class MemberOutbox(models.Model):
             models.Index(fields=["roster_key", "shipped_at"], name="outbox_roster_shipped"),
             models.Index(fields=["shipped_at", "recorded_at"], name="outbox_pending"),
             models.Index(fields=["group_id", "version"], name="outbox_group_version"),
+            # The relay looks for versions still to recount on every round.
+            models.Index(fields=["recount", "roster_key"], name="outbox_recount"),
         ]
 
     def __str__(self) -> str:

@@ -268,6 +268,26 @@ class MemberEventRepository:
                     return False
         return True
 
+    def activity_history(
+        self, roster_key: str, refs: list[str], *, below_version: int
+    ) -> list[tuple[str, int, bool]]:
+        """(member reference, pos, active after the event) of every logged event of some
+        members in versions before ``below_version``; a re-shipped event may come twice.
+
+        The log is sorted by version, not member: this reads the roster's log filtered by
+        member (a column scan of one roster's range), for the few members a recount needs.
+        """
+        history: list[tuple[str, int, bool]] = []
+        for chunk in in_chunks(refs):
+            rows = self.client.execute(
+                f"SELECT member_ref, {POS}, event_type != 'removed' AND inactive = 0 "
+                f"FROM {EVENTS} WHERE roster_key = %(k)s AND version < %(v)s "
+                f"AND member_ref IN %(refs)s",
+                {"k": roster_key, "v": below_version, "refs": chunk},
+            )
+            history.extend((ref, int(pos), bool(active)) for ref, pos, active in rows)
+        return history
+
     def lookup(self, roster_key: str, refs: list[str]) -> dict[str, MemberState]:
         """Current state of some member references (absent: never in the roster)."""
         states: dict[str, MemberState] = {}

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from django.db.models import Q
+from django.db.models import Count, Min, Q, Sum
+from django.utils import timezone
 
 from fhirservice.clickhouse import ClickHouseUnavailable
 from fhirservice.errors import ServiceUnavailable
@@ -278,4 +280,33 @@ def groups_with_members(refs: list[str], *, active_only: bool = False) -> list[s
         key
         for key, incarnation in current.values_list("key", "incarnation")
         if incarnation in candidates[key]
+    )
+
+
+@dataclass(frozen=True)
+class OutboxBacklog:
+    """What waits in the outbox: for metrics, readiness and the admin."""
+
+    batches: int  # committed member event batches not yet in ClickHouse
+    events: int
+    failing: int  # of which the last shipping attempt failed
+    oldest_age: float  # seconds since the oldest of them was committed (0: none)
+    recounts: int  # batches of versions written blind whose quantity is not yet corrected
+
+
+def outbox_backlog() -> OutboxBacklog:
+    """The shipping backlog, read from the outbox (two indexed queries)."""
+    pending = MemberOutbox.objects.filter(shipped_at__isnull=True).aggregate(
+        batches=Count("key"),
+        events=Sum("event_count"),
+        failing=Count("key", filter=Q(last_error__gt="")),
+        oldest=Min("recorded_at"),
+    )
+    oldest = pending["oldest"]
+    return OutboxBacklog(
+        batches=pending["batches"],
+        events=pending["events"] or 0,
+        failing=pending["failing"],
+        oldest_age=(timezone.now() - oldest).total_seconds() if oldest else 0.0,
+        recounts=MemberOutbox.objects.filter(recount=True).count(),
     )

@@ -10,9 +10,13 @@ Writes queued while the thread is busy are shipped together in its next round, w
 a burst of small PATCHes into few inserts. ``"request"`` ships in the request right after
 commit instead (one insert per write: simpler to reason about, slower to answer).
 
-Nothing is lost if the process dies with a queue: the batches stay pending in the outbox,
-and the next write of their roster, ``ship_member_events`` or ``repair_group_members`` ships
-them.
+Nothing is lost if the process dies with a queue: the batches stay pending in the outbox.
+A server process runs a relay of its own (:class:`Relay`, started when it starts serving):
+every ``MEMBER_RELAY_INTERVAL`` seconds it ships whatever any process left behind, on any
+roster, and corrects the quantities of versions written while ClickHouse was down; while
+that fails (ClickHouse still down) its wait doubles up to ``MEMBER_RELAY_MAX_INTERVAL``.
+The next write of a roster, ``ship_member_events`` (once, or ``--loop`` as a side process)
+and ``repair_group_members`` ship them too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -79,6 +84,84 @@ class BackgroundShipper:
                     self._cond.notify_all()
 
 
+class Relay:
+    """The service's own outbox relay: a daemon thread that runs ``run_round`` (True: it
+    succeeded) at once and then every ``interval`` seconds; after a failed round the wait
+    doubles, up to ``max_interval``, and is back to ``interval`` after a success."""
+
+    def __init__(
+        self, run_round: Callable[[], bool], *, interval: float, max_interval: float
+    ) -> None:
+        self.run_round = run_round
+        self.interval = interval
+        self.max_interval = max_interval
+        self.wait = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def ensure_running(self) -> None:
+        """Start the thread unless it runs in this process already."""
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current round (shutdown, tests)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                succeeded = self.run_round()
+            except Exception:  # a failed round must not end the relay
+                logger.exception("Outbox relay round failed")
+                succeeded = False
+            finally:
+                connections.close_all()  # as the shipper: no idle connection held
+            self.wait = self.interval if succeeded else min(self.wait * 2, self.max_interval)
+            self._stop.wait(self.wait)
+
+
+_relay: Relay | None = None
+
+
+def relay_start(
+    run_round: Callable[[], bool], *, interval: float, max_interval: float
+) -> Relay | None:
+    """Run this process's relay (a server process, when it starts; None when ``interval``
+    is 0: relaying is left to ``ship_member_events --loop``)."""
+    global _relay
+    if interval <= 0:
+        return None
+    with _shipper_lock:
+        if _relay is not None:
+            _relay.stop()
+        _relay = Relay(run_round, interval=interval, max_interval=max(max_interval, interval))
+        atexit.register(_relay.stop)
+    _relay.ensure_running()
+    return _relay
+
+
+def relay_stop() -> None:
+    """Stop this process's relay, if it runs (tests)."""
+    global _relay
+    with _shipper_lock:
+        relay, _relay = _relay, None
+    if relay is not None:
+        relay.stop()
+
+
 _shipper: BackgroundShipper | None = None
 _shipper_lock = threading.Lock()
 _local = threading.local()
@@ -93,6 +176,8 @@ def serving_request() -> Iterator[None]:
     Only then do writes ship in the background: commands, the relay and code calling the
     services directly ship before the write returns, so what they report afterwards holds.
     """
+    if _relay is not None:
+        _relay.ensure_running()  # a forked worker has no thread of its parent's
     previous = getattr(_local, "serving", False)
     _local.serving = True
     try:

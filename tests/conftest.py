@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -59,3 +60,13 @@ def _fresh_roster_digests() -> None:
     from groups.digest import digests
 
     digests.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_outbox_relay_left_running() -> Iterator[None]:
+    """A test that starts a server process's outbox relay (``warm_up`` does) stops it after:
+    its thread would ship other tests' pending batches, or outlive the test database."""
+    yield
+    from groups import shipping
+
+    shipping.relay_stop()

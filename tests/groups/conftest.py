@@ -242,14 +242,13 @@ def no_shipping(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     between the two stores. Returns the arguments of each shipping that "died"."""
     import groups.services
 
-    # The command binds the real function at import: import it before patching.
-    from groups.management.commands import ship_member_events  # noqa: F401
-
     skipped: list[dict[str, Any]] = []
 
-    def crashed(**kwargs: Any) -> None:
-        skipped.append(kwargs)
+    def crashed(roster: str, keys: list[str], **kwargs: Any) -> None:
+        skipped.append({"roster": roster, "keys": keys})
         raise RuntimeError("simulated crash between commit and shipping")
 
-    monkeypatch.setattr(groups.services, "member_batches_ship", crashed)
+    # The writes' own shipping only: the relay and the commands ship as they would after a
+    # restart.
+    monkeypatch.setattr(groups.services, "_ship_after_commit", crashed)
     return skipped

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from io import StringIO
@@ -29,6 +30,7 @@ from fhirservice.models import ResourceVersion, StoredResource
 from groups.maintenance.backfill import BACKFILL_CHECKPOINT, MSG_INLINE_MODE, backfill_checkpoint
 from groups.management.cli import MSG_EMBEDDED_IN_USE
 from groups.management.commands.repair_group_members import EXIT_PROBLEMS_REMAIN
+from groups.management.commands.ship_member_events import MSG_BAD_ARGUMENTS as MSG_SHIP_ARGUMENTS
 from groups.models import BackfillCheckpoint, MemberOutbox
 from tests.groups.conftest import (
     add,
@@ -350,9 +352,8 @@ def test_ship_loop_runs_its_rounds(live_api):
 
 
 def test_ship_rejects_bad_arguments():
-    assert "--interval and --batch-limit must be positive" in str(
-        failing("ship_member_events", "--interval", "0")
-    )
+    for args in (("--interval", "0"), ("--batch-limit", "0"), ("--max-interval", "0.5")):
+        assert str(failing("ship_member_events", *args)) == MSG_SHIP_ARGUMENTS
 
 
 # --- beside a running service on the embedded store ------------------------------------------
@@ -423,3 +424,52 @@ def test_commands_refuse_in_one_sentence_while_the_service_holds_the_store(
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"CommandError: {MSG_EMBEDDED_IN_USE.format(path=path)}"
     assert result.stdout == ""
+
+
+def test_ship_drains_more_than_one_batch_limit(live_api, no_shipping):
+    """D3: one run shipped at most --batch-limit batches and exited 0 with the rest left."""
+    gid = create_group(live_api, ["Patient/dr1"])
+    for ref in ("Patient/dr2", "Patient/dr3", "Patient/dr4"):
+        patched(live_api, gid, [add(ref)])
+    MemberOutbox.objects.filter(group_id=gid).update(recorded_at="2020-01-01T00:00:00Z")
+    out, _ = run("ship_member_events", "--batch-limit", "1")
+    assert "shipped 4 batches (4 events)" in out
+    assert not MemberOutbox.objects.filter(shipped_at__isnull=True).exists()
+    assert clickhouse_roster(current_key(gid)) == [f"Patient/dr{n}" for n in range(1, 5)]
+
+
+def test_ship_exits_non_zero_saying_what_is_left(live_api, no_shipping, clickhouse_down):
+    gid = create_group(live_api, ["Patient/left1"])
+    patched(live_api, gid, [add("Patient/left2")])
+    MemberOutbox.objects.filter(group_id=gid).update(recorded_at="2020-01-01T00:00:00Z")
+    with clickhouse_down():
+        error = str(failing("ship_member_events"))
+    assert error.startswith("2 batches still pending (the oldest committed "), error
+    assert "cannot be reached" in error
+    fresh = create_group(live_api, ["Patient/fresh"])  # its writer ships it: left alone
+    out, _ = run("ship_member_events", "--min-age", "3600")
+    assert "shipped 2 batches" in out
+    assert "1 batches younger than --min-age left to the writes that made them" in out
+    assert MemberOutbox.objects.filter(group_id=fresh, shipped_at__isnull=True).exists()
+
+
+def test_ship_loop_backs_off_while_clickhouse_is_down(live_api, no_shipping, clickhouse_down):
+    gid = create_group(live_api, ["Patient/lp1"])
+    MemberOutbox.objects.filter(group_id=gid).update(recorded_at="2020-01-01T00:00:00Z")
+    with clickhouse_down():
+        started = time.monotonic()
+        out, _ = run(
+            "ship_member_events",
+            "--loop",
+            "--rounds",
+            "3",
+            "--interval",
+            "0.1",
+            "--max-interval",
+            "0.2",
+        )
+        waited = time.monotonic() - started
+    assert out.count("error:") == 3
+    assert waited >= 0.4  # 0.2 + 0.2 (doubled, capped); the third round ends the run
+    out, _ = run("ship_member_events", "--loop", "--rounds", "1", "--interval", "0.1")
+    assert "shipped 1 batches" in out

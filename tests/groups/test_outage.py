@@ -33,12 +33,13 @@ from django.utils import timezone
 from fhirservice.clickhouse import ClickHouseUnavailable, connect, get_clickhouse
 from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.models import ResourceVersion, StoredResource
+from groups import shipping
 from groups.clickhouse_migrations import REVERSE, STATE
 from groups.maintenance.common import wait_for_mutations
 from groups.models import MemberOutbox
 from groups.repository import MemberEventRepository
-from groups.selectors import MSG_CLICKHOUSE_DOWN
-from groups.services import batch_event_rows, member_batches_ship
+from groups.selectors import MSG_CLICKHOUSE_DOWN, OutboxBacklog, outbox_backlog
+from groups.services import batch_event_rows, member_batches_ship, outbox_relay_round
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,
@@ -311,6 +312,70 @@ def test_the_next_write_ships_what_an_outage_left_pending(live_api, outage):
     clickhouse_matches_the_outbox(gid)
     assert clickhouse_roster(current_key(gid)) == [B, C]
     assert read(live_api, gid)["quantity"] == 2
+
+
+def history_quantities(api, gid: str) -> dict[int, tuple[int, int]]:
+    """{version: (quantity served, active members served)} of every version (vread)."""
+    versions = {}
+    for number in range(1, stored_version(gid) + 1):
+        body = read(api, gid, f"/_history/{number}")
+        active = sum(1 for m in body.get("member", []) if not m.get("inactive"))
+        versions[number] = (body["quantity"], active)
+    return versions
+
+
+def test_every_version_built_on_a_blind_write_gets_its_quantity_corrected(
+    live_api, clickhouse_down, monkeypatch
+):
+    """D2: blind writes guess their quantity; versions written after ClickHouse returned but
+    before the blind batches shipped add to the guess, and are corrected too."""
+    import groups.services
+
+    gid = create_group(live_api, [A, B, C])
+    with clickhouse_down():
+        assert minimal(live_api, "PATCH", f"/Group/{gid}", [remove_ref(B)]).status == 200
+        assert minimal(live_api, "PATCH", f"/Group/{gid}", [add(A)]).status == 200  # held
+    with monkeypatch.context() as dead:  # the process dies after each commit from now on
+        dead.setattr(groups.services, "member_batches_ship", lambda **kwargs: None)
+        patched(live_api, gid, [add(D)])
+        patched(live_api, gid, [remove_ref(C), add(E, inactive=True)])
+    call_command("ship_member_events", min_age=0, verbosity=0)
+    quantities = history_quantities(live_api, gid)
+    assert quantities == {1: (3, 3), 2: (2, 2), 3: (2, 2), 4: (3, 3), 5: (2, 2)}
+    assert read(live_api, gid)["quantity"] == 2
+    assert not MemberOutbox.objects.filter(group_id=gid, recount=True).exists()
+
+
+def test_the_service_relay_heals_without_a_write(live_api, clickhouse_down):
+    """D4: pending batches of any roster are retried by the service itself, with backoff
+    while ClickHouse is down; the backlog is visible meanwhile."""
+    gid = create_group(live_api, [A, B])
+    other = create_group(live_api, [C])
+    with clickhouse_down():
+        assert minimal(live_api, "PATCH", f"/Group/{gid}", [remove_ref(B)]).status == 200
+        assert minimal(live_api, "PATCH", f"/Group/{other}", [add(C), add(D)]).status == 200
+        backlog = outbox_backlog()
+        assert (backlog.batches, backlog.events, backlog.failing, backlog.recounts) == (2, 3, 2, 2)
+        assert backlog.oldest_age >= 0
+        relay = shipping.relay_start(outbox_relay_round, interval=0.05, max_interval=0.2)
+        try:
+            time.sleep(0.6)
+            assert relay.wait == 0.2  # failed rounds: 0.05, 0.1, 0.2, 0.2 ...
+            assert outbox_backlog().batches == 2
+        except BaseException:
+            shipping.relay_stop()
+            raise
+    try:
+        deadline = time.monotonic() + 20
+        while outbox_backlog() != OutboxBacklog(0, 0, 0, 0.0, 0):
+            assert time.monotonic() < deadline, outbox_backlog()
+            time.sleep(0.05)
+    finally:
+        shipping.relay_stop()
+    assert history_quantities(live_api, gid) == {1: (2, 2), 2: (1, 1)}
+    assert history_quantities(live_api, other) == {1: (1, 1), 2: (2, 2)}
+    clickhouse_matches_the_outbox(gid)
+    clickhouse_matches_the_outbox(other)
 
 
 def test_write_responses_during_an_outage_acknowledge_the_write(live_api, outage):
