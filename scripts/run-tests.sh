@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Runs the pytest suite twice, once per backend pair, then the roster suite on a cluster:
+# Runs the pytest suite twice, once per backend pair, then the roster suite on a cluster, then
+# the fault tests:
 #   embedded: SQLite + chdb (the `make run` defaults)
 #   servers:  PostgreSQL + ClickHouse server (throwaway instances on loopback, started here)
 #   cluster:  PostgreSQL + a ClickHouse cluster (ZooKeeper, one shard of two replicas, on
 #             loopback; CLICKHOUSE_CLUSTER set): $CLUSTER_TESTS (tests/groups, tests/operations,
 #             tests/cluster; paths among the arguments replace them). FHIR_TEST_CLUSTER=0
 #             leaves this pass out.
+#   faults:   only the tests marked `faults` (tests/faults), on a PostgreSQL + ClickHouse pair
+#             of their own (FAULTS_PG_PORT, FAULTS_CH_TCP_PORT, FAULTS_CH_HTTP_PORT,
+#             FAULTS_CH_INTERSERVER_PORT; default the usual ports + 20): they kill and restart
+#             those servers. The other passes deselect them. FHIR_TEST_FAULTS=0 leaves it out.
 # Extra arguments go to pytest (in every pass):  scripts/run-tests.sh -k patient -x
 #
 # All passes always run; the exit status is non-zero if any failed (including pytest's
@@ -17,7 +22,8 @@ root=$PWD
 
 bash scripts/bootstrap.sh --servers || exit 1
 # Artefacts of an earlier run must not be mistaken for this run's.
-rm -rf "$root/test-artifacts/embedded" "$root/test-artifacts/servers" "$root/test-artifacts/cluster"
+rm -rf "$root/test-artifacts/embedded" "$root/test-artifacts/servers" "$root/test-artifacts/cluster" \
+    "$root/test-artifacts/faults"
 
 PG_PORT=${PG_PORT:-55432}
 CH_TCP_PORT=${CH_TCP_PORT:-19000}
@@ -26,7 +32,7 @@ export PG_PORT CH_TCP_PORT
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fhir-tests.XXXXXX")
 # The servers run as other users in part (PostgreSQL as postgres): let them enter tmp.
 chmod 755 "$tmp"
-mkdir -p "$tmp/var" "$tmp/var2" "$tmp/var3" # FHIR_VAR_DIR of each pass; SQLite won't create directories
+mkdir -p "$tmp/var" "$tmp/var2" "$tmp/var3" "$tmp/var4" # FHIR_VAR_DIR of each pass; SQLite won't create directories
 FHIR_TEST_CLUSTER=${FHIR_TEST_CLUSTER:-1}
 CLUSTER_TESTS=${CLUSTER_TESTS:-tests/groups tests/operations tests/cluster}
 # Paths among the arguments choose what every pass runs, the cluster pass included.
@@ -35,7 +41,16 @@ for arg in "$@"; do
 done
 passes=(embedded servers)
 [ "$FHIR_TEST_CLUSTER" = 1 ] && passes+=(cluster)
+FHIR_TEST_FAULTS=${FHIR_TEST_FAULTS:-1}
+[ "$FHIR_TEST_FAULTS" = 1 ] && passes+=(faults)
+fault_ports=(
+    PG_PORT="${FAULTS_PG_PORT:-$((PG_PORT + 20))}"
+    CH_TCP_PORT="${FAULTS_CH_TCP_PORT:-$((CH_TCP_PORT + 20))}"
+    CH_HTTP_PORT="${FAULTS_CH_HTTP_PORT:-$((${CH_HTTP_PORT:-18123} + 20))}"
+    CH_INTERSERVER_PORT="${FAULTS_CH_INTERSERVER_PORT:-$((${CH_INTERSERVER_PORT:-19009} + 20))}"
+)
 cleanup() {
+    env "${fault_ports[@]}" bash scripts/test-servers.sh stop "$tmp/fault-servers" || true
     bash scripts/test-servers.sh stop "$tmp/cluster" || true
     bash scripts/test-servers.sh stop "$tmp/servers" || true
     rm -rf "$tmp"
@@ -73,14 +88,18 @@ run_pass() {
     status[$name]=$?
 }
 pytest_args=("$@")
+# Fault tests run in their own pass only (through PYTEST_ADDOPTS: a -m of the caller wins).
+not_faults="${PYTEST_ADDOPTS:-} -m 'not faults'"
 
 run_pass embedded \
+    PYTEST_ADDOPTS="$not_faults" \
     DATABASE_URL="sqlite:///$tmp/embedded.sqlite3" \
     CLICKHOUSE_URL="chdb:///$tmp/chdb" \
     FHIR_VAR_DIR="$tmp/var"
 
 if [ "$servers_up" = 1 ]; then
     run_pass servers \
+        PYTEST_ADDOPTS="$not_faults" \
         DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/fhirservice" \
         CLICKHOUSE_URL="clickhouse://default@127.0.0.1:$CH_TCP_PORT/fhir_test" \
         FHIR_VAR_DIR="$tmp/var2"
@@ -96,6 +115,7 @@ if [ "$FHIR_TEST_CLUSTER" = 1 ] && [ "$servers_up" = 1 ]; then
         cluster_up=1
         # shellcheck disable=SC2086 # CLUSTER_TESTS is a list of paths
         run_pass cluster \
+            PYTEST_ADDOPTS="$not_faults" \
             DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/fhirservice" \
             CLICKHOUSE_URL="clickhouse://default@127.0.0.1:$((CH_TCP_PORT + 1))/fhir_test?alt_hosts=127.0.0.1:$((CH_TCP_PORT + 2))" \
             CLICKHOUSE_CLUSTER=fhir FHIR_TEST_CLUSTER_DIR="$tmp/cluster" \
@@ -105,6 +125,22 @@ if [ "$FHIR_TEST_CLUSTER" = 1 ] && [ "$servers_up" = 1 ]; then
     fi
 fi
 [ "$cluster_up" = 1 ] || status[cluster]=${status[cluster]:-1}
+
+# Its PostgreSQL commits synchronously: a crash must not lose what it acknowledged (the
+# tests would take that for the service losing writes; tests/faults/processes.py restarts it
+# with the same PG_OPTS).
+faults_up=0
+if [ "$FHIR_TEST_FAULTS" = 1 ] && env "${fault_ports[@]}" PG_OPTS="-c fsync=off -c full_page_writes=off" \
+    bash scripts/test-servers.sh start "$tmp/fault-servers"; then
+    faults_up=1
+    run_pass faults "${fault_ports[@]}" \
+        PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -m faults" \
+        FHIR_FAULT_SERVERS="$tmp/fault-servers" \
+        DATABASE_URL="postgres://postgres@127.0.0.1:${fault_ports[0]#*=}/fhirservice" \
+        CLICKHOUSE_URL="clickhouse://default@127.0.0.1:${fault_ports[1]#*=}/fhir_test" \
+        FHIR_VAR_DIR="$tmp/var4"
+fi
+[ "$faults_up" = 1 ] || status[faults]=${status[faults]:-1}
 
 # Stop the servers now rather than in the EXIT trap, so the summary is the log's last word.
 cleanup
@@ -122,8 +158,8 @@ for name in "${passes[@]}"; do
     0) verdict="passed" ;;
     5)
         verdict="FAILED (no tests collected)"
-        # A -k or -m of the caller may match nothing among the roster tests.
-        if [ "$name" = cluster ] && [ $# -gt 0 ]; then
+        # A -k or -m of the caller may match nothing among the roster or the fault tests.
+        if { [ "$name" = cluster ] || [ "$name" = faults ]; } && [ $# -gt 0 ]; then
             verdict="passed (no test selected)" code=0
         fi
         ;;
@@ -131,6 +167,7 @@ for name in "${passes[@]}"; do
     esac
     [ "$name" = servers ] && [ "$servers_up" = 0 ] && verdict="FAILED (servers did not start)"
     [ "$name" = cluster ] && [ "$cluster_up" = 0 ] && verdict="FAILED (cluster did not start)"
+    [ "$name" = faults ] && [ "$faults_up" = 0 ] && verdict="FAILED (fault servers did not start)"
     [ "$code" = 0 ] || rc=1
     echo "run-tests: pass $name: $verdict"
 done
