@@ -261,7 +261,8 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
     )
     tokens = extract_tokens(draft.key, draft.body) if draft.body is not None else []
     if not _same_tokens(current, tokens):
-        SearchToken.objects.filter(resource_key=draft.key).delete()
+        if current is not None:  # a first version has no tokens to replace
+            SearchToken.objects.filter(resource_key=draft.key).delete()
         SearchToken.objects.bulk_create(tokens)
     return row
 
