@@ -18,6 +18,13 @@ case "${CLICKHOUSE_URL:-chdb://}" in
         ;;
 esac
 
+# Prometheus multiprocess mode (several gunicorn workers, one /metrics): the directory holds
+# the workers' counter files and must start empty, or a restart would count twice.
+if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ] && [ "${1:-}" = "gunicorn" ]; then
+    rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+fi
+
 if [ "${FHIR_MIGRATE_ON_START:-1}" = "1" ]; then
     python manage.py migrate --noinput
     python manage.py createcachetable  # CACHE_URL=dbcache://…; nothing for other caches

@@ -1,12 +1,18 @@
-"""Request-scoped middleware of the FHIR core."""
+"""Request-scoped middleware of the FHIR core: request ids and the request log, limits and
+hardened answers."""
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from http import HTTPStatus
+from typing import Any
 
+import orjson
 from django.http import HttpRequest, HttpResponse
 
 from fhirservice.conf import fhir_settings
@@ -15,23 +21,113 @@ from fhirservice.errors import FhirError, PayloadTooLarge
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9\-_.]{1,64}")
 
 
+REQUEST_LOG = logging.getLogger("fhirservice.requests")
+
+
 class RequestIdMiddleware:
-    """Give every request an id (the client's X-Request-ID when well-formed) and echo it.
+    """Give every request an id (the client's X-Request-ID when well-formed), echo it, and
+    log one line per request.
 
     The id is stored on every version and member event, so a client's log line can be
-    matched to what the server did.
+    matched to what the server did. The line goes to the ``fhirservice.requests`` logger at
+    INFO as one JSON object (see :func:`request_line`), once the answer is sent: for a
+    streamed answer (a Group's roster) the duration and bytes cover the whole body. The
+    query string is left out: search parameters can carry patient data.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        """Set ``request.request_id`` and the X-Request-ID response header."""
+        """Set ``request.request_id`` and the X-Request-ID response header; log the line."""
+        started = time.perf_counter()
         given = request.META.get("HTTP_X_REQUEST_ID", "")
         request.request_id = given if REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         response = self.get_response(request)
         response["X-Request-ID"] = request.request_id
+        if not REQUEST_LOG.isEnabledFor(logging.INFO):
+            return response
+        if not response.streaming:
+            _log_request(request, response, started, len(response.content))
+        elif response.is_async or getattr(response, "file_to_stream", None) is not None:
+            # Files go out through the server's file wrapper, past any wrapped iterator.
+            length = response.headers.get("Content-Length")
+            _log_request(request, response, started, int(length) if length else None)
+        else:
+            response.streaming_content = _CountedBody(
+                response.streaming_content,
+                lambda sent: _log_request(request, response, started, sent),
+            )
         return response
+
+
+class _CountedBody:
+    """A streamed body that counts its bytes and reports them once the server closes it."""
+
+    def __init__(self, chunks: Iterable[bytes], on_close: Callable[[int], None]) -> None:
+        self.chunks = chunks
+        self.on_close = on_close
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        """Called by the response's close(), after the last byte or an abandoned transfer."""
+        self.on_close(self.sent)
+
+
+def request_line(
+    request: HttpRequest, response: HttpResponse, seconds: float, sent: int | None
+) -> dict[str, Any]:
+    """The request's log record: time (UTC, ms), request_id, client (the remote address),
+    actor (``client:<id>``, ``staff:<user>`` or ""), method, path, route (the URL pattern,
+    as in the metrics), status, duration_ms and bytes (of the body; null if unknown)."""
+    from fhirservice.metrics import route_of
+
+    access = getattr(request, "access", None)
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "request_id": request.request_id,
+        "client": request.META.get("REMOTE_ADDR", ""),
+        "actor": access.actor if access is not None else _staff_actor(request),
+        "method": request.method,
+        "path": request.path,
+        "route": route_of(request),
+        "status": response.status_code,
+        "duration_ms": round(seconds * 1000, 3),
+        "bytes": sent,
+    }
+
+
+def _staff_actor(request: HttpRequest) -> str:
+    # Only the admin's views resolve the session user; evaluating it elsewhere would cost a
+    # session query for the sake of a log line.
+    if not request.path.startswith("/admin/"):
+        return ""
+    user = getattr(request, "user", None)
+    return f"staff:{user.get_username()}" if user is not None and user.is_authenticated else ""
+
+
+def _log_request(
+    request: HttpRequest, response: HttpResponse, started: float, sent: int | None
+) -> None:
+    line = request_line(request, response, time.perf_counter() - started, sent)
+    REQUEST_LOG.info(orjson.dumps(line).decode())
+
+
+class NoTracebackFilter(logging.Filter):
+    """Keeps a record's line and drops its traceback, as a WARNING (for Django's log of a bad
+    Host header: a client's mistake, answered 400, not a fault of the server)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Strip the record; never drop it."""
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 # Headers of every answer; FHIR answers also get FHIR_HEADERS. Values already set stand.

@@ -60,7 +60,11 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Outermost: query limits before anything parses the query, and security headers and
+    # Outermost: request metrics (django-prometheus; see fhirservice.metrics), then the request
+    # id and the request's log line, so both cover every answer, refusals included.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "fhirservice.middleware.RequestIdMiddleware",
+    # Query limits before anything parses the query, and security headers and
     # OperationOutcome bodies on every FHIR answer, including Django's own error pages.
     "fhirservice.middleware.HardeningMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -68,13 +72,14 @@ MIDDLEWARE = [
     # app server itself: gunicorn has no static file handler and no proxy is assumed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "fhirservice.middleware.RequestIdMiddleware",
     "groups.middleware.GroupMemberEventsMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Innermost: latency and status by route, and the FHIR write counter.
+    "fhirservice.metrics.RouteMetricsMiddleware",
 ]
 
 ROOT_URLCONF = "fhirservice.urls"
@@ -228,12 +233,30 @@ FHIR_SERVICE = {
     if value is not None
 }
 
+# Request lines (fhirservice.requests): one JSON object per line on stderr, at INFO whatever
+# LOG_LEVEL says (FHIR_REQUEST_LOG=off drops them); docs/operators.md describes the fields.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "message": {"format": "%(message)s"},
+    },
+    "filters": {"no_traceback": {"()": "fhirservice.middleware.NoTracebackFilter"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "requests": {"class": "logging.StreamHandler", "formatter": "message"},
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="WARNING")},
-    # The driver logs a traceback per failed connect; ClickHouseUnavailable already says it.
-    "loggers": {"clickhouse_driver": {"level": "ERROR"}},
+    "loggers": {
+        # The driver logs a traceback per failed connect; ClickHouseUnavailable already says it.
+        "clickhouse_driver": {"level": "ERROR"},
+        "fhirservice.requests": {
+            "handlers": ["requests"],
+            "level": "INFO" if env.bool("FHIR_REQUEST_LOG", default=True) else "WARNING",
+            "propagate": False,
+        },
+        # A client's bad Host header: one line, no traceback (the answer is a 400 outcome).
+        "django.security.DisallowedHost": {"filters": ["no_traceback"]},
+    },
 }

@@ -1,9 +1,10 @@
-"""URL routes: the admin, the OAuth2 token endpoint, SMART discovery, and the FHIR API under
-BASE_PATH."""
+"""URL routes: the admin, the OAuth2 token endpoint, SMART discovery, health and metrics, and
+the FHIR API under BASE_PATH."""
 
 from django.contrib import admin
 from django.urls import include, path, re_path
 
+from fhirservice import health, metrics
 from fhirservice.access import oauth
 from fhirservice.access.smart import REVOKE_PATH, TOKEN_PATH, smart_configuration
 from fhirservice.conf import fhir_settings
@@ -18,9 +19,14 @@ urlpatterns = [
     # SMART App Launch discovery (public): below the FHIR base, and at the site root.
     path(f"{fhir_settings.BASE_PATH}/.well-known/smart-configuration", smart_configuration),
     path(".well-known/smart-configuration", smart_configuration),
+    # Operability (unauthenticated, cheap): liveness, readiness, Prometheus metrics.
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
     re_path(rf"^{fhir_settings.BASE_PATH}/?$", SystemView.as_view()),
     path(f"{fhir_settings.BASE_PATH}/", include("fhirservice.rest.urls")),
 ]
 
+handler400 = "fhirservice.rest.errors.bad_request"
 handler404 = "fhirservice.rest.errors.not_found"
 handler500 = "fhirservice.rest.errors.server_error"

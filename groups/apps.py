@@ -11,14 +11,17 @@ class GroupsConfig(AppConfig):
 
     def ready(self) -> None:
         """Plug the Group handler, the post-save receiver, ``member`` search, the shipper, the
-        digests' warm-up and the outbox relay in."""
+        digests' warm-up, the outbox relay, and the backlog's metrics and readiness detail in."""
         from fhirservice.clickhouse import clickhouse_closing
+        from fhirservice.health import register_readiness_detail
+        from fhirservice.metrics import STORE_METRICS
         from fhirservice.search.query import register_param
         from fhirservice.serving import service_starting
         from fhirservice.store.handlers import register_handler, resource_saved
         from groups import shipping
         from groups.digest import digests
         from groups.handlers import GroupHandler, on_resource_saved
+        from groups.metrics import MemberBacklogCollector, backlog_detail
         from groups.search import member_param
         from groups.services import outbox_relay_start
 
@@ -27,6 +30,8 @@ class GroupsConfig(AppConfig):
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
         service_starting.connect(digests.warm_up, dispatch_uid="groups.digests.warm_up")
         service_starting.connect(outbox_relay_start, dispatch_uid="groups.outbox_relay")
+        register_readiness_detail("member_backlog", backlog_detail)
+        STORE_METRICS.register(MemberBacklogCollector())
         register_param(
             "Group",
             "member",

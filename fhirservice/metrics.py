@@ -1,0 +1,87 @@
+"""Prometheus metrics, served at ``/metrics`` (text exposition format, unauthenticated).
+
+Request metrics come from django-prometheus's middleware pair, labelled by **route**: the URL
+pattern with its parameters as placeholders (``/4_0_0/{resource_type}/{resource_id}``),
+never ids, so the number of series stays bounded. Among them:
+
+- ``django_http_requests_latency_seconds_by_view_method{view=<route>,method}``: latency;
+- ``django_http_responses_total_by_status_view_method{status,view=<route>,method}``: 4xx/5xx;
+- ``fhir_writes_total{route,method}``: FHIR writes (POST, PUT, PATCH, DELETE) answered 2xx.
+
+Apps add metrics read from the shared stores at scrape time (the member-event shipping
+backlog, ``groups.metrics``) by registering collectors in :data:`STORE_METRICS`; they are the
+same whichever process answers the scrape.
+
+Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory writable by
+all of them (prometheus_client's multiprocess mode) and every scrape sums all workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django_prometheus.middleware import PrometheusAfterMiddleware
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    generate_latest,
+    multiprocess,
+)
+
+from fhirservice.conf import fhir_settings
+
+# Collectors whose values come from the stores, not from this process's counters.
+STORE_METRICS = CollectorRegistry()
+
+UNMATCHED_ROUTE = "<unmatched>"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_NAMED_GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)")
+_ANCHOR = re.compile(r"(?<!\\)[\^$]")
+
+WRITES = Counter(
+    "fhir_writes_total",
+    "FHIR write requests (POST, PUT, PATCH, DELETE under the FHIR base) answered 2xx.",
+    ["route", "method"],
+)
+
+
+def route_of(request: HttpRequest) -> str:
+    """The URL pattern the request matched, parameters as ``{name}``; ids never appear."""
+    match = getattr(request, "resolver_match", None)
+    if match is None or not match.route:
+        return UNMATCHED_ROUTE
+    route = _NAMED_GROUP.sub(lambda group: "{" + group.group(1) + "}", match.route)
+    return "/" + _ANCHOR.sub("", route).replace("\\", "")
+
+
+class RouteMetricsMiddleware(PrometheusAfterMiddleware):
+    """django-prometheus's request metrics labelled by route, plus the FHIR write counter."""
+
+    def _get_view_name(self, request: HttpRequest) -> str:
+        return route_of(request)
+
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        """Record the request's metrics."""
+        if (
+            request.method in WRITE_METHODS
+            and 200 <= response.status_code < 300
+            and request.path.startswith(f"/{fhir_settings.BASE_PATH}")
+        ):
+            WRITES.labels(route=route_of(request), method=request.method).inc()
+        return super().process_response(request, response)
+
+
+def metrics_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    """The exposition: this process's (or, in multiprocess mode, all workers') metrics and
+    the store metrics."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    body = generate_latest(registry) + generate_latest(STORE_METRICS)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
