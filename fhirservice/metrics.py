@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_safe
 from django_prometheus.middleware import PrometheusAfterMiddleware
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -76,7 +76,8 @@ class RouteMetricsMiddleware(PrometheusAfterMiddleware):
         return super().process_response(request, response)
 
 
-def metrics_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+@require_safe
+def metrics_view(request: HttpRequest) -> HttpResponse:
     """The exposition: this process's (or, in multiprocess mode, all workers') metrics and
     the store metrics."""
     registry = REGISTRY

@@ -175,54 +175,27 @@ def _outcome_response(error: FhirError) -> HttpResponse:
 
 
 class HardeningMiddleware:
-    """Limits that must hold before any view runs, and the headers every answer carries.
+    """The headers every answer carries, and no stack trace in any answer of the API
+    (outermost, so it covers every other middleware).
 
-    Under the FHIR base path it refuses, as OperationOutcomes: query strings over the
-    parameter limits (before Django parses them), bodies announced larger than
-    MAX_BODY_BYTES, and chunked bodies without Content-Length (Django would read them as
-    empty). It also turns any non-FHIR error page there (Django's 400 for a bad Host, the
-    debug page of a crash under DEBUG) into an OperationOutcome that names only the status,
-    so no answer of the API carries a stack trace.
+    Under the FHIR base path it turns any non-FHIR error page (Django's debug page of a crash
+    under DEBUG, the HTML of an error raised outside the views) into an OperationOutcome
+    that names only the status.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        """Check the request, then harden the response."""
-        fhir = _is_fhir_path(request.path)
-        response = None
-        if fhir:
-            try:
-                self.check_request(request)
-            except FhirError as error:
-                response = _outcome_response(error)
-        if response is None:
-            response = self.get_response(request)
-        if fhir:
+        """Harden the response."""
+        response = self.get_response(request)
+        if _is_fhir_path(request.path):
             response = self.as_outcome(response)
             for name, value in FHIR_HEADERS.items():
                 response.headers.setdefault(name, value)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
-
-    @staticmethod
-    def check_request(request: HttpRequest) -> None:
-        """Query limits, the announced body size and chunked bodies (400, 413, 411)."""
-        from fhirservice.rest.limits import LengthRequired, check_query_string
-
-        check_query_string(request.META.get("QUERY_STRING", ""))
-        declared = request.META.get("CONTENT_LENGTH") or ""
-        limit = fhir_settings.MAX_BODY_BYTES
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(
-                MSG_BODY_TOO_LARGE.format(size=int(declared), limit=limit),
-                detail_code="MSG_BODY_TOO_LARGE",
-            )
-        chunked = "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if chunked and not declared:
-            raise LengthRequired()
 
     @staticmethod
     def as_outcome(response: HttpResponse) -> HttpResponse:
@@ -246,3 +219,43 @@ class HardeningMiddleware:
         if hasattr(response, "close"):
             response.close()
         return replacement
+
+
+class RequestLimitsMiddleware:
+    """Limits that must hold before any view runs (inside the request id and log middleware,
+    so a refused request is logged with its id like any other).
+
+    Under the FHIR base path it refuses, as OperationOutcomes: query strings over the
+    parameter limits (before Django parses them), bodies announced larger than
+    MAX_BODY_BYTES, and chunked bodies without Content-Length (Django would read them as
+    empty).
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        """Check the request; refuse it or pass it on."""
+        if _is_fhir_path(request.path):
+            try:
+                self.check_request(request)
+            except FhirError as error:
+                return _outcome_response(error)
+        return self.get_response(request)
+
+    @staticmethod
+    def check_request(request: HttpRequest) -> None:
+        """Query limits, the announced body size and chunked bodies (400, 413, 411)."""
+        from fhirservice.rest.limits import LengthRequired, check_query_string
+
+        check_query_string(request.META.get("QUERY_STRING", ""))
+        declared = request.META.get("CONTENT_LENGTH") or ""
+        limit = fhir_settings.MAX_BODY_BYTES
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(
+                MSG_BODY_TOO_LARGE.format(size=int(declared), limit=limit),
+                detail_code="MSG_BODY_TOO_LARGE",
+            )
+        chunked = "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked and not declared:
+            raise LengthRequired()

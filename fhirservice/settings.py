@@ -60,13 +60,15 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Outermost: request metrics (django-prometheus; see fhirservice.metrics), then the request
-    # id and the request's log line, so both cover every answer, refusals included.
+    # Outermost: security headers, and OperationOutcome bodies on every FHIR error answer
+    # (Django's own error pages included), whatever fails inside.
+    "fhirservice.middleware.HardeningMiddleware",
+    # Request metrics (django-prometheus; see fhirservice.metrics), then the request id and
+    # the request's log line, so both cover every answer, refusals included.
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "fhirservice.middleware.RequestIdMiddleware",
-    # Query limits before anything parses the query, and security headers and
-    # OperationOutcome bodies on every FHIR answer, including Django's own error pages.
-    "fhirservice.middleware.HardeningMiddleware",
+    # Query limits before anything parses the query.
+    "fhirservice.middleware.RequestLimitsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves STATIC_ROOT (the admin's CSS and scripts, gathered by collectstatic) from the
     # app server itself: gunicorn has no static file handler and no proxy is assumed.

@@ -25,7 +25,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 START_SECONDS = 90
 # The pass's backend choice and test switches: the served process takes the make run defaults.
-NOT_INHERITED = ("DATABASE_URL", "CLICKHOUSE_URL", "MONGODB_URI", "FHIR_AUTH", "LOG_LEVEL")
+NOT_INHERITED = (
+    "DATABASE_URL",
+    "CLICKHOUSE_URL",
+    "MONGODB_URI",
+    "FHIR_AUTH",
+    "FHIR_BASE_PATH",
+    "FHIR_REQUEST_LOG",
+    "LOG_LEVEL",
+    "PROMETHEUS_MULTIPROC_DIR",
+)
 
 
 @dataclass
