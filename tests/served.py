@@ -93,7 +93,8 @@ def serve(directory: Path, *, migrate: bool = True, **extra_env: str) -> Iterato
     var_dir.mkdir(parents=True)
     port = free_port()
     env = _environment(var_dir, port, extra_env)
-    for command in (("migrate", "--noinput"), ("migrate_clickhouse",)) if migrate else ():
+    steps = (("migrate", "--noinput"), ("createcachetable",), ("migrate_clickhouse",))
+    for command in steps if migrate else ():
         subprocess.run(
             [sys.executable, "manage.py", *command],
             cwd=ROOT,
