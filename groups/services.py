@@ -878,6 +878,7 @@ def group_post_save(write: VersionWrite) -> None:
             for seq, m in enumerate(incoming[ref] for ref in sorted(incoming))
         ]
         member_events_record(write=write, roster=key, events=events)
+        digests.note_new_roster(key, write.version_id, events)
         active = sum(1 for m in incoming.values() if not m.inactive)
         write.body = {**write.body, "quantity": active}
         write.changed = write.changed or bool(events)

@@ -183,6 +183,21 @@ def test_a_starting_server_digests_its_large_rosters_before_the_first_write(
         assert digests.get(current_key(large)) is None
 
 
+def test_a_created_large_roster_is_digested_from_its_own_events(live_api, clickhouse_down):
+    # Was: the first write after the create queued a background build reading the outbox.
+    with service_settings(MEMBER_DIGEST_SYNC_MAX=2):
+        large = create_group(live_api, [A, B, C])
+        small = create_group(live_api, [D])
+        digest = digests.get(current_key(large))
+        assert digest is not None and digest.version == stored_version(large)
+        assert digest.absent([A, B, C, X]) == {X}
+        assert digests.get(current_key(small)) is None
+        with clickhouse_down():
+            patched(live_api, large, [add(X)])
+        assert not last_batch_recount(large)  # the digest answered, ClickHouse was not asked
+    assert read(live_api, large)["quantity"] == 4
+
+
 def test_least_recently_used_digests_make_room(live_api) -> None:
     with service_settings(MEMBER_DIGEST_ENTRIES=3):
         first = create_group(live_api, [A])
