@@ -299,6 +299,10 @@ def resource_create(
     check_type(resource_type)
     check_body(resource_type, body)
     stored, payload = handler_for(resource_type).prepare(without_server_meta(body))
+    # Freed before the write when the caller kept no reference (the REST view): a Group's
+    # roster is in ``payload`` by now, and its JSON objects (~0.5 GB at 10^6 members) were
+    # held through the whole write, adding to the memory the events and shipping need.
+    del body
     if if_none_exist is not None:
         from fhirservice.search.query import search_keys
 
