@@ -2,8 +2,10 @@
 
 Read values through ``fhir_settings.NAME``. Every value is validated when first read; a bad
 value raises ``ImproperlyConfigured`` naming the key, so a misconfigured server never starts
-serving. Tests change values with ``override_settings(FHIR_SERVICE={...})``; the cache is
-dropped on ``setting_changed``.
+serving. The core's keys are below; an app declares its own with :func:`register` from a
+``conf`` module that its ``apps`` module imports, so they exist before any ``ready()``
+validates the namespace (the groups app: ``groups/conf.py``). Tests change values with
+``override_settings(FHIR_SERVICE={...})``; the cache is dropped on ``setting_changed``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,6 @@ DEFAULTS: dict[str, Any] = {
     "MAX_COUNT": 1000,
     # How many times a write retries after losing a version race before answering 409.
     "WRITE_RETRIES": 100,
-    # Where Group rosters live: "clickhouse" (member event stream) or "inline" (in the body).
-    "GROUP_ROSTER_STORAGE": "clickhouse",
-    # PUT of a Group without `member` keeps its roster (seed-system clients) instead of
-    # emptying it (the FHIR rule).
-    "GROUP_PUT_KEEPS_ROSTER": False,
     # Most operations one JSON Patch (of any resource) may carry; more answer 400 too-costly.
     "MAX_PATCH_OPS": 100_000,
     # Hardening (fhirservice.rest.limits). Deepest nesting of JSON arrays/objects in a body.
@@ -44,27 +41,12 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BUNDLE_ENTRIES": 10_000,
     # Requests per client and period ("600/min"; s, min, hour, day); None: no throttle.
     "THROTTLE_RATE": None,
-    # Events per outbox row and per ClickHouse insert.
-    "MEMBER_BATCH_SIZE": 50_000,
     # Access control (env FHIR_AUTH=on/off): bearer tokens, SMART system scopes and
     # organization boundaries on every FHIR request. Off serves everyone as unrestricted.
     "AUTH": True,
     # Failed client authentications per minute at the token endpoints, per client id and per
     # remote address, before they answer 429 slow_down (fhirservice.access.oauth); 0: off.
     "TOKEN_FAILURES_PER_MINUTE": 20,
-    # Who ships a write's member events after commit: "background" (a thread per process;
-    # the response does not wait for ClickHouse) or "request" (the request, before answering).
-    "MEMBER_SHIPPING": "background",
-    # Roster digests (groups.digest): references kept per process, over all rosters, so that
-    # writes skip the ClickHouse lookup of members a roster certainly does not hold (8 bytes
-    # each; 0: off), and the largest roster digested inside a write (larger: in background).
-    "MEMBER_DIGEST_ENTRIES": 4_000_000,
-    "MEMBER_DIGEST_SYNC_MAX": 20_000,
-    # The outbox relay of each server process (groups.shipping.Relay): seconds between its
-    # rounds (0: none; run ``ship_member_events --loop`` instead), and the longest wait
-    # between rounds while they fail (ClickHouse down), the wait doubling up to it.
-    "MEMBER_RELAY_INTERVAL": 5.0,
-    "MEMBER_RELAY_MAX_INTERVAL": 60.0,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -76,8 +58,6 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "DEFAULT_COUNT": lambda v: isinstance(v, int) and v > 0,
     "MAX_COUNT": lambda v: isinstance(v, int) and v > 0,
     "WRITE_RETRIES": lambda v: isinstance(v, int) and v >= 0,
-    "GROUP_ROSTER_STORAGE": lambda v: v in ("clickhouse", "inline"),
-    "GROUP_PUT_KEEPS_ROSTER": lambda v: isinstance(v, bool),
     "MAX_PATCH_OPS": lambda v: isinstance(v, int) and v > 0,
     "MAX_JSON_DEPTH": lambda v: type(v) is int and 1 <= v <= 500,
     "MAX_QUERY_PARAMS": lambda v: type(v) is int and v > 0,
@@ -87,15 +67,20 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
         v is None
         or (isinstance(v, str) and re.fullmatch(r"[1-9][0-9]*/(s|sec|min|minute|hour|day)", v))
     ),
-    "MEMBER_BATCH_SIZE": lambda v: isinstance(v, int) and v > 0,
     "AUTH": lambda v: isinstance(v, bool),
     "TOKEN_FAILURES_PER_MINUTE": lambda v: type(v) is int and v >= 0,
-    "MEMBER_SHIPPING": lambda v: v in ("background", "request"),
-    "MEMBER_DIGEST_ENTRIES": lambda v: type(v) is int and v >= 0,
-    "MEMBER_DIGEST_SYNC_MAX": lambda v: type(v) is int and v >= 0,
-    "MEMBER_RELAY_INTERVAL": lambda v: isinstance(v, int | float) and v >= 0,
-    "MEMBER_RELAY_MAX_INTERVAL": lambda v: isinstance(v, int | float) and v > 0,
 }
+
+
+def register(defaults: dict[str, Any], checks: dict[str, Callable[[Any], bool]]) -> None:
+    """Add an app's keys (their defaults and checks) to the namespace."""
+    if set(defaults) != set(checks):
+        raise ImproperlyConfigured(f"Settings without both a default and a check: {defaults}")
+    clash = set(defaults) & set(DEFAULTS)
+    if clash:
+        raise ImproperlyConfigured(f"FHIR_SERVICE keys declared twice: {sorted(clash)}")
+    DEFAULTS.update(defaults)
+    _CHECKS.update(checks)
 
 
 class FhirSettings:

@@ -2,6 +2,10 @@
 
 from django.apps import AppConfig
 
+# The app's settings join the FHIR_SERVICE namespace now, before any app's ready() (the core's
+# validates the namespace) runs.
+from groups import conf  # noqa: F401
+
 
 class GroupsConfig(AppConfig):
     """Group rosters stored as member events in ClickHouse."""
