@@ -30,6 +30,8 @@ TRANSIENT_SQLSTATES = ("40001", "40P01")
 def atomic(**kwargs: Any) -> Any:
     """The backend's atomic block (a context manager)."""
     if connection.vendor == "mongodb":
+        # Imported on MongoDB only: importing the package registers its checks, lookups and
+        # expressions with Django, which SQL backends need not carry.
         from django_mongodb_backend import transaction as mongo_transaction
 
         return mongo_transaction.atomic(**kwargs)
@@ -113,7 +115,7 @@ def on_commit(func: Any) -> None:
     not turn a committed write into an error.
     """
     if connection.vendor == "mongodb":
-        from django_mongodb_backend import transaction as mongo_transaction
+        from django_mongodb_backend import transaction as mongo_transaction  # see atomic()
 
         mongo_transaction.on_commit(func, robust=True)
     else:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from django.dispatch import Signal
 
 from fhirservice.fhir.validation import validate_resource
+from fhirservice.store.content import apply_json_patch, without_server_meta
+from fhirservice.store.json import loads
 
 if TYPE_CHECKING:
     from django.http import HttpRequest
@@ -115,9 +117,6 @@ class ResourceHandler:
 
     def patch(self, draft: VersionWrite, ops: list[dict[str, Any]]) -> None:
         """Apply JSON Patch ops to the current content and set the draft's body."""
-        from fhirservice.store.content import apply_json_patch, without_server_meta
-        from fhirservice.store.json import loads
-
         document = loads(draft.previous.body)
         draft.body, draft.payload = self.prepare(
             without_server_meta(apply_json_patch(document, ops))

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from fhirservice import access, db
 from fhirservice.access.boundaries import is_visible, with_organization
+from fhirservice.access.policy import require_permission
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import (
     MSG_DELETED,
@@ -38,6 +39,7 @@ from fhirservice.errors import (
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
 from fhirservice.search.extract import extract_tokens
+from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
@@ -174,8 +176,6 @@ def write_version(
                 raise MethodNotAllowed(f"{key} does not exist and updates do not create here")
             if method == "PUT":
                 # Update-as-create creates: it needs ``c`` as well as the ``u`` of the route.
-                from fhirservice.access.policy import require_permission
-
                 require_permission(access.current(), resource_type, "cu", "update-as-create")
         version = current.version_id + 1 if current is not None else 1
         draft = VersionWrite(
@@ -304,8 +304,6 @@ def resource_create(
     # held through the whole write, adding to the memory the events and shipping need.
     del body
     if if_none_exist is not None:
-        from fhirservice.search.query import search_keys
-
         keys = search_keys(resource_type, if_none_exist, limit=2)
         if len(keys) > 1:
             raise PreconditionFailed(
