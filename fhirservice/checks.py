@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
+from fhirservice.conf import valid_clickhouse_url
+
 SUPPORTED_ENGINES = {
     "django.db.backends.sqlite3": "SQLite",
     "django.db.backends.postgresql": "PostgreSQL",
@@ -40,9 +42,7 @@ def check_metadata_store(app_configs: Any = None, **kwargs: Any) -> list[checks.
 def check_clickhouse_url(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """CLICKHOUSE_URL must name chdb (an absolute path) or a ClickHouse server."""
     url = getattr(settings, "CLICKHOUSE_URL", "")
-    if url.startswith("chdb:///"):
-        return []
-    if url.startswith("clickhouse://") and len(url) > len("clickhouse://"):
+    if valid_clickhouse_url(url):
         return []
     return [
         checks.Error(

@@ -4,8 +4,10 @@ Read values through ``fhir_settings.NAME``. Every value is validated when first 
 value raises ``ImproperlyConfigured`` naming the key, so a misconfigured server never starts
 serving. The core's keys are below; an app declares its own with :func:`register` from a
 ``conf`` module that its ``apps`` module imports, so they exist before any ``ready()``
-validates the namespace (the groups app: ``groups/conf.py``). Tests change values with
-``override_settings(FHIR_SERVICE={...})``; the cache is dropped on ``setting_changed``.
+validates the namespace (the groups app: ``groups/conf.py``). The member store's
+``CLICKHOUSE_URL`` and ``CLICKHOUSE_CLUSTER`` are read and validated here too (``TOP_LEVEL``).
+Tests change values with ``override_settings(FHIR_SERVICE={...})``; the cache is dropped on
+``setting_changed``.
 """
 
 from __future__ import annotations
@@ -83,13 +85,35 @@ def register(defaults: dict[str, Any], checks: dict[str, Callable[[Any], bool]])
     _CHECKS.update(checks)
 
 
+def valid_clickhouse_url(url: Any) -> bool:
+    """``chdb:///abs/path`` (embedded) or ``clickhouse://…`` (a server)."""
+    return isinstance(url, str) and (
+        url.startswith("chdb:///")
+        or (url.startswith("clickhouse://") and len(url) > len("clickhouse://"))
+    )
+
+
+# A ClickHouse cluster's name as DDL ``ON CLUSTER`` takes it (quoted, never from user input).
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+# The member store's settings stay top-level Django settings, filled from the environment
+# variables of the same names (settings.py): ``override_settings(CLICKHOUSE_URL=…)`` switches
+# the store. The namespace reads and validates them like its own keys.
+TOP_LEVEL: dict[str, Callable[[Any], bool]] = {
+    "CLICKHOUSE_URL": valid_clickhouse_url,
+    "CLICKHOUSE_CLUSTER": lambda v: v is None or (isinstance(v, str) and CLUSTER_NAME.fullmatch(v)),
+}
+
+
 class FhirSettings:
-    """Attribute access to ``FHIR_SERVICE`` with defaults and validation."""
+    """Attribute access to ``FHIR_SERVICE`` (and ``TOP_LEVEL``) with defaults and validation."""
 
     def __init__(self) -> None:
         self._cache: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
+        if name in TOP_LEVEL:
+            return self._top_level(name)
         if name not in DEFAULTS:
             raise AttributeError(f"Unknown FHIR_SERVICE setting: {name!r}")
         if name not in self._cache:
@@ -103,9 +127,17 @@ class FhirSettings:
             self._cache[name] = value
         return self._cache[name]
 
+    def _top_level(self, name: str) -> Any:
+        if name not in self._cache:
+            value = getattr(settings, name, None)
+            if not TOP_LEVEL[name](value):
+                raise ImproperlyConfigured(f"{name} has a bad value: {value!r}")
+            self._cache[name] = value
+        return self._cache[name]
+
     def validate_all(self) -> None:
         """Read every setting once so that a bad value fails at start-up."""
-        for name in DEFAULTS:
+        for name in [*DEFAULTS, *TOP_LEVEL]:
             getattr(self, name)
 
     def reload(self) -> None:
@@ -117,7 +149,7 @@ fhir_settings = FhirSettings()
 
 
 def _reload(*, setting: str, **_: Any) -> None:
-    if setting == "FHIR_SERVICE":
+    if setting == "FHIR_SERVICE" or setting in TOP_LEVEL:
         fhir_settings.reload()
 
 

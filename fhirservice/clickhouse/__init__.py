@@ -64,6 +64,8 @@ from clickhouse_driver.util.escape import escape_chars_map, escape_param, escape
 from django.core.signals import setting_changed
 from django.dispatch import Signal
 
+from fhirservice.conf import fhir_settings
+
 __all__ = [
     "ClickHouseClient",
     "ClickHouseUnavailable",
@@ -449,7 +451,7 @@ _client_lock = threading.Lock()
 
 
 def get_clickhouse() -> ClickHouseClient:
-    """The process-wide client for ``settings.CLICKHOUSE_URL``, created on first use.
+    """The process-wide client for ``CLICKHOUSE_URL``, created on first use.
 
     For chdb, pending schema migrations are applied on creation (the embedded store has no
     separate deploy step); for a server, run ``manage.py migrate_clickhouse``. A failed
@@ -466,12 +468,10 @@ def _create_shared_client() -> ClickHouseClient:
     with _client_lock:
         if _client is not None:
             return _client
-        from django.conf import settings
-
         from . import migrations
         from .backends import ChdbClient
 
-        client = connect(settings.CLICKHOUSE_URL)
+        client = connect(fhir_settings.CLICKHOUSE_URL)
         try:
             if isinstance(client, ChdbClient):
                 migrations.apply(client)
@@ -504,12 +504,10 @@ def open_clickhouse(url: str | None = None) -> Iterator[ClickHouseClient]:
     """A client for maintenance work that must not trigger chdb's automatic migrations.
 
     Yields the process-wide client when it is open on ``url`` (default
-    ``settings.CLICKHOUSE_URL``), otherwise a fresh client that is closed afterwards.
+    ``CLICKHOUSE_URL``), otherwise a fresh client that is closed afterwards.
     """
     if url is None:
-        from django.conf import settings
-
-        url = settings.CLICKHOUSE_URL
+        url = fhir_settings.CLICKHOUSE_URL
     shared = _client
     if shared is not None and shared.url == url:
         yield shared

@@ -55,6 +55,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from fhirservice.conf import CLUSTER_NAME, fhir_settings
+
 from . import ClickHouseClient
 
 RECORD_TABLE = "fhir_schema_migrations"
@@ -62,7 +64,6 @@ MODULE_NAME = "clickhouse_migrations"
 ON_CLUSTER = "{on_cluster}"
 LOCAL_SUFFIX = "_local"
 
-_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 MSG_CHDB_CLUSTER = "CLICKHOUSE_CLUSTER needs a ClickHouse server: chdb is one process on one node"
@@ -204,7 +205,7 @@ def on_cluster_clause(cluster: str | None) -> str:
     """`` ON CLUSTER `name` `` for a cluster name, or ``''`` without one."""
     if not cluster:
         return ""
-    if not _CLUSTER_NAME.fullmatch(cluster):
+    if not CLUSTER_NAME.fullmatch(cluster):
         raise ValueError(f"Not a ClickHouse cluster name: {cluster!r}")
     return f" ON CLUSTER `{cluster}`"
 
@@ -223,12 +224,12 @@ def local_table(name: str, cluster: str | None = None) -> str:
 
 
 def configured_cluster() -> str | None:
-    """``settings.CLICKHOUSE_CLUSTER`` when Django is configured, else ``None``."""
+    """``CLICKHOUSE_CLUSTER`` when Django is configured, else ``None``."""
     from django.conf import settings
 
     if not settings.configured:
         return None
-    return getattr(settings, "CLICKHOUSE_CLUSTER", None) or None
+    return fhir_settings.CLICKHOUSE_CLUSTER or None
 
 
 def collect() -> list[Migration]:

@@ -139,6 +139,17 @@ def test_a_bad_environment_value_stops_the_start(tmp_path):
     assert "GROUP_ROSTER_STORAGE" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CLICKHOUSE_URL", "mysql://host/db"), ("CLICKHOUSE_CLUSTER", "two words")],
+)
+def test_a_bad_member_store_setting_stops_the_start(tmp_path, name, value):
+    done = run_django(tmp_path, "print('started')", **{name: value})
+    assert done.returncode != 0
+    assert "started" not in done.stdout
+    assert f"ImproperlyConfigured: {name} has a bad value" in done.stderr
+
+
 def test_backend_urls_choose_the_backends(tmp_path):
     code = (
         "from django.conf import settings as s\n"
