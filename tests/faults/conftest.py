@@ -12,7 +12,7 @@ import pytest
 from tests.faults.processes import App, Servers
 from tests.faults.roster import Api
 from tests.faults.scenario import CreateProfile, profile_create
-from tests.faults.stack import SERVERS_DIR, Stack
+from tests.faults.stack import SERVERS_DIR, TRIED, Stack
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,8 @@ def stack(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         servers.ensure_up()
         with servers.pg_connect() as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        servers.clickhouse(f"DROP DATABASE IF EXISTS {database}")
+        # Waits for the tables' background merges: a minute and more on a busy machine.
+        servers.clickhouse(f"DROP DATABASE IF EXISTS {database}", timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +75,11 @@ def faults(stack: Stack) -> Stack:
     if not stack.app.alive:
         stack.app.start()
     return stack
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List the rounds this run tried: replay key, result, fault timings."""
+    if TRIED:
+        terminalreporter.section(f"fault rounds tried: {len(TRIED)}")
+        for line in TRIED:
+            terminalreporter.write_line(line)

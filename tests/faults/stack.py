@@ -22,6 +22,8 @@ SERVERS_DIR = os.environ.get("FHIR_FAULT_SERVERS", "")
 BASE_SEED = int(os.environ.get("FHIR_FAULTS_SEED", "16"))
 ROUNDS_FACTOR = int(os.environ.get("FHIR_FAULTS_ROUNDS", "1"))
 REPLAY = os.environ.get("FHIR_FAULTS_REPLAY", "")
+# Every round's timing and result, printed at the end of the run (conftest.py).
+TRIED: list[str] = []
 
 
 def seeds(case: str, rounds: int) -> list[int]:
@@ -91,6 +93,7 @@ class Stack:
 
 def verdict(case: str, seed: int, timing: str, counts: str, problems: list[str]) -> None:
     """Fail the round if anything disagreed."""
+    TRIED.append(f"{case}:{seed} {'ok' if not problems else 'FAILED'}: {timing}")
     assert not problems, failure(case, seed, timing, counts, problems)
 
 
