@@ -372,7 +372,8 @@ def embedded_store_in_use(tmp_path_factory) -> Iterator[dict[str, str]]:
     """The environment of a ``make run`` service on the embedded defaults, and a second
     process (``manage.py shell``, as the service opens it) holding its chdb path."""
     tmp_path = tmp_path_factory.mktemp("embedded")
-    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI",)}
+    # An embedded store is one node: no MongoDB, no ClickHouse cluster (the cluster pass).
+    env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI", "CLICKHOUSE_CLUSTER")}
     env.update(
         DATABASE_URL=f"sqlite:///{tmp_path / 'fhirservice.sqlite3'}",
         CLICKHOUSE_URL=f"chdb://{tmp_path / 'chdb'}",
