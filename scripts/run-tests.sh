@@ -35,9 +35,10 @@ chmod 755 "$tmp"
 mkdir -p "$tmp/var" "$tmp/var2" "$tmp/var3" "$tmp/var4" # FHIR_VAR_DIR of each pass; SQLite won't create directories
 FHIR_TEST_CLUSTER=${FHIR_TEST_CLUSTER:-1}
 CLUSTER_TESTS=${CLUSTER_TESTS:-tests/groups tests/operations tests/cluster}
-# Paths among the arguments choose what every pass runs, the cluster pass included.
+FAULT_TESTS=tests/faults # collecting the whole suite only to deselect it takes ~20 s
+# Paths among the arguments choose what every pass runs, the cluster and faults passes included.
 for arg in "$@"; do
-    [[ $arg == tests* ]] && CLUSTER_TESTS=""
+    [[ $arg == tests* ]] && CLUSTER_TESTS="" FAULT_TESTS=""
 done
 passes=(embedded servers)
 [ "$FHIR_TEST_CLUSTER" = 1 ] && passes+=(cluster)
@@ -138,7 +139,7 @@ if [ "$FHIR_TEST_FAULTS" = 1 ] && env "${fault_ports[@]}" PG_OPTS="-c fsync=off 
         FHIR_FAULT_SERVERS="$tmp/fault-servers" \
         DATABASE_URL="postgres://postgres@127.0.0.1:${fault_ports[0]#*=}/fhirservice" \
         CLICKHOUSE_URL="clickhouse://default@127.0.0.1:${fault_ports[1]#*=}/fhir_test" \
-        FHIR_VAR_DIR="$tmp/var4"
+        FHIR_VAR_DIR="$tmp/var4" -- ${FAULT_TESTS:+"$FAULT_TESTS"}
 fi
 [ "$faults_up" = 1 ] || status[faults]=${status[faults]:-1}
 
