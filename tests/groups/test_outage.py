@@ -479,7 +479,8 @@ def test_a_batch_the_state_tables_lack_is_not_taken_as_shipped(
     repository.insert_events(batch_event_rows(batch, orjson.loads(batch.events)))
     for table in lost:
         repository.client.command(
-            f"ALTER TABLE {table} DELETE WHERE roster_key = %(k)s", {"k": key}
+            f"ALTER TABLE {ch_migrations.local_table(table)} DELETE WHERE roster_key = %(k)s",
+            {"k": key},
         )
     wait_for_mutations(repository)
     assert clickhouse_raw_count(key) == 3
