@@ -1,15 +1,16 @@
 """Django admin over the generic resource store: a read-only list and page per resource.
 
-Groups have an admin of their own (``groups.admin``: roster, member events, repair actions)
-and are left out here. Nothing in this admin writes: resources change through the FHIR API
-only, so every change keeps its version, history row and search index.
+Types with an admin of their own (an app registers it: ``fhirservice.plugins.
+register_admin_page``) are left out here and linked to. Nothing in this admin writes:
+resources change through the FHIR API only, so every change keeps its version, history row
+and search index.
 
-The helpers for version history (``version_history``) are shared with the Group admin.
+The helpers for version history (``version_history``) are shared with the apps' admins.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
@@ -23,6 +24,7 @@ from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 
 from fhirservice.models import ResourceVersion, StoredResource
+from fhirservice.plugins import admin_page, types_with_admin_pages
 from fhirservice.store.content import without_server_meta
 
 HISTORY_PAGE = 20
@@ -45,8 +47,8 @@ def body_changes(
 ) -> list[str]:
     """What changed between two stored bodies, as JSON Patch lines (server meta ignored).
 
-    ``skip`` names top-level elements left out of the comparison (a Group's inline roster:
-    its changes are shown as member events instead).
+    ``skip`` names top-level elements left out of the comparison (e.g. an element an app's
+    admin shows otherwise).
     """
     if after is None:
         return ["deleted"]
@@ -69,13 +71,10 @@ def body_changes(
 
 @dataclass
 class VersionLine:
-    """One row of a version history table."""
+    """One row of a version history table (an app's admin may subclass it to add columns)."""
 
     row: ResourceVersion
     changes: list[str]
-    members: dict[str, int] = field(default_factory=dict)
-    outbox_events: int = 0
-    pending_events: int = 0
 
 
 def version_history(
@@ -85,10 +84,12 @@ def version_history(
     before: int | None = None,
     size: int = HISTORY_PAGE,
     skip: tuple[str, ...] = (),
-) -> tuple[list[VersionLine], int | None]:
+    line_type: type[VersionLine] = VersionLine,
+) -> tuple[list[Any], int | None]:
     """A page of versions, newest first, below version ``before``; and the next cursor.
 
     One row more than the page is read: the body each oldest version is compared with.
+    Lines are ``line_type`` instances.
     """
     rows = ResourceVersion.objects.filter(resource_type=resource_type, resource_id=resource_id)
     if before is not None:
@@ -100,7 +101,7 @@ def version_history(
         previous = bodies[index + 1] if index + 1 < len(window) else None
         if row.version_id == row.incarnation and not row.deleted:
             previous = None  # the first version of this life of the id: a create
-        lines.append(VersionLine(row, body_changes(previous, bodies[index], skip=skip)))
+        lines.append(line_type(row, body_changes(previous, bodies[index], skip=skip)))
     more = len(window) > size
     return lines, (window[size - 1].version_id if more else None)
 
@@ -110,10 +111,9 @@ def admin_link(reference: str) -> str | None:
     resource_type, _, resource_id = reference.partition("/")
     if not resource_id or "/" in resource_id:
         return None
+    url_name = admin_page(resource_type) or "admin:fhirservice_storedresource_change"
     try:
-        if resource_type == "Group":
-            return reverse("admin:groups_groupresource_change", args=[quote(reference)])
-        return reverse("admin:fhirservice_storedresource_change", args=[quote(reference)])
+        return reverse(url_name, args=[quote(reference)])
     except NoReverseMatch:
         return None
 
@@ -127,7 +127,7 @@ class ResourceTypeFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         """The stored types (one DISTINCT over the type index)."""
         types = (
-            StoredResource.objects.exclude(resource_type="Group")
+            StoredResource.objects.exclude(resource_type__in=types_with_admin_pages())
             .order_by()
             .values_list("resource_type", flat=True)
             .distinct()
@@ -143,7 +143,7 @@ class ResourceTypeFilter(admin.SimpleListFilter):
 
 @admin.register(StoredResource)
 class StoredResourceAdmin(admin.ModelAdmin):
-    """Read-only list and pages of stored resources other than Groups."""
+    """Read-only list and pages of stored resources (types without an admin of their own)."""
 
     list_display = ("key", "resource_type", "version_id", "last_updated", "deleted", "organization")
     list_filter = (ResourceTypeFilter, "deleted")
@@ -155,8 +155,8 @@ class StoredResourceAdmin(admin.ModelAdmin):
     show_full_result_count = False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        """Every stored resource but Groups (they have their own admin)."""
-        return super().get_queryset(request).exclude(resource_type="Group")
+        """Every stored resource but those of types with an admin of their own."""
+        return super().get_queryset(request).exclude(resource_type__in=types_with_admin_pages())
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet, search_term: str
@@ -190,7 +190,11 @@ class StoredResourceAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         key = unquote(object_id)
-        row = StoredResource.objects.filter(key=key).exclude(resource_type="Group").first()
+        row = (
+            StoredResource.objects.filter(key=key)
+            .exclude(resource_type__in=types_with_admin_pages())
+            .first()
+        )
         if row is None:
             return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
         before = request.GET.get("hist")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fhirservice.access.audit import capability_entry
+from fhirservice.access.smart import token_url
 from fhirservice.conf import fhir_settings
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
+from fhirservice.plugins import operation_definitions, search_params
 from fhirservice.search.extract import PARAMS
-from fhirservice.search.query import CUSTOM_PARAMS
 
 INTERACTIONS = [
     "read",
@@ -32,16 +34,6 @@ COMMON_SEARCH = [
         "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
     },
 ]
-# Operation contributions: (resource type or None for system, name, definition URL). Filled
-# by the operations and groups apps at start-up.
-OPERATIONS: list[tuple[str | None, str, str]] = []
-
-
-def register_operation(resource_type: str | None, name: str, definition: str) -> None:
-    """List an $operation in the CapabilityStatement."""
-    entry = (resource_type, name, definition)
-    if entry not in OPERATIONS:
-        OPERATIONS.append(entry)
 
 
 def _search_params(resource_type: str) -> list[dict[str, Any]]:
@@ -55,23 +47,20 @@ def _search_params(resource_type: str) -> list[dict[str, Any]]:
                 "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{param.name}",
             }
         )
-    for (type_name, name), (_, doc) in CUSTOM_PARAMS.items():
-        if type_name == resource_type:
-            params.append(
-                {
-                    "name": name,
-                    "type": "reference",
-                    "documentation": doc,
-                    "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{name}",
-                }
-            )
+    for custom in search_params(resource_type):
+        params.append(
+            {
+                "name": custom.name,
+                "type": "reference",
+                "documentation": custom.documentation,
+                "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{custom.name}",
+            }
+        )
     return params
 
 
 def _security(base: str) -> dict[str, Any]:
     """SMART backend services: where to get a client-credentials token."""
-    from fhirservice.access.smart import token_url
-
     root = base[: -len(fhir_settings.BASE_PATH)].rstrip("/")
     return {
         "service": [
@@ -97,8 +86,7 @@ def _security(base: str) -> dict[str, Any]:
 
 def capability_statement(base: str, date: str) -> dict[str, Any]:
     """The server's CapabilityStatement (kind instance, FHIR 4.0.1)."""
-    from fhirservice.access.audit import capability_entry
-
+    definitions = operation_definitions()
     resources = []
     for resource_type in sorted(R4_RESOURCE_TYPES):
         if resource_type == "AuditEvent":
@@ -116,9 +104,9 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
             "searchParam": _search_params(resource_type),
         }
         operations = [
-            {"name": name, "definition": url}
-            for type_name, name, url in OPERATIONS
-            if type_name == resource_type
+            {"name": definition.code, "definition": definition.url}
+            for definition in definitions
+            if definition.resource == resource_type
         ]
         if operations:
             entry["operation"] = operations
@@ -129,9 +117,9 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
         "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
     }
     system_ops = [
-        {"name": name, "definition": url}
-        for type_name, name, url in OPERATIONS
-        if type_name is None
+        {"name": definition.code, "definition": definition.url}
+        for definition in definitions
+        if definition.resource is None
     ]
     if system_ops:
         rest["operation"] = system_ops

@@ -21,7 +21,7 @@ verify the view permission.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ from django.urls import path, reverse
 from django.utils.functional import cached_property
 from django.utils.http import urlencode
 
-from fhirservice.admin import admin_link, pretty_json, version_history
+from fhirservice.admin import VersionLine, admin_link, pretty_json, version_history
 from fhirservice.errors import FhirError
 from fhirservice.models import ResourceVersion, SearchToken
 from fhirservice.search.values import normalize_string
@@ -765,6 +765,15 @@ def _query(base: dict[str, Any], **extra: Any) -> str:
     return "?" + urlencode({k: v for k, v in {**base, **extra}.items() if v not in ("", None)})
 
 
+@dataclass
+class GroupVersionLine(VersionLine):
+    """A version of a Group with its member events: by op (from ClickHouse) and in the outbox."""
+
+    members: dict[str, int] = field(default_factory=dict)
+    outbox_events: int = 0
+    pending_events: int = 0
+
+
 def group_history(
     row: GroupResource, *, before: int | None, key_of: Any
 ) -> tuple[list[Any], int | None, str]:
@@ -774,7 +783,9 @@ def group_history(
     outbox (committed and pending events), so a version whose events are missing or
     pending shows it.
     """
-    lines, next_before = version_history("Group", row.resource_id, before=before, skip=("member",))
+    lines, next_before = version_history(
+        "Group", row.resource_id, before=before, skip=("member",), line_type=GroupVersionLine
+    )
     by_version = {line.row.version_id: line for line in lines}
     batches = MemberOutbox.objects.filter(group_id=row.resource_id, version__in=list(by_version))
     # Two narrow queries, never shipped_at in the select list: SQLite stores a row's columns

@@ -1,4 +1,6 @@
-"""App config of the Group roster app: registers the Group handler, signal and search."""
+"""App config of the Group roster app: plugs the Group handler, ``member`` search, ``$members``
+and the Group admin page into the core; connects the post-save receiver, the shipper, the
+digests' warm-up and the outbox relay to the core's signals."""
 
 from django.apps import AppConfig
 
@@ -14,31 +16,35 @@ class GroupsConfig(AppConfig):
     verbose_name = "Group rosters"
 
     def ready(self) -> None:
-        """Plug the Group handler, the post-save receiver, ``member`` search, the shipper, the
-        digests' warm-up, the outbox relay, and the backlog's metrics and readiness detail in."""
+        """Register with the core's plug-in registry; connect to the core's signals; register
+        the backlog's metrics and readiness detail."""
+        # Imported here, not at the top: these modules import models, which Django loads
+        # only after every app's config (importing them earlier raises AppRegistryNotReady).
+        from fhirservice import plugins
         from fhirservice.clickhouse import clickhouse_closing
         from fhirservice.health import register_readiness_detail
         from fhirservice.metrics import STORE_METRICS
-        from fhirservice.search.query import register_param
         from fhirservice.serving import service_starting
-        from fhirservice.store.handlers import register_handler, resource_saved
-        from groups import shipping
+        from fhirservice.store.handlers import resource_saved
+        from groups import shipping, views
         from groups.digest import digests
         from groups.handlers import GroupHandler, on_resource_saved
         from groups.metrics import MemberBacklogCollector, backlog_detail
         from groups.search import member_param
         from groups.services import outbox_relay_start
 
-        register_handler("Group", GroupHandler())
+        plugins.register_resource_handler("Group", GroupHandler())
+        plugins.register_search_param(
+            "Group",
+            "member",
+            member_param,
+            "A member of the group (Patient/123); several values mean any of them",
+        )
+        plugins.register_operation(views.OPERATION, view=views.GroupMembersView.as_view())
+        plugins.register_admin_page("Group", "admin:groups_groupresource_change")
         clickhouse_closing.connect(shipping.on_clickhouse_closing, dispatch_uid="groups.shipping")
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
         service_starting.connect(digests.warm_up, dispatch_uid="groups.digests.warm_up")
         service_starting.connect(outbox_relay_start, dispatch_uid="groups.outbox_relay")
         register_readiness_detail("member_backlog", backlog_detail)
         STORE_METRICS.register(MemberBacklogCollector())
-        register_param(
-            "Group",
-            "member",
-            member_param,
-            "A member of the group (Patient/123); several values mean any of them",
-        )

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from fhirservice.errors import BadRequest, InvalidResource
-from fhirservice.fhir.validation import validate_resource
+from fhirservice.fhir.validation import DATETIME_RE, validate_resource
 from fhirservice.search.values import date_range
 
 MEMBER_TYPES = (
@@ -35,11 +35,6 @@ REFERENCE_RE = re.compile(
 # The common reference, "Type/id": checked without REFERENCE_RE's URL and version parts.
 _PLAIN_REFERENCE = re.compile(r"([A-Za-z]+)/[A-Za-z0-9\-.]{1,64}")
 _MEMBER_TYPE_SET = frozenset(MEMBER_TYPES)
-DATETIME_RE = re.compile(
-    r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])"
-    r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]"
-    r"|14:00)))?)?)?"
-)
 MEMBER_KEYS = {"id", "extension", "modifierExtension", "entity", "period", "inactive"}
 
 MSG_MEMBER_NOT_OBJECT = "{where}: a member must be a JSON object"

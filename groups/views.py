@@ -17,13 +17,13 @@ from django.http import HttpResponse
 from rest_framework.request import Request
 
 from fhirservice.errors import BadRequest, NotFound
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
 from fhirservice.rest.base import FhirView, base_url, fhir_http_response, version_headers
 from fhirservice.store.json import dumps, loads
 from fhirservice.store.selectors import resource_read, resource_vread
 from groups.handlers import clickhouse_rosters
 from groups.repository import MemberState
 from groups.selectors import roster_page, row_roster_key
-from operations.definitions import OperationDef, ParamDef
 
 OPERATION = OperationDef(
     code="members",
@@ -86,10 +86,9 @@ class GroupMembersView(FhirView):
     """The paged roster of a Group, optionally as of a version and filtered by activity."""
 
     access_rule = "operation"
-    operation = OPERATION
 
-    def get(self, request: Request, resource_id: str) -> HttpResponse:
-        """One page of members."""
+    def get(self, request: Request, resource_id: str, **route: str) -> HttpResponse:
+        """One page of members (``route``: the code and type the operation route matched)."""
         if not clickhouse_rosters():
             raise NotFound(MSG_INLINE, detail_code="MSG_OPERATION_UNAVAILABLE")
         params = request.query_params

@@ -1,18 +1,19 @@
-"""App config of the Operation API: lists every operation in the CapabilityStatement."""
+"""App config of the Operation API: registers every operation with the core."""
 
 from django.apps import AppConfig
 
 
 class OperationsConfig(AppConfig):
-    """Business $operations (OperationDefinition registry, Parameters, transactions)."""
+    """Business $operations (definitions and handlers, Patient matching, regions)."""
 
     name = "operations"
     verbose_name = "FHIR operations"
 
     def ready(self) -> None:
-        """Register each operation's definition with the CapabilityStatement."""
-        from fhirservice.capability import register_operation
-        from operations.registry import DEFINITIONS
+        """Register each operation (definition and handler) with the core's plug-in registry."""
+        # Imported here, not at the top: the operation modules import models, which Django
+        # loads only after every app's config (importing them earlier raises
+        # AppRegistryNotReady).
+        from operations.registry import register
 
-        for definition in DEFINITIONS.values():
-            register_operation(definition.resource, definition.code, definition.url)
+        register()

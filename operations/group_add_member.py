@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
+from fhirservice.rest.parameters import exactly_one, output
 from fhirservice.store.handlers import WriteContext
 from groups.members import Member
 from groups.services import RosterDelta, group_members_change
-from operations.definitions import OperationDef, ParamDef
-from operations.parameters import exactly_one, output
 from operations.patients import patient_by_identifier, patient_match_or_create
 from operations.transactions import Region, run_region
 

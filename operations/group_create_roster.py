@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhirservice.errors import TooCostly
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
+from fhirservice.rest.parameters import output
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.services import resource_create
-from operations.definitions import OperationDef, ParamDef
-from operations.parameters import output
 from operations.patients import patients_resolve_or_create, strip_references
 from operations.transactions import Region, run_region
 

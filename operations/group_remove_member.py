@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhirservice.errors import BadRequest, UnprocessableEntity
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
+from fhirservice.rest.parameters import exactly_one, output
 from fhirservice.store.handlers import WriteContext
 from groups.services import RosterDelta, group_members_change
-from operations.definitions import OperationDef, ParamDef
-from operations.parameters import exactly_one, output
 from operations.patients import patient_by_identifier
 from operations.roster import current_member
 from operations.transactions import Region, run_region

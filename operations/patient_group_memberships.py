@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from fhirservice.access.boundaries import visible_q
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.selectors import resource_read
 from groups.selectors import groups_with_members
-from operations.definitions import OperationDef, ParamDef
 
 OPERATION = OperationDef(
     code="group-memberships",

@@ -35,10 +35,10 @@ from fhirservice.rest.base import FhirView, base_url, fhir_http_response
 from fhirservice.rest.rendering import bundle_body
 from fhirservice.search.query import (
     _last_updated_q,
-    _parse_count,
     _parse_date,
     decode_cursor,
     encode_cursor,
+    parse_count,
 )
 from fhirservice.store import json
 from fhirservice.store.services import format_instant
@@ -169,7 +169,7 @@ class AuditEventView(FhirView):
         cursor = None
         for name, value in flat:
             if name == "_count":
-                count = _parse_count(value)
+                count = parse_count(value)
             elif name == "_cursor":
                 cursor = value
             elif name not in IGNORED_PARAMS:

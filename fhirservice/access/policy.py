@@ -40,6 +40,7 @@ from fhirservice.access.scopes import ScopeSet
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import MSG_INSUFFICIENT_SCOPE, Forbidden, Unauthorized
 from fhirservice.fhir.resource_types import is_resource_type
+from fhirservice.plugins import find_operation, operation_definition
 
 PUBLIC = "public"
 AUTHENTICATED = "authenticated"
@@ -93,23 +94,17 @@ def requirement_for(view: Any, request: Request) -> Requirement:
     if resource_type is not None and not is_resource_type(resource_type):
         return Requirement(AUTHENTICATED)  # the view answers 404 for an unknown type
     if rule == "operation":
-        operation = getattr(view, "operation", None)
-        if operation is not None:
-            return _operation_requirement(operation.resource, operation.code, operation)
-        from operations.registry import find
-
         resource_id = kwargs.get("resource_id")
         level = "instance" if resource_id else ("type" if resource_type else "system")
-        found = find(kwargs["code"], resource_type, level)
-        return _operation_requirement(resource_type, kwargs["code"], found and found[0])
+        found = find_operation(kwargs["code"], resource_type, level)
+        return _operation_requirement(resource_type, kwargs["code"], found and found.definition)
     if rule == "audit":
         if method == "GET":
             return Requirement("search", "AuditEvent", "s")
         return Requirement(AUTHENTICATED)  # the view answers 405: the trail is read-only
     if rule == "operation-definition" and method == "GET":
-        from operations.registry import DEFINITIONS
-
-        if kwargs.get("resource_id") in DEFINITIONS:
+        resource_id = kwargs.get("resource_id")
+        if resource_id is not None and operation_definition(resource_id) is not None:
             return Requirement(PUBLIC)
     if rule == "history":
         if kwargs.get("resource_id"):

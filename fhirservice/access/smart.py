@@ -15,6 +15,8 @@ from typing import Any
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
+from fhirservice.plugins import operation_definitions
+
 # Paths of django-oauth-toolkit's views (routed in fhirservice.urls), below the site root.
 TOKEN_PATH = "oauth/token/"  # noqa: S105 (a path, not a secret)
 REVOKE_PATH = "oauth/revoke_token/"
@@ -34,11 +36,9 @@ def scopes_supported() -> list[str]:
     The wildcard forms stand for every type (``system/Patient.rs`` works as well as
     ``system/*.rs``); the audit trail and each ``$operation`` have scopes of their own.
     """
-    from operations.registry import DEFINITIONS
-
     scopes = [f"system/*.{form}" for form in SCOPE_FORMS]
     scopes.append("system/AuditEvent.rs")
-    for definition in DEFINITIONS.values():
+    for definition in operation_definitions():
         scope = f"system/{definition.resource or '*'}.${definition.code}"
         if scope not in scopes:
             scopes.append(scope)

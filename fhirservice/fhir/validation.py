@@ -72,6 +72,8 @@ _STRING_PATTERNS: dict[str, str | None] = {
     "instant": rf"{_DATE}-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T{_TIME}{_ZONE}",
     "time": _TIME,
 }
+# A FHIR dateTime (Parameters values, Group.member.period bounds).
+DATETIME_RE = re.compile(_STRING_PATTERNS["dateTime"])  # type: ignore[arg-type]
 _STRING_REGEX = {
     name: (re.compile(pattern).fullmatch if pattern else None)
     for name, pattern in _STRING_PATTERNS.items()

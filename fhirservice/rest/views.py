@@ -8,11 +8,15 @@ from urllib.parse import urlencode
 from django.http import HttpResponse
 from rest_framework.request import Request
 
+from fhirservice.bundles import process_bundle
+from fhirservice.capability import capability_statement
 from fhirservice.conf import fhir_settings
-from fhirservice.errors import NotFound, operation_outcome
+from fhirservice.errors import NotFound, information_outcome, operation_outcome
 from fhirservice.rest.base import FhirView, base_url, fhir_http_response, version_headers
 from fhirservice.rest.rendering import bundle_body, render_resource
-from fhirservice.search.query import parse_search, run_search
+from fhirservice.rest.subsetting import subset
+from fhirservice.search.query import SearchSpec, parse_count, parse_search, run_search
+from fhirservice.store.json import dumps
 from fhirservice.store.selectors import (
     history_page,
     parse_since,
@@ -22,6 +26,7 @@ from fhirservice.store.selectors import (
 from fhirservice.store.services import (
     check_type,
     format_instant,
+    now,
     resource_create,
     resource_delete,
     resource_patch,
@@ -51,10 +56,12 @@ class TypeView(FhirView):
         flat = [(k, v) for k, values in pairs for v in values]
         spec = parse_search(resource_type, flat, strict=self.strict())
         page = run_search(spec)
+        # Resources defined in code (built-in OperationDefinitions) lead the first page.
+        built_in = self.built_in_matches(spec) if spec.cursor is None else []
         base = base_url(request)
         header: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
         if page.total is not None:
-            header["total"] = page.total
+            header["total"] = page.total + len(built_in)
         used = [(k, v) for k, v in flat if k not in spec.ignored]
         links = [
             {"relation": "self", "url": _page_link(request, resource_type, used, flat_cursor(flat))}
@@ -70,6 +77,16 @@ class TypeView(FhirView):
         summary = spec.summary if spec.summary != "count" else None
 
         def entries():
+            if spec.count and spec.summary != "count":
+                for resource in built_in:
+                    body, _ = subset(resource, summary=summary, elements=spec.elements)
+                    yield (
+                        {
+                            "fullUrl": f"{base}/{resource_type}/{resource['id']}",
+                            "search": {"mode": "match"},
+                        },
+                        render_json(body),
+                    )
             for row in page.rows:
                 yield (
                     {
@@ -95,6 +112,10 @@ class TypeView(FhirView):
 
         return fhir_http_response(bundle_body(header, entries()))
 
+    def built_in_matches(self, spec: SearchSpec) -> list[dict[str, Any]]:
+        """Resources defined in code rather than stored that match ``spec`` (none here)."""
+        return []
+
     def post(self, request: Request, resource_type: str) -> HttpResponse:
         """Create, optionally conditional on If-None-Exist."""
         # The parsed body is not kept here: resource_create lets it go once the handler has
@@ -116,8 +137,6 @@ def flat_cursor(flat: list[tuple[str, str]]) -> str | None:
 
 def render_json(value: Any) -> bytes:
     """JSON-encode a small resource built in code."""
-    from fhirservice.store.json import dumps
-
     return dumps(value)
 
 
@@ -166,8 +185,6 @@ class InstanceView(FhirView):
         )
         headers = version_headers(result.row) if result else {}
         if self.prefer("return") == "OperationOutcome":
-            from fhirservice.errors import information_outcome
-
             text = f"Deleted {resource_type}/{resource_id}" if result else "Already deleted"
             return fhir_http_response(render_json(information_outcome(text)), headers=headers)
         return fhir_http_response(None, status=204, headers=headers)
@@ -202,9 +219,7 @@ class HistoryView(FhirView):
         params = request.query_params
         count = fhir_settings.DEFAULT_COUNT
         if "_count" in params:
-            from fhirservice.search.query import _parse_count
-
-            count = _parse_count(params["_count"])
+            count = parse_count(params["_count"])
         page = history_page(
             resource_type=resource_type,
             resource_id=resource_id,
@@ -266,8 +281,6 @@ class SystemView(FhirView):
 
     def post(self, request: Request) -> HttpResponse:
         """Run a batch or transaction Bundle."""
-        from fhirservice.bundles import process_bundle
-
         header, entries = process_bundle(request._request, self.read_json())
         return fhir_http_response(bundle_body(header, entries))
 
@@ -279,8 +292,5 @@ class MetadataView(FhirView):
 
     def get(self, request: Request) -> HttpResponse:
         """The CapabilityStatement of this server."""
-        from fhirservice.capability import capability_statement
-        from fhirservice.store.services import now
-
         statement = capability_statement(base_url(request), format_instant(now()))
         return fhir_http_response(render_json(statement))

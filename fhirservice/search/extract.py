@@ -24,7 +24,7 @@ class Param:
     """A search parameter: name, FHIR type, the elements it reads, its definition URL."""
 
     name: str
-    type: str  # string | token | date | reference
+    type: str  # string | token | uri | date | reference
     paths: tuple[str, ...]
     documentation: str
 
@@ -59,6 +59,15 @@ PARAMS: dict[str, dict[str, Param]] = {
             _r("actual", "token", ("actual",), "Descriptive or actual"),
             _r("code", "token", ("code",), "The kind of group"),
             _r("managing-entity", "reference", ("managingEntity",), "Who manages the group"),
+        )
+    },
+    # Stored definitions; the built-in ones (fhirservice.rest.operations) match the same way.
+    "OperationDefinition": {
+        p.name: p
+        for p in (
+            _r("url", "uri", ("url",), "The canonical URL of the definition"),
+            _r("code", "token", ("code",), "The name used to invoke the operation"),
+            _r("name", "string", ("name",), "The computer-friendly name of the definition"),
         )
     },
 }
@@ -137,6 +146,8 @@ def extract_tokens(resource_key: str, body: dict[str, Any]) -> list[SearchToken]
                 elif param.type == "token":
                     for system, code in _token_values(value):
                         add(param.name, system=system, value=code)
+                elif param.type == "uri" and isinstance(value, str):
+                    add(param.name, value=value)
                 elif param.type == "date" and isinstance(value, str):
                     covered = date_range(value)
                     if covered:

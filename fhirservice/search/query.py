@@ -8,7 +8,6 @@ nor vanish between pages of the default (``_id``) order.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +20,7 @@ from fhirservice.access.boundaries import visible_q
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
 from fhirservice.models import SearchToken, StoredResource
+from fhirservice.plugins import search_param
 from fhirservice.search.extract import PARAMS, Param
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
@@ -42,16 +42,6 @@ RESULT_PARAMS = {
 COMMON_PARAMS = {"_id", "_lastUpdated"}
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 SORTS = {"_id": "key", "_lastUpdated": "last_updated"}
-
-# Search parameters answered outside the metadata store, e.g. Group?member= (ClickHouse):
-# (type, name) -> function(values, modifier) -> Q over StoredResource.
-CustomParam = Callable[[list[str], str], Q]
-CUSTOM_PARAMS: dict[tuple[str, str], tuple[CustomParam, str]] = {}
-
-
-def register_param(resource_type: str, name: str, build: CustomParam, documentation: str) -> None:
-    """Add a search parameter that another app answers (called from AppConfig.ready)."""
-    CUSTOM_PARAMS[(resource_type, name)] = (build, documentation)
 
 
 @dataclass
@@ -170,8 +160,23 @@ def _last_updated_q(prefix: str, low: datetime, high: datetime) -> Q:
     }[prefix]
 
 
-_TOKEN_BUILDERS = {"string": _string_q, "token": _token_q, "reference": _reference_q}
-_MODIFIERS = {"string": {"", "exact", "contains"}, "token": {""}, "reference": {""}, "date": {""}}
+def _uri_q(param: Param, value: str, modifier: str) -> Q:
+    return Q(value=value[:MAX_VALUE])
+
+
+_TOKEN_BUILDERS = {
+    "string": _string_q,
+    "token": _token_q,
+    "uri": _uri_q,
+    "reference": _reference_q,
+}
+_MODIFIERS = {
+    "string": {"", "exact", "contains"},
+    "token": {""},
+    "uri": {""},
+    "reference": {""},
+    "date": {""},
+}
 
 
 def _param_q(resource_type: str, param: Param, modifier: str, raw: str) -> Q:
@@ -199,7 +204,8 @@ def _param_q(resource_type: str, param: Param, modifier: str, raw: str) -> Q:
     return Q(key__in=keys)
 
 
-def _parse_count(raw: str) -> int:
+def parse_count(raw: str) -> int:
+    """``_count``: a whole number, at most the largest page (400 otherwise)."""
     try:
         count = int(raw)
     except ValueError as exc:
@@ -245,9 +251,9 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bo
             for value in _split_values(raw):
                 alternatives |= _last_updated_q(*_parse_date(name, value))
             spec.filters.append(alternatives)
-        elif (resource_type, name) in CUSTOM_PARAMS:
-            build, _ = CUSTOM_PARAMS[(resource_type, name)]
-            spec.filters.append(build(_split_values(raw), modifier))
+        elif (custom := search_param(resource_type, name)) is not None:
+            # answered by an app outside the metadata store (Group?member=: ClickHouse)
+            spec.filters.append(custom.build(_split_values(raw), modifier))
         elif name in known:
             spec.filters.append(_param_q(resource_type, known[name], modifier, raw))
         else:
@@ -264,7 +270,7 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bo
 
 def _result_param(spec: SearchSpec, name: str, raw: str) -> None:
     if name == "_count":
-        spec.count = _parse_count(raw)
+        spec.count = parse_count(raw)
     elif name == "_cursor":
         spec.cursor = decode_cursor(raw)
     elif name == "_sort":

@@ -1,7 +1,8 @@
 """Per-type behaviour hooks of the store, and the post-save signal.
 
 The store is generic. A resource type that needs more (Group: its roster lives in ClickHouse)
-registers a :class:`ResourceHandler` and/or listens to :data:`resource_saved`:
+registers a :class:`ResourceHandler` (``fhirservice.plugins.register_resource_handler``)
+and/or listens to :data:`resource_saved`:
 
 - ``ResourceHandler.prepare`` splits an incoming body into what the metadata store keeps and a
   payload handled elsewhere (the Group roster), and validates both;
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from django.dispatch import Signal
 
 from fhirservice.fhir.validation import validate_resource
+from fhirservice.plugins import resource_handler
 from fhirservice.store.content import apply_json_patch, without_server_meta
 from fhirservice.store.json import loads
 
@@ -124,14 +126,8 @@ class ResourceHandler:
 
 
 _DEFAULT = ResourceHandler()
-_HANDLERS: dict[str, ResourceHandler] = {}
-
-
-def register_handler(resource_type: str, handler: ResourceHandler) -> None:
-    """Use ``handler`` for ``resource_type`` (called from an AppConfig.ready)."""
-    _HANDLERS[resource_type] = handler
 
 
 def handler_for(resource_type: str) -> ResourceHandler:
-    """The handler registered for a type, or the default one."""
-    return _HANDLERS.get(resource_type, _DEFAULT)
+    """The handler an app registered for a type, or the default one."""
+    return resource_handler(resource_type) or _DEFAULT

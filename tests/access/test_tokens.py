@@ -132,9 +132,9 @@ def test_a_narrowed_allowance_narrows_tokens_already_issued(db: None) -> None:
 def test_metadata_and_built_in_operation_definitions_are_public(db: None) -> None:
     anonymous = TokenClient(None)
     assert anonymous.get("/metadata").status == 200
-    from operations.registry import DEFINITIONS
+    from fhirservice.plugins import OPERATIONS
 
-    for op_id in DEFINITIONS:
+    for op_id in OPERATIONS:
         assert anonymous.get(f"/OperationDefinition/{op_id}").status == 200, op_id
     assert anonymous.get("/OperationDefinition/stored-one").status == 401
     assert TokenClient("garbage").get("/metadata").status == 200

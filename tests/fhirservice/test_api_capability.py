@@ -32,6 +32,7 @@ TYPE_INTERACTIONS = {
 SAMPLE_VALUES = {
     "token": "urn:sys|x",
     "string": "x",
+    "uri": "urn:x",
     "date": "ge2020-01-01",
     "reference": "Patient/x",
 }

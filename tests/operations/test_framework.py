@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from operations import registry
-from operations.definitions import OperationDef, ParamDef
-from operations.parameters import output
+from fhirservice import plugins
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
+from fhirservice.rest.parameters import output
 from tests.fhir_check import parse_strict_r4
 from tests.operations.conftest import (
     assert_error,
@@ -94,7 +94,8 @@ CONTRACT: dict[str, tuple[str, str, bool, dict[tuple[str, str], tuple[int, str, 
         {("return", "out"): (1, "1", "Bundle")},
     ),
 }
-# Served and listed too; routed by the groups app ($members is GET with paging).
+# Served and listed too; registered by the groups app with a view of its own ($members is GET
+# with paging).
 ALSO_SERVED = {"Group-members": ("Group", "members")}
 
 
@@ -291,8 +292,8 @@ def _echo(*, values: dict[str, Any], resource_id: str | None, context: Any) -> d
 @pytest.fixture
 def echo(monkeypatch):
     """Register the echo operations for one test."""
-    monkeypatch.setitem(registry.HANDLERS, ECHO.id, (ECHO, _echo))
-    monkeypatch.setitem(registry.HANDLERS, ECHO_COMPLEX.id, (ECHO_COMPLEX, _echo))
+    monkeypatch.setitem(plugins.OPERATIONS, ECHO.id, plugins.Operation(ECHO, _echo))
+    monkeypatch.setitem(plugins.OPERATIONS, ECHO_COMPLEX.id, plugins.Operation(ECHO_COMPLEX, _echo))
 
 
 def _echoed(response) -> list[tuple[str, Any]]:

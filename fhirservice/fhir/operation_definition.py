@@ -1,8 +1,9 @@
 """OperationDefinitions as data: what each $operation accepts and returns.
 
-An operation module declares one :class:`OperationDef`; the same object checks incoming
-Parameters (``operations.parameters``), is served as an OperationDefinition resource, and is
-listed in the CapabilityStatement.
+An app's operation declares one :class:`OperationDef` and registers it
+(``fhirservice.plugins.register_operation``); the same object checks incoming Parameters
+(``fhirservice.rest.parameters``), is served as an OperationDefinition resource, and is listed
+in the CapabilityStatement.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import re
 from typing import Any
 
 from fhirservice.errors import BadRequest
+from fhirservice.fhir.operation_definition import OperationDef, ParamDef
+from fhirservice.fhir.validation import DATETIME_RE
 from fhirservice.search.values import date_range
-from groups.members import DATETIME_RE
-from operations.definitions import OperationDef, ParamDef
 
 MSG_NOT_PARAMETERS = "The body must be a Parameters resource"
 MSG_PARAM_UNKNOWN = "Unknown parameter {name!r} for ${code}"
