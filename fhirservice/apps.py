@@ -4,6 +4,9 @@ import gc
 
 from django.apps import AppConfig
 
+from fhirservice import checks  # noqa: F401  (importing it registers the system checks)
+from fhirservice.conf import fhir_settings
+
 # Python's cyclic GC runs a young-generation pass every 700 container allocations and a
 # full pass (over the whole heap) every 100 of those. Decoding a 10^6-member Group (~3 million
 # dicts and lists) then spends more time in full passes than in decoding: 2.4 s instead of
@@ -20,8 +23,5 @@ class FhirServiceConfig(AppConfig):
 
     def ready(self) -> None:
         """Register system checks and fail fast on bad FHIR_SERVICE values."""
-        from fhirservice import checks  # noqa: F401  (registers the system checks)
-        from fhirservice.conf import fhir_settings
-
         fhir_settings.validate_all()
         gc.set_threshold(*GC_THRESHOLDS)

@@ -17,6 +17,9 @@ from django.http import HttpRequest, HttpResponse
 
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import FhirError, PayloadTooLarge
+from fhirservice.metrics import route_of
+from fhirservice.rest.limits import LengthRequired, check_query_string
+from fhirservice.store.json import dumps
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9\-_.]{1,64}")
 
@@ -85,8 +88,6 @@ def request_line(
     """The request's log record: time (UTC, ms), request_id, client (the remote address),
     actor (``client:<id>``, ``staff:<user>`` or ""), method, path, route (the URL pattern,
     as in the metrics), status, duration_ms and bytes (of the body; null if unknown)."""
-    from fhirservice.metrics import route_of
-
     access = getattr(request, "access", None)
     return {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -168,8 +169,9 @@ def _is_fhir_path(path: str) -> bool:
 
 
 def _outcome_response(error: FhirError) -> HttpResponse:
+    # Imported here: settings.LOGGING imports this module (its filters) before Django loads
+    # the apps, and the REST base imports the access policy, which imports models.
     from fhirservice.rest.base import fhir_http_response
-    from fhirservice.store.json import dumps
 
     return fhir_http_response(dumps(error.outcome()), status=error.status, headers=error.headers)
 
@@ -246,8 +248,6 @@ class RequestLimitsMiddleware:
     @staticmethod
     def check_request(request: HttpRequest) -> None:
         """Query limits, the announced body size and chunked bodies (400, 413, 411)."""
-        from fhirservice.rest.limits import LengthRequired, check_query_string
-
         check_query_string(request.META.get("QUERY_STRING", ""))
         declared = request.META.get("CONTENT_LENGTH") or ""
         limit = fhir_settings.MAX_BODY_BYTES

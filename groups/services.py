@@ -30,6 +30,7 @@ from fhirservice.models import ResourceVersion, StoredResource
 from fhirservice.store.content import apply_json_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite
 from fhirservice.store.json import loads
+from fhirservice.store.services import write_version
 from groups import shipping
 from groups.digest import digests
 from groups.members import Member, parse_member
@@ -800,7 +801,6 @@ def group_members_change(
     Runs the post-save handler without the members-written flag, so the events go through
     the same outbox and shipping as every other roster write.
     """
-    from fhirservice.store.services import write_version
 
     def build(draft: VersionWrite) -> None:
         draft.body = without_server_meta(loads(draft.previous.body))

@@ -20,6 +20,7 @@ from typing import Any
 from django.db.models import Q
 
 from fhirservice.access import current
+from fhirservice.models import StoredResource
 
 ORGANIZATION_SYSTEM = "https://fhirservice.example/organization"
 
@@ -41,8 +42,6 @@ def visible_keys(keys: list[str]) -> list[str]:
     """The subset of ``Type/id`` keys of current resources the caller sees, order kept."""
     if not current().restricted or not keys:
         return keys
-    from fhirservice.models import StoredResource
-
     seen = set(
         StoredResource.objects.filter(visible_q(), key__in=list(keys)).values_list("key", flat=True)
     )

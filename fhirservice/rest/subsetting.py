@@ -14,6 +14,8 @@ import functools
 import importlib
 from typing import Any
 
+from fhirservice.fhir.validation import element_definitions
+
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "SUBSETTED",
@@ -25,8 +27,6 @@ ALWAYS = ("resourceType", "id", "meta")
 @functools.cache
 def mandatory_elements(resource_type: str) -> tuple[frozenset[str], tuple[str, ...]]:
     """Top-level elements a type requires: (plain names, stems of required choices)."""
-    from fhirservice.fhir.validation import element_definitions
-
     names, stems = set(), []
     for path, (minimum, _, _) in element_definitions(resource_type).items():
         parts = path.split(".")
