@@ -3,7 +3,8 @@
 #   make run            serve on 127.0.0.1:$(PORT) with the embedded backends (SQLite + chdb),
 #                       access control off; FHIR_AUTH=on make run turns it on
 #   make test           the suite on both backend pairs; make test ARGS="-k patient"
-#   make lint           ruff, Django system checks, missing migrations
+#   make lint           ruff, import contracts (lint-imports), Django system checks,
+#                       missing migrations
 #   make bench          benchmarks (python -m bench) on both backend pairs, as served: each
 #                       pass starts scripts/serve.sh itself on a free port and times over HTTP
 #   make migrate        metadata store and ClickHouse schema
@@ -40,6 +41,7 @@ test:
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
 
