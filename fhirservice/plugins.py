@@ -34,7 +34,7 @@ from django.db.models import Q
 
 from fhirservice.fhir.operation_definition import OperationDef
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: fhirservice.store imports this module
     from fhirservice.store.handlers import ResourceHandler
 
 MSG_HANDLER_OR_VIEW = "Operation {id}: give a handler or a view, not both"
