@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
+from fhirservice.clickhouse.migrations import MSG_CHDB_CLUSTER, on_cluster_clause
 from fhirservice.conf import valid_clickhouse_url
 
 SUPPORTED_ENGINES = {
@@ -55,8 +56,6 @@ def check_clickhouse_url(app_configs: Any = None, **kwargs: Any) -> list[checks.
 @checks.register()
 def check_clickhouse_cluster(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """CLICKHOUSE_CLUSTER, when set, is a plain cluster name on a ClickHouse server."""
-    from fhirservice.clickhouse.migrations import MSG_CHDB_CLUSTER, on_cluster_clause
-
     cluster = getattr(settings, "CLICKHOUSE_CLUSTER", None)
     if not cluster:
         return []
