@@ -41,6 +41,13 @@ DEFAULTS: dict[str, Any] = {
     "MAX_QUERY_VALUE_LENGTH": 4096,
     # Most entries in a Bundle body (transaction, batch or stored).
     "MAX_BUNDLE_ENTRIES": 10_000,
+    # Per resource (fhirservice.rest.limits): the largest resource body in bytes (a create
+    # or update, each resource of a Bundle), and the most items in any one of its arrays (or
+    # added to one by a JSON Patch). Group.member, the roster, is exempt from both. The
+    # defaults admit every official R4 example (the largest: a 29.7 MB Bundle of definitions,
+    # an ImplementationGuide listing 28,517 pages).
+    "MAX_RESOURCE_BYTES": 32 * 1024 * 1024,
+    "MAX_ARRAY_ITEMS": 50_000,
     # Requests per client and period ("600/min"; s, min, hour, day); None: no throttle.
     "THROTTLE_RATE": None,
     # Access control (env FHIR_AUTH=on/off): bearer tokens, SMART system scopes and
@@ -65,6 +72,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "MAX_QUERY_PARAMS": lambda v: type(v) is int and v > 0,
     "MAX_QUERY_VALUE_LENGTH": lambda v: type(v) is int and v > 0,
     "MAX_BUNDLE_ENTRIES": lambda v: type(v) is int and v > 0,
+    "MAX_RESOURCE_BYTES": lambda v: type(v) is int and v > 0,
+    "MAX_ARRAY_ITEMS": lambda v: type(v) is int and v > 0,
     "THROTTLE_RATE": lambda v: (
         v is None
         or (isinstance(v, str) and re.fullmatch(r"[1-9][0-9]*/(s|sec|min|minute|hour|day)", v))

@@ -103,6 +103,9 @@ class FhirView(AccessControlledView, APIView):
         size = int(declared) if declared.isdigit() else 0
         if size > limit:
             raise PayloadTooLarge(MSG_BODY_TOO_LARGE.format(size=size, limit=limit))
+        resource_type = self.kwargs.get("resource_type")
+        if resource_type and not patch and request.method in ("POST", "PUT"):
+            limits.check_resource_bytes(resource_type, size)  # before reading it
         data = request._request.body
         if len(data) > limit:
             raise PayloadTooLarge(MSG_BODY_TOO_LARGE.format(size=len(data), limit=limit))
@@ -114,7 +117,7 @@ class FhirView(AccessControlledView, APIView):
         limits.check_json_depth(data)
         limits.check_control_characters(data)
         value = json.loads(data)
-        limits.check_document(value, patch=patch)
+        limits.check_document(value, patch=patch, resource_type=self.kwargs.get("resource_type"))
         return value
 
     def if_match(self) -> int | None:

@@ -5,16 +5,27 @@ hostile input is refused while it is still cheap: the JSON nesting depth is meas
 raw bytes before parsing, query strings are counted before Django builds ``request.GET``,
 and a JSON Patch's op count and a Bundle's entry count are checked before anything is applied.
 The settings are in ``fhirservice.conf`` (``MAX_JSON_DEPTH``, ``MAX_QUERY_PARAMS``,
-``MAX_QUERY_VALUE_LENGTH``, ``MAX_PATCH_OPS``, ``MAX_BUNDLE_ENTRIES``, ``THROTTLE_RATE``).
+``MAX_QUERY_VALUE_LENGTH``, ``MAX_PATCH_OPS``, ``MAX_BUNDLE_ENTRIES``, ``MAX_RESOURCE_BYTES``,
+``MAX_ARRAY_ITEMS``, ``THROTTLE_RATE``).
+
+The per-resource limits bound what one resource costs to store: every array item may become
+a search row (a Patient with 10^6 identifiers wrote 10^6 rows, 508 MB, in 105 s). A resource
+body is refused on its Content-Length before it is read (that 40 MB Patient: at once);
+arrays are counted in the decoded body, in each resource of a Bundle, and in what a JSON
+Patch adds. ``Group.member`` is the roster, stored as member events, and is exempt from
+both (as are ``Bundle.entry`` and an operation's ``Parameters.parameter``, which have limits
+of their own).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any
 from urllib.parse import unquote_plus
 
+import orjson
 from django.conf import settings
 from rest_framework.throttling import SimpleRateThrottle
 
@@ -23,6 +34,7 @@ from fhirservice.errors import (
     MSG_TOO_MANY_PATCH_OPS,
     BadRequest,
     FhirError,
+    PayloadTooLarge,
     TooCostly,
     UnprocessableEntity,
 )
@@ -33,6 +45,9 @@ MSG_PARAM_TOO_LONG = (
     "The query parameter {name!r} is {length} characters long; the limit is {limit}"
 )
 MSG_TOO_MANY_ENTRIES = "The Bundle has {count} entries; the limit is {limit}"
+MSG_RESOURCE_TOO_LARGE = "The {what} has {size} bytes; the limit is {limit} per resource"
+MSG_ARRAY_TOO_LONG = "{path} has {count} items; the limit is {limit} per array"
+MSG_ARRAY_ADDS = "The patch adds {count} items to {path}; the limit is {limit} per array"
 MSG_SERVER_OWNED_PATH = (
     "op {index} ({op} {path}): {path} is set by the server and cannot be patched"
 )
@@ -49,6 +64,8 @@ _ONE_BRACKET = bytes.maketrans(b"{}", b"[]")
 # A JSON escape of a control character other than tab, LF and CR (after "\\\\" pairs are gone).
 _CONTROL_ESCAPE = re.compile(rb"\\(?:u00(?:0[0-8bBcCeEfF]|1[0-9a-fA-F])|[bf])")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# Arrays whose length another limit bounds: only their items are checked here.
+_COUNTED_ELSEWHERE = {("Bundle", "entry"), ("Parameters", "parameter")}
 # JSON Pointers to meta elements the server sets on every version.
 _SERVER_OWNED = ("/meta/versionId", "/meta/lastUpdated")
 
@@ -120,13 +137,27 @@ def check_control_characters(data: bytes) -> None:
         )
 
 
-def check_document(value: Any, *, patch: bool) -> None:
-    """Op-count and shape limits of a decoded body: a JSON Patch or a Bundle."""
+def check_resource_bytes(resource_type: str, size: int) -> None:
+    """413 when a resource body (create, update) is over ``MAX_RESOURCE_BYTES``; Groups are
+    exempt (their roster may hold millions of members)."""
+    limit = fhir_settings.MAX_RESOURCE_BYTES
+    if size > limit and resource_type != "Group":
+        raise PayloadTooLarge(
+            MSG_RESOURCE_TOO_LARGE.format(what=resource_type, size=size, limit=limit),
+            detail_code="MSG_RESOURCE_TOO_LARGE",
+        )
+
+
+def check_document(value: Any, *, patch: bool, resource_type: str | None = None) -> None:
+    """Op-count, shape and size limits of a decoded body: a JSON Patch of ``resource_type``,
+    a resource, or a Bundle (whose entries' resources are checked one by one)."""
     if patch:
         if isinstance(value, list):
-            check_patch(value)
+            check_patch(value, resource_type=resource_type)
         return
-    if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+    if not isinstance(value, dict):
+        return
+    if value.get("resourceType") == "Bundle":
         entries = value.get("entry")
         limit = fhir_settings.MAX_BUNDLE_ENTRIES
         if isinstance(entries, list) and len(entries) > limit:
@@ -134,16 +165,71 @@ def check_document(value: Any, *, patch: bool) -> None:
                 MSG_TOO_MANY_ENTRIES.format(count=len(entries), limit=limit),
                 detail_code="MSG_TOO_MANY_ENTRIES",
             )
+        _check_bundle_resources(entries if isinstance(entries, list) else [])
+    _check_arrays(value, _resource_name(value))
 
 
-def check_patch(ops: list[Any]) -> None:
-    """A JSON Patch of any resource: at most ``MAX_PATCH_OPS`` ops, none writing server meta."""
+def _resource_name(value: dict[str, Any]) -> str:
+    kind = value.get("resourceType")
+    return kind if isinstance(kind, str) else "Resource"
+
+
+def _check_bundle_resources(entries: list[Any]) -> None:
+    """Each entry's resource: at most ``MAX_RESOURCE_BYTES`` as JSON (Groups exempt)."""
+    limit = fhir_settings.MAX_RESOURCE_BYTES
+    for index, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or resource.get("resourceType") == "Group":
+            continue
+        size = len(orjson.dumps(resource))
+        if size > limit:
+            what = f"{_resource_name(resource)} of Bundle.entry[{index}]"
+            raise PayloadTooLarge(
+                MSG_RESOURCE_TOO_LARGE.format(what=what, size=size, limit=limit),
+                detail_code="MSG_RESOURCE_TOO_LARGE",
+            )
+
+
+def _check_arrays(value: Any, path: str) -> None:
+    """400 when an array in ``value`` (found at ``path``) holds over ``MAX_ARRAY_ITEMS``
+    items. A Group's ``member`` is not walked (the roster); a Bundle's ``entry`` and the
+    ``parameter`` of an operation's Parameters are walked but not counted (bounded by
+    ``MAX_BUNDLE_ENTRIES`` and by each operation)."""
+    limit = fhir_settings.MAX_ARRAY_ITEMS
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, list):
+            if len(node) > limit:
+                raise TooCostly(
+                    MSG_ARRAY_TOO_LONG.format(path=where, count=len(node), limit=limit),
+                    detail_code="MSG_ARRAY_TOO_LONG",
+                    expression=where,
+                )
+            stack.extend((item, where) for item in node if isinstance(item, dict | list))
+            continue
+        kind = node.get("resourceType")
+        kind = kind if isinstance(kind, str) else None  # any JSON: validation comes later
+        for key, child in node.items():
+            if not isinstance(child, dict | list) or (kind == "Group" and key == "member"):
+                continue
+            if (kind, key) in _COUNTED_ELSEWHERE and isinstance(child, list):
+                stack.extend((item, f"{where}.{key}") for item in child if isinstance(item, dict))
+            else:
+                stack.append((child, f"{where}.{key}"))
+
+
+def check_patch(ops: list[Any], *, resource_type: str | None = None) -> None:
+    """A JSON Patch of any resource: at most ``MAX_PATCH_OPS`` ops, none writing server
+    meta, none adding an array over ``MAX_ARRAY_ITEMS`` or that many items to one array
+    (the roster of a Group excepted)."""
     limit = fhir_settings.MAX_PATCH_OPS
     if len(ops) > limit:
         raise TooCostly(
             MSG_TOO_MANY_PATCH_OPS.format(count=len(ops), limit=limit),
             detail_code="MSG_TOO_MANY_OPERATIONS",
         )
+    adds: Counter[str] = Counter()
     for index, op in enumerate(ops):
         if not isinstance(op, dict) or op.get("op") == "test":
             continue
@@ -155,6 +241,23 @@ def check_patch(ops: list[Any]) -> None:
                     detail_code="MSG_PATCH_FAILED",
                     expression=f"[{index}].{key}",
                 )
+        path = op.get("path")
+        if not isinstance(path, str) or (
+            resource_type == "Group" and (path == "/member" or path.startswith("/member/"))
+        ):
+            continue
+        if isinstance(op.get("value"), dict | list):
+            _check_arrays(op["value"], f"[{index}].value")
+        array, _, position = path.rpartition("/")
+        if op.get("op") in ("add", "copy", "move") and (position == "-" or position.isdigit()):
+            adds[array] += 1
+    items = fhir_settings.MAX_ARRAY_ITEMS
+    for array, count in adds.items():
+        if count > items:
+            raise TooCostly(
+                MSG_ARRAY_ADDS.format(count=count, path=array, limit=items),
+                detail_code="MSG_ARRAY_TOO_LONG",
+            )
 
 
 def _is_server_owned(path: str) -> bool:

@@ -13,9 +13,12 @@ from django.test import Client
 
 from fhirservice.errors import DETAIL_SYSTEM
 from fhirservice.rest.limits import (
+    MSG_ARRAY_ADDS,
+    MSG_ARRAY_TOO_LONG,
     MSG_JSON_TOO_DEEP,
     MSG_LENGTH_REQUIRED,
     MSG_PARAM_TOO_LONG,
+    MSG_RESOURCE_TOO_LARGE,
     MSG_SERVER_OWNED_PATH,
     MSG_TOO_MANY_ENTRIES,
     MSG_TOO_MANY_PARAMS,
@@ -404,3 +407,88 @@ def test_allowed_whitespace_and_escaped_backslashes_pass(api):
 @pytest.mark.parametrize("query", ["name=a%00b", "_count=%00", "name=%1F", "a%00=1"])
 def test_control_characters_in_queries_are_400(api, query):
     assert_outcome(api.get(f"/Patient?{query}"), 400, "MSG_CONTROL_CHARACTER")
+
+
+# --- per-resource size and per-array items (issue 16, D5) -----------------------------------
+
+
+def identifiers(n: int) -> list[dict[str, str]]:
+    return [{"system": "urn:oid:1.2.36.146.595", "value": str(i)} for i in range(n)]
+
+
+def test_a_million_identifiers_are_refused_fast(api):
+    """The Patient of issue 16 (~40 MB): accepted after 105 s with 10^6 search rows before;
+    now refused on its Content-Length, before the body is read (defaults)."""
+    before = store_state()
+    body = orjson.dumps({**patient(), "identifier": identifiers(1_000_000)})
+    response = api.request("POST", "/Patient", raw=body)
+    assert_outcome(
+        response,
+        413,
+        "MSG_RESOURCE_TOO_LARGE",
+        MSG_RESOURCE_TOO_LARGE.format(what="Patient", size=len(body), limit=32 * 1024 * 1024),
+    )
+    assert store_state() == before
+
+
+def test_resource_size_limit_holds_per_resource(api, limits):
+    pid = api.post("/Patient", patient()).body["id"]
+    before = store_state()
+    limits(MAX_RESOURCE_BYTES=300)
+    big = patient(family="x" * 300)
+    assert_outcome(api.post("/Patient", big), 413, "MSG_RESOURCE_TOO_LARGE")
+    assert_outcome(api.put(f"/Patient/{pid}", {**big, "id": pid}), 413, "MSG_RESOURCE_TOO_LARGE")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": big, "request": {"method": "POST", "url": "Patient"}}],
+    }
+    response = api.post("", bundle)
+    assert_outcome(response, 413, "MSG_RESOURCE_TOO_LARGE")
+    assert "Patient of Bundle.entry[0]" in response.body["issue"][0]["diagnostics"]
+    assert store_state() == before
+    # A Group's roster is exempt: its members are member events, not search rows.
+    refs = [{"entity": {"reference": f"Patient/{i:04d}"}} for i in range(20)]
+    group = {"resourceType": "Group", "type": "person", "actual": True, "member": refs}
+    assert api.post("/Group", group).status == 201
+
+
+def test_array_item_limit_holds_in_bodies_bundles_and_patches(api, limits):
+    pid = api.post("/Patient", patient()).body["id"]
+    gid = api.post("/Group", {"resourceType": "Group", "type": "person", "actual": True}).body["id"]
+    before = store_state(gid)
+    limits(MAX_ARRAY_ITEMS=3)
+    many = {**patient(), "identifier": identifiers(4)}
+    assert_outcome(
+        api.post("/Patient", many),
+        400,
+        "MSG_ARRAY_TOO_LONG",
+        MSG_ARRAY_TOO_LONG.format(path="Patient.identifier", count=4, limit=3),
+    )
+    nested = {**patient(), "name": [{"given": ["a", "b", "c", "d"]}]}
+    assert_outcome(api.post("/Patient", nested), 400, "MSG_ARRAY_TOO_LONG")
+    entry = {"resource": many, "request": {"method": "POST", "url": "Patient"}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    assert_outcome(api.post("", bundle), 400, "MSG_ARRAY_TOO_LONG")
+    whole = [{"op": "add", "path": "/identifier", "value": identifiers(4)}]
+    assert_outcome(api.patch(f"/Patient/{pid}", whole), 400, "MSG_ARRAY_TOO_LONG")
+    one_by_one = [{"op": "add", "path": "/identifier/-", "value": i} for i in identifiers(4)]
+    assert_outcome(
+        api.patch(f"/Patient/{pid}", one_by_one),
+        400,
+        "MSG_ARRAY_TOO_LONG",
+        MSG_ARRAY_ADDS.format(count=4, path="/identifier", limit=3),
+    )
+    assert store_state(gid) == before
+    # Group.member is the roster: exempt in a body, a Bundle and a patch.
+    refs = [{"entity": {"reference": f"Patient/{i:04d}"}} for i in range(5)]
+    group = {"resourceType": "Group", "type": "person", "actual": True, "member": refs}
+    assert api.post("/Group", group).status == 201
+    entry = {"resource": group, "request": {"method": "POST", "url": "Group"}}
+    assert (
+        api.post("", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}).status
+        == 200
+    )
+    adds = [{"op": "add", "path": "/member/-", "value": ref} for ref in refs]
+    assert api.patch(f"/Group/{gid}", adds).status == 200
+    assert api.post("/Patient", {**patient(), "identifier": identifiers(3)}).status == 201
