@@ -180,7 +180,9 @@ class DigestRegistry:
                 self._digests.move_to_end(roster_key)
         if digest is None:
             if size > fhir_settings.MEMBER_DIGEST_SYNC_MAX:
-                self._build_later(roster_key)
+                # Queued once this write commits: a build started now would read the version
+                # before it and keep a digest one write behind (caught up by the next write).
+                db.on_commit(lambda: self._build_later(roster_key))
                 return set()
             digest = digest_build(roster_key, version)
             db.on_commit(lambda: self._keep(digest))
