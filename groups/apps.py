@@ -26,12 +26,12 @@ class GroupsConfig(AppConfig):
         from fhirservice.metrics import STORE_METRICS
         from fhirservice.serving import service_starting
         from fhirservice.store.handlers import resource_saved
-        from groups import shipping, views
+        from groups import views
         from groups.digest import digests
         from groups.handlers import GroupHandler, on_resource_saved
         from groups.metrics import MemberBacklogCollector, backlog_detail
+        from groups.outbox import background
         from groups.search import member_param
-        from groups.services import outbox_relay_start
 
         plugins.register_resource_handler("Group", GroupHandler())
         plugins.register_search_param(
@@ -42,9 +42,11 @@ class GroupsConfig(AppConfig):
         )
         plugins.register_operation(views.OPERATION, view=views.GroupMembersView.as_view())
         plugins.register_admin_page("Group", "admin:groups_groupresource_change")
-        clickhouse_closing.connect(shipping.on_clickhouse_closing, dispatch_uid="groups.shipping")
+        clickhouse_closing.connect(
+            background.on_clickhouse_closing, dispatch_uid="groups.outbox.background"
+        )
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
         service_starting.connect(digests.warm_up, dispatch_uid="groups.digests.warm_up")
-        service_starting.connect(outbox_relay_start, dispatch_uid="groups.outbox_relay")
+        service_starting.connect(background.outbox_relay_start, dispatch_uid="groups.outbox_relay")
         register_readiness_detail("member_backlog", backlog_detail)
         STORE_METRICS.register(MemberBacklogCollector())

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     # each; 0: off), and the largest roster digested inside a write (larger: in background).
     "MEMBER_DIGEST_ENTRIES": 4_000_000,
     "MEMBER_DIGEST_SYNC_MAX": 20_000,
-    # The outbox relay of each server process (groups.shipping.Relay): seconds between its
+    # The outbox relay of each server process (groups.outbox.background.Relay): seconds between its
     # rounds (0: none; run ``ship_member_events --loop`` instead), and the longest wait
     # between rounds while they fail (ClickHouse down), the wait doubling up to it.
     "MEMBER_RELAY_INTERVAL": 5.0,

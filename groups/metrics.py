@@ -1,6 +1,6 @@
 """The member-event shipping backlog, for metrics (``/metrics``) and readiness (``/readyz``).
 
-Read from the outbox (``groups.selectors.outbox_backlog``) at scrape or probe time, so every
+Read from the outbox (``groups.outbox.pending.outbox_backlog``) at scrape or probe time, so every
 process reports the same numbers. A backlog that grows, or whose oldest batch keeps ageing,
 means ClickHouse is unreachable or the relay is stuck: alert on
 ``fhir_member_backlog_oldest_age_seconds``.
@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from groups.selectors import outbox_backlog
+from groups.outbox.pending import outbox_backlog
 
 GAUGES = (
     (

@@ -6,7 +6,7 @@ finds ``request.group_member_events_written`` set and skips member processing. T
 Bundle entries are sub-requests, so each entry starts with the flag cleared.
 
 The same middleware marks the thread as serving an HTTP request, which is when member events
-ship in the background (``groups.shipping``): the client need not wait for ClickHouse.
+ship in the background (``groups.outbox.background``): the client need not wait for ClickHouse.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-from groups import shipping
+from groups.outbox import background
 
 FLAG = "group_member_events_written"
 
@@ -29,5 +29,5 @@ class GroupMemberEventsMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         """Initialise the flag, then handle the request."""
         setattr(request, FLAG, False)
-        with shipping.serving_request():
+        with background.serving_request():
             return self.get_response(request)

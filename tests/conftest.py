@@ -67,6 +67,6 @@ def _no_outbox_relay_left_running() -> Iterator[None]:
     """A test that starts a server process's outbox relay (``warm_up`` does) stops it after:
     its thread would ship other tests' pending batches, or outlive the test database."""
     yield
-    from groups import shipping
+    from groups.outbox import background
 
-    shipping.relay_stop()
+    background.relay_stop()

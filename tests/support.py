@@ -15,7 +15,7 @@ import orjson
 from django.db import connections
 from django.test import Client
 
-from groups import shipping
+from groups.outbox import background
 from tests.fhir_check import assert_strict_r4
 
 BASE = "/4_0_0"
@@ -60,7 +60,7 @@ class FhirClient:
     """Thin wrapper around Django's test client speaking FHIR JSON.
 
     After each write it waits for the process's background shipping of member events
-    (``groups.shipping``), so a test sees ClickHouse as it is once shipping caught up;
+    (``groups.outbox.background``), so a test sees ClickHouse as it is once shipping caught up;
     ``FhirClient(wait_for_shipping=False)`` observes the moment of the answer instead.
     """
 
@@ -88,7 +88,7 @@ class FhirClient:
             headers=headers or {},
         )
         if self.wait_for_shipping and method != "GET":
-            assert shipping.flush(), "background shipping did not finish within 30 s"
+            assert background.flush(), "background shipping did not finish within 30 s"
         return FhirResponse(response)
 
     def get(self, path: str, **kwargs: Any) -> FhirResponse:

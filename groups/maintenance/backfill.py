@@ -26,8 +26,9 @@ from groups.handlers import parse_roster
 from groups.maintenance.common import MaintenanceError, Progress, no_progress
 from groups.middleware import FLAG
 from groups.models import BackfillCheckpoint
+from groups.outbox.record import member_events_record
 from groups.selectors import clickhouse_required, roster_key
-from groups.services import RosterSession, member_events_record
+from groups.services import RosterSession
 
 BACKFILL_CHECKPOINT = "backfill_group_members"
 INLINE_MARKER = '"member":'

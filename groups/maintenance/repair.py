@@ -37,14 +37,14 @@ from groups.maintenance.scan import (
     rosters_scan,
 )
 from groups.models import MemberOutbox
-from groups.repository import MemberEventRepository
-from groups.selectors import clickhouse_required, roster_key
-from groups.services import (
+from groups.outbox.ship import (
     ShipReport,
     batch_event_rows,
     group_quantity_recount,
     member_batches_ship,
 )
+from groups.repository import MemberEventRepository
+from groups.selectors import clickhouse_required, roster_key
 
 # -- one Group: rebuild, ship ---------------------------------------------------------------
 

@@ -240,7 +240,7 @@ def clickhouse_down() -> Any:
 def no_shipping(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Writes commit but their batches are not shipped after commit: the process "dies"
     between the two stores. Returns the arguments of each shipping that "died"."""
-    import groups.services
+    import groups.outbox.ship
 
     skipped: list[dict[str, Any]] = []
 
@@ -250,5 +250,5 @@ def no_shipping(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     # The writes' own shipping only: the relay and the commands ship as they would after a
     # restart.
-    monkeypatch.setattr(groups.services, "_ship_after_commit", crashed)
+    monkeypatch.setattr(groups.outbox.ship, "written_batches_ship", crashed)
     return skipped

@@ -18,12 +18,14 @@ import pytest
 from django.db import transaction
 from django.test import override_settings
 
+import groups.outbox.record
 import groups.services
 from fhirservice.conf import fhir_settings
 from fhirservice.store.handlers import WriteContext
 from groups.digest import DigestRegistry, RosterDigest, digests
 from groups.members import parse_member
-from groups.services import RosterDelta, group_members_change, member_batches_ship
+from groups.outbox.ship import member_batches_ship
+from groups.services import RosterDelta, group_members_change
 from tests.groups.conftest import (
     add,
     create_group,
@@ -53,8 +55,10 @@ def service_settings(**values: Any) -> Any:
 @contextmanager
 def other_process(monkeypatch: pytest.MonkeyPatch):
     """Writes in the block use a digest registry of their own, as another process would."""
+    registry = DigestRegistry()
     with monkeypatch.context() as patcher:
-        patcher.setattr(groups.services, "digests", DigestRegistry())
+        patcher.setattr(groups.services, "digests", registry)
+        patcher.setattr(groups.outbox.record, "digests", registry)
         yield
 
 

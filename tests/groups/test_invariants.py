@@ -25,8 +25,9 @@ from django.utils import timezone
 
 from fhirservice.models import StoredResource
 from groups.models import MemberOutbox
+from groups.outbox.ship import member_batches_ship
 from groups.repository import MemberEventRepository
-from groups.services import MSG_TOO_MANY_OPS, member_batches_ship
+from groups.services import MSG_TOO_MANY_OPS
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,

@@ -9,7 +9,7 @@ Two kinds of outage, both real (no storage is mocked):
   installed (on both passes: the metadata store differs, the member store is this one).
 
 And the crash between commit and shipping: our own shipping entry point
-(``groups.services.member_batches_ship``) "dies" in the on-commit path, as a process killed
+(``groups.outbox.ship.member_batches_ship``) "dies" in the on-commit path, as a process killed
 right after its commit would.
 """
 
@@ -33,13 +33,14 @@ from django.utils import timezone
 from fhirservice.clickhouse import ClickHouseUnavailable, connect, get_clickhouse
 from fhirservice.clickhouse import migrations as ch_migrations
 from fhirservice.models import ResourceVersion, StoredResource
-from groups import shipping
 from groups.clickhouse_migrations import REVERSE, STATE
 from groups.maintenance.common import wait_for_mutations
 from groups.models import MemberOutbox
+from groups.outbox import background as shipping
+from groups.outbox.pending import OutboxBacklog, outbox_backlog
+from groups.outbox.ship import batch_event_rows, member_batches_ship
 from groups.repository import MemberEventRepository
-from groups.selectors import MSG_CLICKHOUSE_DOWN, OutboxBacklog, outbox_backlog
-from groups.services import batch_event_rows, member_batches_ship, outbox_relay_round
+from groups.selectors import MSG_CLICKHOUSE_DOWN
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,
@@ -329,14 +330,14 @@ def test_every_version_built_on_a_blind_write_gets_its_quantity_corrected(
 ):
     """D2: blind writes guess their quantity; versions written after ClickHouse returned but
     before the blind batches shipped add to the guess, and are corrected too."""
-    import groups.services
+    import groups.outbox.ship
 
     gid = create_group(live_api, [A, B, C])
     with clickhouse_down():
         assert minimal(live_api, "PATCH", f"/Group/{gid}", [remove_ref(B)]).status == 200
         assert minimal(live_api, "PATCH", f"/Group/{gid}", [add(A)]).status == 200  # held
     with monkeypatch.context() as dead:  # the process dies after each commit from now on
-        dead.setattr(groups.services, "member_batches_ship", lambda **kwargs: None)
+        dead.setattr(groups.outbox.ship, "member_batches_ship", lambda **kwargs: None)
         patched(live_api, gid, [add(D)])
         patched(live_api, gid, [remove_ref(C), add(E, inactive=True)])
     call_command("ship_member_events", min_age=0, verbosity=0)
@@ -357,7 +358,7 @@ def test_the_service_relay_heals_without_a_write(live_api, clickhouse_down):
         backlog = outbox_backlog()
         assert (backlog.batches, backlog.events, backlog.failing, backlog.recounts) == (2, 3, 2, 2)
         assert backlog.oldest_age >= 0
-        relay = shipping.relay_start(outbox_relay_round, interval=0.05, max_interval=0.2)
+        relay = shipping.relay_start(interval=0.05, max_interval=0.2)
         try:
             time.sleep(0.6)
             assert relay.wait == 0.2  # failed rounds: 0.05, 0.1, 0.2, 0.2 ...

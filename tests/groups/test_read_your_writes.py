@@ -12,12 +12,13 @@ import uuid
 import pytest
 
 from fhirservice.store.handlers import WriteContext
-from groups import shipping
 from groups.members import parse_member
 from groups.models import MemberOutbox
+from groups.outbox import background as shipping
+from groups.outbox.ship import member_batches_ship
 from groups.repository import MemberEventRepository
 from groups.selectors import groups_with_members, iter_members, roster_page
-from groups.services import RosterDelta, group_members_change, member_batches_ship
+from groups.services import RosterDelta, group_members_change
 from tests.groups.conftest import create_group, current_key
 from tests.support import run_threads
 

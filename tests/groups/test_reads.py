@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import pytest
 
 from fhirservice.errors import MSG_VERSION_NOT_FOUND
+from groups.outbox.ship import member_batches_ship
 from groups.search import MSG_BAD_MEMBER
-from groups.services import member_batches_ship
 from groups.views import MSG_BAD_PARAM
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (

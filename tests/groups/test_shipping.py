@@ -1,17 +1,20 @@
-"""When member events ship (groups/shipping.py): in the background for HTTP requests, before
-returning for big writes and callers outside a request, and drained before the ClickHouse
-client closes."""
+"""When member events ship (groups/outbox/background.py): in the background for HTTP
+requests, before returning for big writes and callers outside a request, and drained before
+the ClickHouse client closes."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
+import pytest
 from django.test import override_settings
 
 from fhirservice.clickhouse import get_clickhouse, reset_clickhouse
-from groups import shipping
 from groups.models import MemberOutbox
+from groups.outbox import background as shipping
+from groups.outbox import ship as ship_module
 from tests.groups.conftest import create_group, group, read, refs_of
 from tests.support import FhirClient
 
@@ -31,55 +34,72 @@ class Recorder:
         self.calls.append((roster, list(keys), threading.current_thread().name))
 
 
-def test_outside_a_request_writes_ship_before_returning():
+@pytest.fixture
+def after_commit(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``background.after_commit`` with the shipping of each roster done by a Recorder."""
+    recorders: dict[str, Recorder] = {}
+
+    def route(roster: str, keys: list[str], known: object = None) -> None:
+        recorders[roster](roster, keys)
+
+    monkeypatch.setattr(ship_module, "written_batches_ship", route)
+
+    def queue(roster: str, keys: list[str], recorder: Recorder, events: int) -> None:
+        recorders[roster] = recorder
+        shipping.after_commit(roster, keys, events=events)
+
+    return queue
+
+
+def test_outside_a_request_writes_ship_before_returning(after_commit):
     ship = Recorder()
-    shipping.after_commit("r/1", ["k1"], ship, 1)
+    after_commit("r/1", ["k1"], ship, 1)
     assert ship.calls == [("r/1", ["k1"], threading.current_thread().name)]
 
 
-def test_in_a_request_small_writes_ship_in_the_background():
+def test_in_a_request_small_writes_ship_in_the_background(after_commit):
     gate = threading.Event()
     ship = Recorder(wait=gate)
     with shipping.serving_request():
-        shipping.after_commit("r/2", ["k1"], ship, 1)
+        after_commit("r/2", ["k1"], ship, 1)
     assert ship.calls == []  # answered before shipping
     gate.set()
     assert shipping.flush()
     assert ship.calls == [("r/2", ["k1"], "member-event-shipper")]
 
 
-def test_writes_queued_while_the_shipper_is_busy_go_out_together():
+def test_writes_queued_while_the_shipper_is_busy_go_out_together(after_commit):
     gate = threading.Event()
     blocker, ship = Recorder(wait=gate), Recorder()
     with shipping.serving_request():
-        shipping.after_commit("r/3", ["first"], blocker, 1)
+        after_commit("r/3", ["first"], blocker, 1)
         time.sleep(0.2)  # the shipper is now inside ``blocker``
         for key in ("a", "b", "c"):
-            shipping.after_commit("r/4", [key], ship, 1)
+            after_commit("r/4", [key], ship, 1)
     gate.set()
     assert shipping.flush()
     assert ship.calls == [("r/4", ["a", "b", "c"], "member-event-shipper")]
 
 
-def test_a_write_of_a_whole_batch_ships_before_the_answer():
+def test_a_write_of_a_whole_batch_ships_before_the_answer(after_commit):
     ship = Recorder()
     with override_settings(FHIR_SERVICE={"MEMBER_BATCH_SIZE": 10}), shipping.serving_request():
-        shipping.after_commit("r/5", ["k1"], ship, 10)
+        after_commit("r/5", ["k1"], ship, 10)
     assert ship.calls == [("r/5", ["k1"], threading.current_thread().name)]
 
 
-def test_request_mode_ships_in_the_request():
+def test_request_mode_ships_in_the_request(after_commit):
     ship = Recorder()
     with override_settings(FHIR_SERVICE={"MEMBER_SHIPPING": "request"}), shipping.serving_request():
-        shipping.after_commit("r/6", ["k1"], ship, 1)
+        after_commit("r/6", ["k1"], ship, 1)
     assert ship.calls == [("r/6", ["k1"], threading.current_thread().name)]
 
 
-def test_closing_the_clickhouse_client_waits_for_background_shipping():
+def test_closing_the_clickhouse_client_waits_for_background_shipping(after_commit):
     get_clickhouse()  # the client exists, so closing it announces itself
     ship = Recorder(delay=0.5)
     with shipping.serving_request():
-        shipping.after_commit("r/7", ["k1"], ship, 1)
+        after_commit("r/7", ["k1"], ship, 1)
     reset_clickhouse()
     assert ship.calls == [("r/7", ["k1"], "member-event-shipper")]
     get_clickhouse()

@@ -14,8 +14,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from groups.management.cli import embedded_clickhouse_or_refuse
-from groups.selectors import outbox_backlog
-from groups.services import ShipReport, member_batches_relay
+from groups.outbox.pending import outbox_backlog
+from groups.outbox.ship import ShipReport, member_batches_relay
 
 MSG_BAD_ARGUMENTS = (
     "--interval, --max-interval and --batch-limit must be positive, --min-age >= 0, "

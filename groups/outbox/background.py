@@ -1,4 +1,5 @@
-"""Shipping a write's member event batches to ClickHouse once its transaction committed.
+"""When a committed write's member event batches ship: in the request, or in a thread; and
+each server process's relay for what is left behind.
 
 A write is acknowledged when its version and its outbox rows commit (see ADR 0004); shipping
 to ClickHouse is then only a matter of when. With ``MEMBER_SHIPPING = "background"`` (the
@@ -26,31 +27,31 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from django.db import connections
 
 from fhirservice.conf import fhir_settings
+from groups.outbox import ship
 
 logger = logging.getLogger(__name__)
 
-ShipFunction = Callable[[str, list[str]], None]
-
 
 class BackgroundShipper:
-    """One daemon thread per process that ships queued (roster, batch keys) pairs, each with
-    the function that ships it; a roster's keys queued meanwhile go out in one call."""
+    """One daemon thread per process that ships queued (roster, batch keys) pairs; a
+    roster's keys queued meanwhile go out in one call."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: dict[tuple[ShipFunction, str], list[str]] = {}
+        self._queue: dict[str, list[str]] = {}
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, roster: str, keys: list[str], ship: ShipFunction) -> None:
+    def submit(self, roster: str, keys: list[str]) -> None:
         """Queue a committed write's batches; returns at once."""
         with self._cond:
-            self._queue.setdefault((ship, roster), []).extend(keys)
+            self._queue.setdefault(roster, []).extend(keys)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="member-event-shipper", daemon=True
@@ -70,9 +71,9 @@ class BackgroundShipper:
                 work, self._queue = self._queue, {}
                 self._busy = True
             try:
-                for (ship, roster), keys in work.items():
+                for roster, keys in work.items():
                     try:
-                        ship(roster, keys)
+                        ship.written_batches_ship(roster, keys)
                     except Exception:  # a failed round must not end the thread
                         logger.exception("Shipping member events of %s failed", roster)
             finally:
@@ -85,14 +86,12 @@ class BackgroundShipper:
 
 
 class Relay:
-    """The service's own outbox relay: a daemon thread that runs ``run_round`` (True: it
-    succeeded) at once and then every ``interval`` seconds; after a failed round the wait
+    """The service's own outbox relay: a daemon thread that runs a relay round
+    (``ship.outbox_relay_round``; True: it succeeded) at once and then every ``interval``
+    seconds; after a failed round the wait
     doubles, up to ``max_interval``, and is back to ``interval`` after a success."""
 
-    def __init__(
-        self, run_round: Callable[[], bool], *, interval: float, max_interval: float
-    ) -> None:
-        self.run_round = run_round
+    def __init__(self, *, interval: float, max_interval: float) -> None:
         self.interval = interval
         self.max_interval = max_interval
         self.wait = interval
@@ -123,7 +122,7 @@ class Relay:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                succeeded = self.run_round()
+                succeeded = ship.outbox_relay_round()
             except Exception:  # a failed round must not end the relay
                 logger.exception("Outbox relay round failed")
                 succeeded = False
@@ -136,9 +135,7 @@ class Relay:
 _relay: Relay | None = None
 
 
-def relay_start(
-    run_round: Callable[[], bool], *, interval: float, max_interval: float
-) -> Relay | None:
+def relay_start(*, interval: float, max_interval: float) -> Relay | None:
     """Run this process's relay (a server process, when it starts; None when ``interval``
     is 0: relaying is left to ``ship_member_events --loop``)."""
     global _relay
@@ -147,10 +144,18 @@ def relay_start(
     with _shipper_lock:
         if _relay is not None:
             _relay.stop()
-        _relay = Relay(run_round, interval=interval, max_interval=max(max_interval, interval))
+        _relay = Relay(interval=interval, max_interval=max(max_interval, interval))
         atexit.register(_relay.stop)
     _relay.ensure_running()
     return _relay
+
+
+def outbox_relay_start(**_: Any) -> None:
+    """Receiver of ``service_starting``: run this server process's relay."""
+    relay_start(
+        interval=fhir_settings.MEMBER_RELAY_INTERVAL,
+        max_interval=fhir_settings.MEMBER_RELAY_MAX_INTERVAL,
+    )
 
 
 def relay_stop() -> None:
@@ -186,27 +191,35 @@ def serving_request() -> Iterator[None]:
         _local.serving = previous
 
 
-def after_commit(roster: str, keys: list[str], ship: ShipFunction, events: int = 0) -> None:
-    """Ship a committed write's batches as MEMBER_SHIPPING says (``ship`` does the work).
+def after_commit(
+    roster: str,
+    keys: list[str],
+    *,
+    events: int,
+    known: dict[str, list[list[Any]]] | None = None,
+) -> None:
+    """Ship a committed write's batches (``events`` in all) as MEMBER_SHIPPING says.
 
     A write of ``MEMBER_BATCH_SIZE`` events or more (a large create or PUT) ships before
     answering even in background mode: its insert is a small part of its time, and while its
     batches were pending every read and write of the roster would fetch and scan them
     (a 10^6-member create left 45 MB of pending events; a PATCH +1 then took 200 ms).
+    ``known``: the decoded events of such a write, by batch key, shipped without reading
+    them back from the outbox.
     """
     if (
         fhir_settings.MEMBER_SHIPPING == "request"
         or not getattr(_local, "serving", False)
         or events >= fhir_settings.MEMBER_BATCH_SIZE
     ):
-        ship(roster, keys)
+        ship.written_batches_ship(roster, keys, known=known)
         return
     global _shipper
     with _shipper_lock:
         if _shipper is None:
             _shipper = BackgroundShipper()
             atexit.register(_shipper.flush, EXIT_WAIT_SECONDS)
-    _shipper.submit(roster, keys, ship)
+    _shipper.submit(roster, keys)
 
 
 def on_clickhouse_closing(**kwargs: object) -> None:
