@@ -1,4 +1,4 @@
-"""``Group?member=``: answered from the reverse table's sort key, not from the metadata store."""
+"""``Group?member=``: answered by the roster storage (ClickHouse: the reverse table's sort key)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from django.db.models import Q
 
 from fhirservice.errors import BadRequest
 from groups.members import REFERENCE_RE
-from groups.selectors import groups_with_members
+from groups.storage import roster_storage
 
 MSG_BAD_MEMBER = "member must be a reference like Patient/123: {value!r}"
 
@@ -19,4 +19,4 @@ def member_param(values: list[str], modifier: str) -> Q:
         if not REFERENCE_RE.fullmatch(ref):
             raise BadRequest(MSG_BAD_MEMBER.format(value=value), detail_code="MSG_PARAM_INVALID")
         refs.append(ref)
-    return Q(key__in=groups_with_members(refs))
+    return Q(key__in=roster_storage().groups_with(refs))

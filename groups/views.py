@@ -16,14 +16,13 @@ from urllib.parse import urlencode
 from django.http import HttpResponse
 from rest_framework.request import Request
 
-from fhirservice.errors import BadRequest, NotFound
+from fhirservice.errors import BadRequest
 from fhirservice.fhir.operation_definition import OperationDef, ParamDef
 from fhirservice.rest.base import FhirView, base_url, fhir_http_response, version_headers
 from fhirservice.store.json import dumps, loads
 from fhirservice.store.selectors import resource_read, resource_vread
-from groups.handlers import clickhouse_rosters
 from groups.repository import MemberState
-from groups.selectors import roster_page, row_roster_key
+from groups.storage import roster_storage
 
 OPERATION = OperationDef(
     code="members",
@@ -52,7 +51,6 @@ OPERATION = OperationDef(
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
 MSG_BAD_PARAM = "Bad value for {name}: {value!r}"
-MSG_INLINE = "$members needs rosters stored in ClickHouse (GROUP_ROSTER_STORAGE=clickhouse)"
 
 
 def _member_parameter(state: MemberState) -> dict[str, Any]:
@@ -89,8 +87,6 @@ class GroupMembersView(FhirView):
 
     def get(self, request: Request, resource_id: str, **route: str) -> HttpResponse:
         """One page of members (``route``: the code and type the operation route matched)."""
-        if not clickhouse_rosters():
-            raise NotFound(MSG_INLINE, detail_code="MSG_OPERATION_UNAVAILABLE")
         params = request.query_params
         count = self._int(params.get("_count"), "_count", DEFAULT_PAGE)
         count = min(count, MAX_PAGE)
@@ -109,12 +105,8 @@ class GroupMembersView(FhirView):
             as_of = row.version_id
         after = _after(params.get("_cursor"))
         # _count=0 asks for the total alone (as on searches): no roster read, no next link.
-        page = (
-            roster_page(
-                row_roster_key(row), after=after, count=count + 1, as_of=as_of, active=active
-            )
-            if count
-            else []
+        page = roster_storage().page(
+            row, after=after, count=count + 1 if count else 0, as_of=as_of, active=active
         )
         parameters = [_member_parameter(state) for state in page[:count]]
         parameters.append({"name": "groupVersion", "valueString": str(row.version_id)})

@@ -14,7 +14,7 @@ from fhirservice.fhir.operation_definition import OperationDef, ParamDef
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.selectors import resource_read
-from groups.selectors import groups_with_members
+from groups.storage import roster_storage
 
 OPERATION = OperationDef(
     code="group-memberships",
@@ -32,7 +32,7 @@ def handle(
 ) -> list[StoredResource]:
     """The Group rows; the view renders them as a searchset Bundle."""
     patient = resource_read(resource_type="Patient", resource_id=resource_id)
-    keys = groups_with_members([patient.key], active_only=True)
+    keys = roster_storage().groups_with([patient.key], active_only=True)
     return list(
         StoredResource.objects.filter(visible_q(), key__in=keys, deleted=False).order_by("key")
     )

@@ -35,20 +35,14 @@ resource_saved = Signal()
 
 @dataclass
 class WriteContext:
-    """Who asks for a write and through which request (None for commands and operations)."""
+    """Who asks for a write and through which HTTP request (None for server-side callers:
+    commands, the relay, code calling the services). Apps keep per-request state as request
+    attributes; a server-side caller makes a context per call, which then holds that state."""
 
     request: HttpRequest | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     actor: str = ""
     source: str = "rest"
-
-    def __post_init__(self) -> None:
-        # Server-side callers (commands, operations) get a request object of their own, so
-        # per-request state such as the Group members-written flag has a place to live.
-        if self.request is None:
-            from django.http import HttpRequest
-
-            self.request = HttpRequest()
 
     @classmethod
     def from_request(cls, request: HttpRequest, *, source: str = "rest") -> WriteContext:

@@ -22,13 +22,13 @@ from fhirservice.store.content import without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext
 from fhirservice.store.json import loads
 from fhirservice.store.services import write_version
-from groups.handlers import parse_roster
 from groups.maintenance.common import MaintenanceError, Progress, no_progress
-from groups.middleware import FLAG
+from groups.middleware import members_written_mark
 from groups.models import BackfillCheckpoint
 from groups.outbox.record import member_events_record
 from groups.selectors import clickhouse_required, roster_key
-from groups.services import RosterSession
+from groups.session import RosterSession
+from groups.storage import parse_roster
 
 BACKFILL_CHECKPOINT = "backfill_group_members"
 INLINE_MARKER = '"member":'
@@ -67,7 +67,7 @@ def group_roster_backfill(*, group_id: str, context: WriteContext) -> int | None
         member_events_record(write=draft, roster=session.roster_key, events=session.events)
         draft.body = {**body, "quantity": sum(not m.inactive for m in incoming.values())}
         draft.changed = True
-        setattr(draft.context.request, FLAG, True)
+        members_written_mark(draft.context)
         moved[:] = [len(incoming)]
 
     row = StoredResource.objects.filter(key=f"Group/{group_id}").first()

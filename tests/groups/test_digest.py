@@ -19,7 +19,8 @@ from django.db import transaction
 from django.test import override_settings
 
 import groups.outbox.record
-import groups.services
+import groups.session
+import groups.storage
 from fhirservice.conf import fhir_settings
 from fhirservice.store.handlers import WriteContext
 from groups.digest import DigestRegistry, RosterDigest, digests
@@ -57,8 +58,9 @@ def other_process(monkeypatch: pytest.MonkeyPatch):
     """Writes in the block use a digest registry of their own, as another process would."""
     registry = DigestRegistry()
     with monkeypatch.context() as patcher:
-        patcher.setattr(groups.services, "digests", registry)
+        patcher.setattr(groups.session, "digests", registry)
         patcher.setattr(groups.outbox.record, "digests", registry)
+        patcher.setattr(groups.storage, "digests", registry)
         yield
 
 

@@ -27,7 +27,7 @@ from fhirservice.models import StoredResource
 from groups.models import MemberOutbox
 from groups.outbox.ship import member_batches_ship
 from groups.repository import MemberEventRepository
-from groups.services import MSG_TOO_MANY_OPS
+from groups.storage import MSG_TOO_MANY_OPS
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,

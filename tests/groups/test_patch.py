@@ -15,13 +15,14 @@ from fhirservice.store.handlers import VersionWrite, WriteContext
 from groups.members import parse_member
 from groups.middleware import FLAG, GroupMemberEventsMiddleware
 from groups.models import MemberOutbox
-from groups.services import (
+from groups.services import group_post_save
+from groups.session import (
     MSG_MEMBER_INDEX,
     MSG_MEMBER_MOVE,
     MSG_MEMBER_OP,
     MSG_MEMBER_TEST,
     MSG_ROSTER_NOT_LIST,
-    group_post_save,
+    Replace,
 )
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
@@ -451,7 +452,7 @@ def test_the_post_save_handler_skips_rosters_a_patch_already_wrote():
     roster = {A: parse_member(member(A), "Group.member[0]")}
 
     def write(flag: bool) -> VersionWrite:
-        setattr(context.request, FLAG, flag)
+        setattr(context, FLAG, flag)  # a server-side write: the flag lives on its context
         return VersionWrite(
             resource_type="Group",
             resource_id="g-flag",
@@ -461,7 +462,7 @@ def test_the_post_save_handler_skips_rosters_a_patch_already_wrote():
             context=context,
             previous=None,
             body=group(),
-            payload=roster,
+            payload=Replace(roster),
         )
 
     skipped = write(True)

@@ -13,7 +13,7 @@ from django.test import override_settings
 
 from fhirservice.models import StoredResource
 from groups.models import MemberOutbox
-from groups.views import MSG_INLINE
+from groups.storage import MSG_INLINE
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,
@@ -23,6 +23,8 @@ from tests.groups.conftest import (
     member,
     member_page,
     outbox_events,
+    page_refs,
+    page_value,
     patched,
     read,
     refs_of,
@@ -82,14 +84,53 @@ def test_inline_groups_have_no_members_operation(api, inline):
     assert issue["diagnostics"] == MSG_INLINE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Group?member= is answered from ClickHouse only (groups/search.py); inline Groups "
-    "have no member events and never match (reported: needs member tokens in the store)",
-)
 def test_member_search_finds_inline_groups(api, inline):
     gid = create_group(api, ["Patient/inline-only"])
     assert search_ids(api, "member=Patient/inline-only") == ([gid], 1)
+
+
+def test_member_search_of_inline_groups_matches_members_only(any_api, inline):
+    """A reference elsewhere in the body (managingEntity) is no membership; inactive members
+    count for Group?member= (as in clickhouse mode) but not for $group-memberships."""
+    practitioner = "Practitioner/inline-manager"
+    managed = create_group(any_api, [A], managingEntity={"reference": practitioner})
+    holding = create_group(any_api, [practitioner, B])
+    inactive = any_api.post("/Group", {**group(), "member": [member(C, inactive=True)]})
+    assert inactive.status == 201, inactive
+    assert search_ids(any_api, f"member={practitioner}") == ([holding], 1)
+    assert search_ids(any_api, f"member={C}")[0] == [inactive.body["id"]]
+    assert sorted(search_ids(any_api, f"member={A},{B}")[0]) == sorted([managed, holding])
+    any_api.delete(f"/Group/{holding}")
+    assert search_ids(any_api, f"member={practitioner}") == ([], 0)
+
+
+def test_group_memberships_finds_inline_groups(any_api, inline):
+    response = any_api.post("/Patient", {"resourceType": "Patient"})
+    pid = response.body["id"]
+    active = create_group(any_api, [f"Patient/{pid}", A])
+    any_api.post("/Group", {**group(), "member": [member(f"Patient/{pid}", inactive=True)]})
+    create_group(any_api, [A])
+    found = any_api.get(f"/Patient/{pid}/$group-memberships")
+    assert found.status == 200, found
+    assert [e["resource"]["id"] for e in found.body.get("entry", [])] == [active]
+
+
+def test_members_of_a_group_stored_inline_before_backfill(any_api):
+    """Written inline, read after the switch to clickhouse and before backfill: $members
+    pages the roster the Group's body still holds (it answered an empty roster)."""
+    with override_settings(FHIR_SERVICE={"GROUP_ROSTER_STORAGE": "inline"}):
+        sent = group([C, A], quantity=2)
+        sent["member"].append(member(B, inactive=True))
+        gid = any_api.post("/Group", sent).body["id"]
+    assert refs_of(read(any_api, gid)) == [C, A, B]  # the body as stored
+    first = member_page(any_api, gid, "?_count=2")
+    assert first.status == 200, first
+    assert page_refs(first.body) == [A, B]
+    assert page_value(first.body, "quantity") == 2
+    rest = any_api.get(page_value(first.body, "next").removeprefix("http://testserver/4_0_0"))
+    assert page_refs(rest.body) == [C]
+    assert page_refs(member_page(any_api, gid, "?active=false").body) == [B]
+    assert page_refs(member_page(any_api, gid, "?version=1").body) == [A, B, C]
 
 
 def test_the_default_storage_keeps_the_roster_out_of_the_body(api):
