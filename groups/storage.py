@@ -23,7 +23,7 @@ from django.db.models import Q
 
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import MSG_TOO_MANY_PATCH_OPS as MSG_TOO_MANY_OPS
-from fhirservice.errors import BadRequest, NotFound, TooCostly
+from fhirservice.errors import BadRequest, Conflict, NotFound, TooCostly
 from fhirservice.fhir.validation import validate_resource
 from fhirservice.models import StoredResource
 from fhirservice.store.content import apply_json_patch, without_server_meta
@@ -54,6 +54,10 @@ from groups.session import (
 )
 
 MSG_INLINE = "$members needs rosters stored in ClickHouse (GROUP_ROSTER_STORAGE=clickhouse)"
+MSG_NOT_BACKFILLED = (
+    "{key} still holds its roster inline (written with GROUP_ROSTER_STORAGE=inline): move it "
+    "to ClickHouse with backfill_group_members before patching it or running an operation"
+)
 # Members per chunk of a streamed roster.
 RENDER_BATCH = 1000
 
@@ -96,6 +100,17 @@ def _page_of(
         if active is None or (not member.inactive) == active:
             page.append(MemberState(*member, pos=0, present=True))
     return page
+
+
+def _refuse_if_inline(row: Any) -> None:
+    """409 for a PATCH or an operation on a Group whose body still holds its roster (not
+    backfilled yet): its changes would apply to an empty ClickHouse roster, and a PATCH
+    dropped the body's roster. A whole new roster (PUT) replaces it and is accepted."""
+    if inline_roster(row) is not None:
+        raise Conflict(
+            MSG_NOT_BACKFILLED.format(key=f"Group/{row.resource_id}"),
+            detail_code="MSG_ROSTER_NOT_BACKFILLED",
+        )
 
 
 class RosterStorage:
@@ -184,6 +199,8 @@ class ClickHouseRosters(RosterStorage):
         if isinstance(change, Replace) and not previous_alive:
             self._create(write, key, change.members or {})
             return
+        if not isinstance(change, Replace):
+            _refuse_if_inline(write.previous)
         session = RosterSession(
             key,
             version=write.previous.version_id if previous_alive else None,
@@ -255,6 +272,7 @@ class ClickHouseRosters(RosterStorage):
 
     def member(self, row: StoredResource, ref: str) -> Member | None:
         """The member's current state (ClickHouse merged with pending batches)."""
+        _refuse_if_inline(row)
         with clickhouse_required():
             return member_of(member_states(row_roster_key(row), [ref]).get(ref))
 

@@ -13,7 +13,7 @@ from django.test import override_settings
 
 from fhirservice.models import StoredResource
 from groups.models import MemberOutbox
-from groups.storage import MSG_INLINE
+from groups.storage import MSG_INLINE, MSG_NOT_BACKFILLED
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
     add,
@@ -25,6 +25,7 @@ from tests.groups.conftest import (
     outbox_events,
     page_refs,
     page_value,
+    patch,
     patched,
     read,
     refs_of,
@@ -188,3 +189,21 @@ def test_put_without_member_empties_the_roster_by_default(any_api):
     body = patched(any_api, gid, [add(A)])
     assert refs_of(body) == [A]
     assert patched(any_api, gid, [remove_ref(A)])["quantity"] == 0
+
+
+def test_patches_wait_for_the_backfill_of_a_group_stored_inline(any_api):
+    """PATCH of a Group whose body still holds its roster is refused (member ops went to an
+    empty ClickHouse roster while the body kept the old one; other ops dropped the body's
+    roster); a whole new roster (PUT) is accepted."""
+    with override_settings(FHIR_SERVICE={"GROUP_ROSTER_STORAGE": "inline"}):
+        gid = create_group(any_api, [A, B])
+    before = snapshot(any_api, gid)
+    issue = assert_outcome(patch(any_api, gid, [add(C)]), 409, "MSG_ROSTER_NOT_BACKFILLED")
+    assert issue["diagnostics"] == MSG_NOT_BACKFILLED.format(key=f"Group/{gid}")
+    rename = [{"op": "add", "path": "/name", "value": "renamed"}]
+    assert_outcome(patch(any_api, gid, rename), 409, "MSG_ROSTER_NOT_BACKFILLED")
+    assert snapshot(any_api, gid) == before
+    response = any_api.put(f"/Group/{gid}", {**group([B, C]), "id": gid})
+    assert response.status == 200, response
+    assert refs_of(read(any_api, gid)) == [B, C]
+    assert refs_of(patched(any_api, gid, [add(A)])) == [A, B, C]
