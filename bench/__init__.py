@@ -1,4 +1,4 @@
-"""Benchmarks of the Group roster budgets (DESIGN.md, "Performance budgets").
+"""Benchmarks of the Group roster budgets (docs/design.md, "Performance budgets").
 
 Run ``python -m bench`` (or ``make bench`` for both backend pairs). The backends come from the
 environment exactly as for the server: ``DATABASE_URL``, ``CLICKHOUSE_URL``, ``FHIR_VAR_DIR``.

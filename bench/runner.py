@@ -5,7 +5,7 @@ gunicorn, one worker, 8 threads; ``bench.server``) and the rows are HTTP request
 separate process over one keep-alive connection (``bench.http_api``), timed here.
 ``--in-process`` drives the Django stack through ``django.test.Client`` instead (profiling).
 
-Rows (the budget table of DESIGN.md, as tightened for a client's view in issue 17):
+Rows (the budget table of docs/design.md, "Performance budgets"):
 
 1. PATCH +1 member on Groups of each size, ClickHouse rosters, and the same PATCH on an
    ``inline`` Group of the same size in the same run (ratio inline / clickhouse);
@@ -42,8 +42,7 @@ MILLION = 1_000_000
 FULL_SIZES = (1000, 100_000, MILLION)
 QUICK_SIZES = (1000, 10_000)
 
-# DESIGN.md, "Performance budgets" (medians, 2-core machine), with issue 17's tighter
-# figures for what a client sees (create 15 -> 10 s, GET 5 -> 1.5 s, Patient, server RSS).
+# docs/design.md, "Performance budgets" (medians, 2-core machine, as a client sees them).
 PATCH_ONE = 0.015  # PATCH +1 member on a Group of 10^6 (also the first 20 after a restart)
 PATCH_SCALING = 1.5  # ... and at most 1.5x the same at 10^3
 AFTER_RESTART = 20  # PATCHes timed right after a restart

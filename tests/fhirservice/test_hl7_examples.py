@@ -6,7 +6,7 @@ Bundles, conformance resources) are data we did not write. Each one is stored wi
 server-owned ``meta.versionId`` / ``meta.lastUpdated`` are taken off both sides. Other meta
 (profile, tag, security, source) must survive unchanged.
 
-``Group.quantity`` is server-owned as well (DESIGN.md, invariant 5: the number of active
+``Group.quantity`` is server-owned as well (docs/design.md, invariant 5: the number of active
 members, kept exact): the server replaces a declared quantity (Group-101 says 25 and lists no
 members), so the example is compared with quantity set to its active member count.
 

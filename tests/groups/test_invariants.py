@@ -1,4 +1,6 @@
-"""The six invariants of the member pipeline (DESIGN.md, "The member pipeline"), one by one.
+"""The six invariants of the member pipeline, one by one.
+
+They are stated in docs/design.md, "The member pipeline and its invariants".
 
 1. One write = one version (identical content: none; delete: one, 410 afterwards).
 2. Events are ordered by (version, seq), never the wall clock; re-shipping never duplicates.
