@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,15 +86,22 @@ def _wait_until_up(served: Served) -> None:
 
 
 @contextmanager
-def serve(directory: Path, *, migrate: bool = True, **extra_env: str) -> Iterator[Served]:
-    """Migrate a fresh var dir under ``directory`` (as ``make migrate``), serve it, and stop
-    the server after. ``extra_env`` is added to the server's environment."""
+def serve(
+    directory: Path,
+    *,
+    migrate: bool = True,
+    setup: Sequence[tuple[str, ...]] = (),
+    **extra_env: str,
+) -> Iterator[Served]:
+    """Migrate a fresh var dir under ``directory`` (as ``make migrate``), run the ``setup``
+    management commands (e.g. ``createsuperuser``), serve it, and stop the server after.
+    ``extra_env`` is added to the environment of the commands and the server."""
     var_dir = directory / "var"
     var_dir.mkdir(parents=True)
     port = free_port()
     env = _environment(var_dir, port, extra_env)
     steps = (("migrate", "--noinput"), ("createcachetable",), ("migrate_clickhouse",))
-    for command in steps if migrate else ():
+    for command in [*(steps if migrate else ()), *setup]:
         subprocess.run(
             [sys.executable, "manage.py", *command],
             cwd=ROOT,

@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from tests.browser.test_admin_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.served import serve
 
-ROOT = Path(__file__).resolve().parents[2]
 USERNAME = "ops"
 PASSWORD = "served-admin-password"  # noqa: S105 (a throwaway account of a throwaway server)
+EMAIL = "ops@example.org"
 # Django's admin header colour (--header-bg, base.css): only there when the CSS loaded.
 HEADER_BG = "rgb(65, 118, 144)"
-START_SECONDS = 90
 # Group ids as clients choose them (PUT): long enough that a careless column wraps them.
 LONG_IDS = [f"cohort-2026-north-region-oncology-screening-{n:04d}" for n in range(3)]
 
@@ -50,12 +45,6 @@ class Served:
     group_ids: list[str]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _request(method: str, url: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
@@ -64,19 +53,6 @@ def _request(method: str, url: str, body: dict | None = None) -> dict:
     with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (loopback)
         text = response.read()
     return json.loads(text) if text else {}
-
-
-def _wait_until_up(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"scripts/serve.sh exited with {server.returncode}")
-        try:
-            _request("GET", f"{url}/4_0_0/metadata")
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"no answer from {url} within {START_SECONDS} s")
 
 
 def _group(name: str, refs: list[str]) -> dict:
@@ -111,46 +87,13 @@ def _write_groups(url: str) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``make run`` in a temporary directory: migrate, a superuser, serve.sh, some Groups."""
-    home = tmp_path_factory.mktemp("served")
-    port = _free_port()
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("MONGODB_URI", "DJANGO_SETTINGS_MODULE")
-    }
-    env.update(
-        DATABASE_URL=f"sqlite:///{home / 'fhirservice.sqlite3'}",
-        CLICKHOUSE_URL=f"chdb:///{home / 'chdb'}",
-        FHIR_VAR_DIR=str(home / "var"),
-        FHIR_AUTH="off",
-        PORT=str(port),
-        VENV=str(Path(sys.executable).parent.parent),
+    superuser = ("createsuperuser", "--noinput", "--username", USERNAME, "--email", EMAIL)
+    with serve(
+        tmp_path_factory.mktemp("served"),
+        setup=[superuser],
         DJANGO_SUPERUSER_PASSWORD=PASSWORD,
-    )
-    manage = [sys.executable, "manage.py"]
-    for args in (
-        ["migrate", "--noinput"],
-        ["migrate_clickhouse"],
-        ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "ops@example.org"],
-    ):
-        subprocess.run([*manage, *args], cwd=ROOT, env=env, check=True, capture_output=True)
-    log = (home / "serve.log").open("wb")
-    server = subprocess.Popen(
-        ["bash", "scripts/serve.sh"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, server)
-        yield Served(url, _write_groups(url))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
+    ) as server:
+        yield Served(server.root, _write_groups(server.root))
 
 
 @pytest.fixture
