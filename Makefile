@@ -62,7 +62,7 @@ bench: bootstrap-servers
 		$(PY) -m bench $(ARGS) || rc=1; \
 	echo "=== bench: servers (PostgreSQL + ClickHouse server)"; \
 	env FHIR_BENCH_PASS=servers \
-		DATABASE_URL="postgres://postgres@127.0.0.1:$${PG_PORT:-55432}/fhirservice" \
+		DATABASE_URL="postgres://postgres@127.0.0.1:$${PG_PORT:-25432}/fhirservice" \
 		CLICKHOUSE_URL="clickhouse://default@127.0.0.1:$${CH_TCP_PORT:-19000}/fhir_test" \
 		FHIR_VAR_DIR="$$tmp/var2" \
 		$(PY) -m bench $(ARGS) || rc=1; \

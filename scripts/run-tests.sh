@@ -25,7 +25,7 @@ bash scripts/bootstrap.sh --servers || exit 1
 rm -rf "$root/test-artifacts/embedded" "$root/test-artifacts/servers" "$root/test-artifacts/cluster" \
     "$root/test-artifacts/faults"
 
-PG_PORT=${PG_PORT:-55432}
+PG_PORT=${PG_PORT:-25432}
 CH_TCP_PORT=${CH_TCP_PORT:-19000}
 export PG_PORT CH_TCP_PORT
 
@@ -126,6 +126,11 @@ if [ "$FHIR_TEST_CLUSTER" = 1 ] && [ "$servers_up" = 1 ]; then
     fi
 fi
 [ "$cluster_up" = 1 ] || status[cluster]=${status[cluster]:-1}
+# The fault servers start only once the others are gone: memory on a 2-core CI machine, and
+# the long-lived connections between replicas, ZooKeeper and PostgreSQL hold local ports that
+# must not be the ones the fault servers are about to bind.
+bash scripts/test-servers.sh stop "$tmp/cluster" || true
+bash scripts/test-servers.sh stop "$tmp/servers" || true
 
 # Its PostgreSQL commits synchronously: a crash must not lose what it acknowledged (the
 # tests would take that for the service losing writes; tests/faults/processes.py restarts it

@@ -5,7 +5,7 @@
 #   scripts/test-servers.sh stop DIR    # stop what runs under DIR (safe to call twice, or
 #                                       # after a failed start)
 #
-# Ports: PG_PORT (55432), CH_TCP_PORT (19000), CH_HTTP_PORT (18123), CH_INTERSERVER_PORT (19009).
+# Ports: PG_PORT (25432), CH_TCP_PORT (19000), CH_HTTP_PORT (18123), CH_INTERSERVER_PORT (19009).
 # Databases created on start: PG_DATABASE (fhirservice), CH_DATABASE (fhir_test).
 #
 # Cluster mode (a ClickHouse cluster of one shard with CH_REPLICAS replicas, default 2, named
@@ -38,7 +38,7 @@ cmd=$1
 dir=$2
 replica=${3:-}
 
-PG_PORT=${PG_PORT:-55432}
+PG_PORT=${PG_PORT:-25432}
 CH_TCP_PORT=${CH_TCP_PORT:-19000}
 CH_HTTP_PORT=${CH_HTTP_PORT:-18123}
 CH_INTERSERVER_PORT=${CH_INTERSERVER_PORT:-19009}

@@ -29,7 +29,7 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 # commit it acknowledged.
 PG_OPTS = "-c fsync=off -c full_page_writes=off"
 PORT_DEFAULTS = {
-    "PG_PORT": "55432",
+    "PG_PORT": "25432",
     "CH_TCP_PORT": "19000",
     "CH_HTTP_PORT": "18123",
     "CH_INTERSERVER_PORT": "19009",
