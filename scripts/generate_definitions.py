@@ -138,7 +138,9 @@ def search_parameters(resources: list[dict], resource_types: set[str]) -> dict:
     by_type: dict[str, dict] = {}
     for sp in resources:
         if not sp.get("url", "").startswith(BASE_URL) or not sp.get("base"):
-            continue  # an example SearchParameter, not part of the specification
+            continue  # not a parameter of the specification
+        if sp.get("experimental"):
+            continue  # the examples and the extension parameters (Patient-age, …)
         for base in sp["base"]:
             key = "Resource" if base in ABSTRACT_BASES else base
             if key != "Resource" and key not in resource_types:

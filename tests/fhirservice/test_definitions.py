@@ -18,8 +18,8 @@ def _official_search_parameters() -> dict[tuple[str, str], dict]:
             continue
         if not resource.get("url", "").startswith("http://hl7.org/fhir/SearchParameter/"):
             continue
-        if not resource.get("expression") or resource["id"].startswith("example"):
-            continue  # extension parameters without FHIRPath; an example on the wrong base
+        if resource.get("experimental"):
+            continue  # the examples and the extension parameters
         for base in resource.get("base", []):
             found[(base, resource["code"])] = resource
     return found
