@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     # Failed client authentications per minute at the token endpoints, per client id and per
     # remote address, before they answer 429 slow_down (fhirservice.access.oauth); 0: off.
     "TOKEN_FAILURES_PER_MINUTE": 20,
+    # Retry-After (seconds) of a 503: a backing store is down, stopped or locked.
+    "UNAVAILABLE_RETRY_AFTER": 5,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -80,6 +82,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     ),
     "AUTH": lambda v: isinstance(v, bool),
     "TOKEN_FAILURES_PER_MINUTE": lambda v: type(v) is int and v >= 0,
+    "UNAVAILABLE_RETRY_AFTER": lambda v: type(v) is int and v >= 0,
 }
 
 

@@ -9,22 +9,38 @@ Store, group and operation code never asks which backend runs; it calls these:
 - :func:`serializable`: PostgreSQL's ``SERIALIZABLE`` isolation (SQLite serializes writers
   with ``BEGIN IMMEDIATE``, see settings; MongoDB runs snapshot transactions);
 - :func:`is_transient`: the backend errors that mean "lost a race, run it again";
+- :func:`is_unavailable`: the backend errors that mean "the store cannot serve now" (503);
 - :func:`run_retrying`: the one retry loop of writes and operation regions.
 """
 
 from __future__ import annotations
 
 import random
+import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
 
 T = TypeVar("T")
 
 # PostgreSQL's serialization failure and deadlock (SQLSTATE): the transaction lost a race.
 TRANSIENT_SQLSTATES = ("40001", "40P01")
+# SQLite primary result codes that mean the file cannot be used now: BUSY and LOCKED (a lock
+# held beyond the busy timeout), IOERR, FULL, CANTOPEN. A wrong statement (SQLITE_ERROR) is an
+# OperationalError too, and stays a bug.
+SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 10, 13, 14})
+# Python's sqlite3 waits this long for a lock when the settings name no "timeout".
+SQLITE_DEFAULT_TIMEOUT = 5.0
 
 
 def atomic(**kwargs: Any) -> Any:
@@ -82,6 +98,35 @@ def is_transient(exc: DatabaseError) -> bool:
     )
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the metadata store cannot serve right now rather than that the
+    query is wrong: PostgreSQL stopped, refusing or gone mid-session, SQLite's file locked
+    beyond the busy timeout or not openable, MongoDB not reachable. A request then answers
+    503 and the client may try again (``fhirservice.errors.store_unavailable``)."""
+    mongo = sys.modules.get("pymongo.errors")  # loaded only where MongoDB is the store
+    if mongo is not None and any(
+        isinstance(error, mongo.ConnectionFailure) for error in (exc, exc.__cause__)
+    ):
+        return True
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    code = getattr(exc.__cause__, "sqlite_errorcode", None)
+    if isinstance(exc.__cause__, sqlite3.Error) and code is not None:
+        return code & 0xFF in SQLITE_UNAVAILABLE_CODES
+    # PostgreSQL: the driver's OperationalError is the server or the connection failing (a
+    # wrong statement is a ProgrammingError), its InterfaceError a connection already closed.
+    return True
+
+
+def _lock_waited_out(exc: OperationalError, seconds: float) -> bool:
+    """SQLite gave up on its lock after waiting the whole busy timeout: whoever holds it
+    holds it long (a stuck writer, a backup), and another attempt would only wait again."""
+    if connection.vendor != "sqlite" or "locked" not in str(exc).lower():
+        return False
+    options = connection.settings_dict.get("OPTIONS") or {}
+    return seconds >= options.get("timeout", SQLITE_DEFAULT_TIMEOUT)
+
+
 def run_retrying(
     unit: Callable[[], T],
     *,
@@ -92,17 +137,20 @@ def run_retrying(
     """Run ``unit`` in a transaction; after a lost race roll back and run it again.
 
     A race is one of ``races``, an ``IntegrityError`` (a concurrent insert of the same key)
-    or a transient backend error (:func:`is_transient`); anything else propagates. Attempts
+    or a transient backend error (:func:`is_transient`); anything else propagates, and so does
+    SQLite's lock error once an attempt waited out the busy timeout for it (the store is
+    unavailable, not raced: 100 retries of 30 s would hold the request for 50 minutes). Attempts
     back off by a random few milliseconds. After ``retries`` retries, ``exhausted`` is raised.
     """
     for attempt in range(retries + 1):
+        started = time.monotonic()
         try:
             with atomic():
                 return unit()
         except (*races, IntegrityError):
             pass
         except OperationalError as exc:
-            if not is_transient(exc):
+            if not is_transient(exc) or _lock_waited_out(exc, time.monotonic() - started):
                 raise
         time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))  # noqa: S311
     raise exhausted

@@ -2,8 +2,11 @@
 
 Every 4xx/5xx answer is an OperationOutcome. Each error class declares its HTTP status, its
 FHIR issue code and a stable detail code (``MSG_*``) that clients and tests can rely on; the
-human text goes into ``diagnostics``. Unknown exceptions are logged with their traceback and
-answered with a bare 500 outcome that leaks nothing.
+human text goes into ``diagnostics``. A backing store that cannot serve (the metadata store
+stopped, unreachable or locked beyond its timeout; ClickHouse unreachable) is a 503
+``transient`` with ``Retry-After``, logged in one line (:func:`store_unavailable`). Other
+unknown exceptions are logged with their traceback and answered with a bare 500 outcome that
+leaks nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from typing import Any
 from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
+
+from fhirservice import db
+from fhirservice.clickhouse import ClickHouseUnavailable
+from fhirservice.conf import fhir_settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,10 @@ MSG_TOO_MANY_PATCH_OPS = "The patch has {count} operations; at most {limit} are 
 MSG_TOKEN_MISSING = "This endpoint needs a bearer token (Authorization: Bearer <token>)"  # noqa: S105
 MSG_TOKEN_INVALID = "The bearer token is not known, was revoked or has expired"  # noqa: S105
 MSG_INSUFFICIENT_SCOPE = "The token's scopes do not allow {interaction} on {target}; needs {scope}"
+MSG_METADATA_STORE_DOWN = "The metadata store is unavailable; try again later"
+MSG_CLICKHOUSE_DOWN = "The member store (ClickHouse) is unavailable; try again later"
+# The one log line of a request that met a store down (no traceback: nothing to debug).
+LOG_STORE_DOWN = "%s (%s: %s)"
 
 
 class FhirError(Exception):
@@ -217,12 +228,27 @@ class UnsupportedMediaType(FhirError):
 
 
 class ServiceUnavailable(FhirError):
-    """A backing store is down; the request may succeed later (503)."""
+    """A backing store is down; the request may succeed later (503, with ``Retry-After``:
+    the ``UNAVAILABLE_RETRY_AFTER`` setting)."""
 
     status = 503
     code = "transient"
     detail_code = "MSG_UNAVAILABLE"
     default_diagnostics = "A backing store is unavailable; try again later"
+
+    def __init__(self, diagnostics: str | None = None, **kwargs: Any) -> None:
+        super().__init__(diagnostics, **kwargs)
+        self.headers.setdefault("Retry-After", str(fhir_settings.UNAVAILABLE_RETRY_AFTER))
+
+
+def store_unavailable(exc: BaseException) -> ServiceUnavailable | None:
+    """The 503 of an exception that says a backing store cannot serve now (see
+    ``fhirservice.db.is_unavailable`` and ``ClickHouseUnavailable``), else None."""
+    if isinstance(exc, ClickHouseUnavailable):
+        return ServiceUnavailable(MSG_CLICKHOUSE_DOWN, detail_code="MSG_MEMBER_STORE_DOWN")
+    if db.is_unavailable(exc):
+        return ServiceUnavailable(MSG_METADATA_STORE_DOWN, detail_code="MSG_METADATA_STORE_DOWN")
+    return None
 
 
 def operation_outcome(issues: list[dict[str, Any]]) -> dict[str, Any]:
@@ -248,7 +274,8 @@ _DRF_MAP: dict[type[Exception], type[FhirError]] = {
 
 
 def as_fhir_error(exc: Exception) -> FhirError:
-    """Turn any exception into a FhirError; unknown ones are logged and become a bare 500."""
+    """Turn any exception into a FhirError: a store that cannot serve into a 503 (logged in
+    one line), other unknown ones into a bare 500 (logged with their traceback)."""
     if isinstance(exc, FhirError):
         return exc
     if isinstance(exc, Http404):
@@ -260,6 +287,10 @@ def as_fhir_error(exc: Exception) -> FhirError:
         error = FhirError(str(exc.detail))
         error.status = exc.status_code
         return error
+    unavailable = store_unavailable(exc)
+    if unavailable is not None:
+        logger.warning(LOG_STORE_DOWN, unavailable.diagnostics, type(exc).__name__, exc)
+        return unavailable
     logger.exception("Unhandled error", exc_info=exc)
     return FhirError()
 

@@ -233,6 +233,7 @@ FHIR_SERVICE = {
         "THROTTLE_RATE": env.str("FHIR_THROTTLE_RATE", default="").strip() or None,
         "AUTH": _on_off(env.str("FHIR_AUTH", default=None)),
         "TOKEN_FAILURES_PER_MINUTE": env.int("FHIR_TOKEN_FAILURES_PER_MINUTE", default=None),
+        "UNAVAILABLE_RETRY_AFTER": env.int("FHIR_UNAVAILABLE_RETRY_AFTER", default=None),
     }.items()
     if value is not None
 }
@@ -246,7 +247,10 @@ LOGGING = {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "message": {"format": "%(message)s"},
     },
-    "filters": {"no_traceback": {"()": "fhirservice.middleware.NoTracebackFilter"}},
+    "filters": {
+        "no_traceback": {"()": "fhirservice.middleware.NoTracebackFilter"},
+        "store_down": {"()": "fhirservice.middleware.StoreDownFilter"},
+    },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain"},
         "requests": {"class": "logging.StreamHandler", "formatter": "message"},
@@ -262,5 +266,7 @@ LOGGING = {
         },
         # A client's bad Host header: one line, no traceback (the answer is a 400 outcome).
         "django.security.DisallowedHost": {"filters": ["no_traceback"]},
+        # A request that met a store down outside the views: one line (the answer is a 503).
+        "django.request": {"filters": ["store_down"]},
     },
 }

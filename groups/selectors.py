@@ -14,12 +14,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from fhirservice.clickhouse import ClickHouseUnavailable
-from fhirservice.errors import ServiceUnavailable
+from fhirservice.errors import MSG_CLICKHOUSE_DOWN, ServiceUnavailable
 from fhirservice.models import StoredResource
 from groups.outbox.pending import has_pending, pending_by_member, pending_states
 from groups.repository import MemberEventRepository, MemberState
-
-MSG_CLICKHOUSE_DOWN = "The member store (ClickHouse) is unavailable; try again later"
 
 
 def roster_key(group_id: str, incarnation: int) -> str:

@@ -1,14 +1,22 @@
 """Django's 400/404/500 handlers: OperationOutcomes under the FHIR base, plain pages elsewhere
-(except a bad Host header, answered with an OperationOutcome on every path)."""
+(except a bad Host header and a store that cannot serve, answered with an OperationOutcome on
+every path).
+
+The 500 handler sees what failed outside the REST views' own error handling: in a middleware
+(a session, a throttle's shared cache), in a plain Django view (``/metrics``, the token
+endpoint, the admin). A store that is down there is a 503 too, as in the views.
+"""
 
 from __future__ import annotations
+
+import sys
 
 from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 from django.views import defaults
 
 from fhirservice.conf import fhir_settings
-from fhirservice.errors import BadRequest, FhirError, NotFound
+from fhirservice.errors import BadRequest, FhirError, NotFound, store_unavailable
 from fhirservice.rest.base import fhir_http_response
 from fhirservice.store.json import dumps
 
@@ -41,7 +49,13 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    """500 handler: never a stack trace."""
+    """500 handler: never a stack trace; a 503 when a store cannot serve (Django calls it
+    while handling the exception)."""
+    exc = sys.exc_info()[1]
+    unavailable = store_unavailable(exc) if exc is not None else None
+    if unavailable is not None:
+        body = dumps(unavailable.outcome())
+        return fhir_http_response(body, status=unavailable.status, headers=unavailable.headers)
     if _is_fhir(request):
         return fhir_http_response(dumps(FhirError().outcome()), status=500)
     return defaults.server_error(request)

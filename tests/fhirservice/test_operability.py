@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-from django.test import Client, override_settings
+from django.test import Client
 
 from fhirservice.rest.errors import MSG_BAD_HOST
 from groups.models import MemberOutbox
@@ -50,16 +49,6 @@ def request_lines() -> Iterator[list[dict[str, Any]]]:
         yield lines
     finally:
         logger.removeHandler(handler)
-
-
-@pytest.fixture
-def clickhouse_unreachable() -> Any:
-    """ClickHouse on a loopback port where nothing listens (connections refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"clickhouse://default@127.0.0.1:{port}/fhir_test?connect_timeout=1"
-    return override_settings(CLICKHOUSE_URL=url)
 
 
 def group_of(*refs: str) -> dict[str, Any]:
