@@ -9,7 +9,8 @@ from fhirservice.access.smart import token_url
 from fhirservice.conf import fhir_settings
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
 from fhirservice.plugins import operation_definitions, search_params
-from fhirservice.search.extract import PARAMS
+from fhirservice.search.extract import COLUMN_PARAMS, UNSUPPORTED_PARAMS
+from fhirservice.search.extract import search_params as definition_params
 
 INTERACTIONS = [
     "read",
@@ -37,23 +38,26 @@ COMMON_SEARCH = [
 
 
 def _search_params(resource_type: str) -> list[dict[str, Any]]:
+    """Every parameter search answers for the type: ``_id`` and ``_lastUpdated`` first, then
+    the official definitions' (less the ones answered 400 not-supported), then the apps'."""
     params = list(COMMON_SEARCH)
-    for param in PARAMS.get(resource_type, {}).values():
+    custom = {p.name: p for p in search_params(resource_type)}
+    for param in definition_params(resource_type).values():
+        if (
+            param.name in COLUMN_PARAMS
+            or param.name in UNSUPPORTED_PARAMS
+            or param.name in custom
+            or param.type == "special"
+        ):
+            continue
+        params.append({"name": param.name, "type": param.type, "definition": param.url})
+    for extra in custom.values():
         params.append(
             {
-                "name": param.name,
-                "type": param.type,
-                "documentation": param.documentation,
-                "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{param.name}",
-            }
-        )
-    for custom in search_params(resource_type):
-        params.append(
-            {
-                "name": custom.name,
+                "name": extra.name,
                 "type": "reference",
-                "documentation": custom.documentation,
-                "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{custom.name}",
+                "documentation": extra.documentation,
+                "definition": f"http://hl7.org/fhir/SearchParameter/{resource_type}-{extra.name}",
             }
         )
     return params

@@ -68,26 +68,59 @@ class ResourceVersion(models.Model):
 
 
 class SearchToken(models.Model):
-    """One extracted search value of a current, non-deleted resource."""
+    """One extracted search value of a current, non-deleted resource.
+
+    The columns a value fills depend on its parameter's type (fhirservice.search.extract
+    says which); composite parameters write one row per component, linked by ``group``.
+    """
 
     key = models.CharField(primary_key=True, max_length=200, help_text="Type/id#n")
     resource_key = models.CharField(max_length=160)
     resource_type = models.CharField(max_length=64)
-    param = models.CharField(max_length=64)
+    param = models.CharField(max_length=80)
+    # Token and quantity system, string as written, reference target type, canonical version.
     system = models.CharField(max_length=255, blank=True, default="")
-    # Normalised value: lower-cased and accent-free for strings, the code for tokens,
-    # "Type/id" for references.
+    # Normalised value: lower-cased and accent-free for strings, the code for tokens and
+    # quantities, "Type/id" for references, the URI for uris.
     value = models.CharField(max_length=255, blank=True, default="")
-    # Date and dateTime values are stored as the instant range they cover.
+    # Token display/text (normalised), reference id, quantity unit, typed identifier value.
+    text = models.CharField(max_length=255, blank=True, default="")
+    # Date, dateTime, instant and Period values are stored as the instant range they cover.
     low = models.DateTimeField(null=True, blank=True)
     high = models.DateTimeField(null=True, blank=True)
+    number = models.FloatField(null=True, blank=True)
+    # Composite parameters: the occurrence ("Type/id#param#n") and the component's position.
+    group = models.CharField(max_length=255, blank=True, default="")
+    part = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         indexes = [
             models.Index(fields=["resource_type", "param", "value"], name="tok_type_param_value"),
             models.Index(fields=["resource_type", "param", "low"], name="tok_type_param_low"),
+            models.Index(fields=["resource_type", "param", "text"], name="tok_type_param_text"),
+            models.Index(fields=["resource_type", "param", "number"], name="tok_type_param_number"),
             models.Index(fields=["resource_key"], name="tok_resource"),
+            models.Index(fields=["group"], name="tok_group"),
         ]
 
     def __str__(self) -> str:
         return f"{self.resource_key} {self.param}={self.system}|{self.value}"
+
+
+class SearchReindexCheckpoint(models.Model):
+    """Where a ``reindex_search`` run got to: the last resource key it re-extracted.
+
+    One row per scope (all types, or one ``--type``); a resumed run starts after
+    ``last_key``. Losing it costs time only: re-extracting a resource twice changes nothing.
+    """
+
+    name = models.CharField(primary_key=True, max_length=100)
+    last_key = models.CharField(max_length=160, blank=True, default="")
+    done = models.PositiveBigIntegerField(default=0)
+    started_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        state = "finished" if self.finished_at else f"after {self.last_key or 'start'}"
+        return f"{self.name}: {self.done} resources, {state}"

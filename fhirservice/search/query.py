@@ -1,8 +1,17 @@
 """Search execution: parse FHIR search parameters into ORM filters and page the results.
 
+Every parameter of the official R4 definitions (``fhirservice.search.extract``) is searched
+with its type's semantics (http://hl7.org/fhir/R4/search.html): a filter on
+``StoredResource`` selecting the keys whose ``SearchToken`` rows match. Commas OR values,
+repeated parameters AND.
+
+Public API for other search modules (chaining, ``_has``, ``_include``):
+:func:`param_filter` (one parameter, its modifier and raw value → a ``Q`` on
+StoredResource) and :func:`reference_targets` (the types a reference parameter points to).
+
 Paging is keyset-based: a page link carries the sort values of the last row it served
 (``_cursor``), never an offset, so rows inserted or deleted by other writers neither repeat
-nor vanish between pages of the default (``_id``) order.
+nor vanish between pages, whatever the ``_sort``.
 """
 
 from __future__ import annotations
@@ -10,23 +19,35 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from django.db.models import Q, QuerySet
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 
 from fhirservice.access.boundaries import visible_q
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
+from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import SearchToken, StoredResource
 from fhirservice.plugins import search_param
-from fhirservice.search.extract import PARAMS, Param
+from fhirservice.search.extract import (
+    EARLIEST,
+    UNSUPPORTED_PARAMS,
+    Component,
+    Param,
+    local_reference,
+    search_params,
+)
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
 MSG_UNKNOWN_PARAM = "Unknown search parameter {name!r} for {type}"
 MSG_BAD_VALUE = "Bad value for search parameter {name!r}: {value!r}"
 MSG_BAD_MODIFIER = "Search parameter {name!r} does not support the modifier {modifier!r}"
+MSG_MODIFIER_NOT_SUPPORTED = "The modifier {modifier!r} of {name!r} is not supported"
+MSG_PARAM_NOT_SUPPORTED = "The search parameter {name!r} is not supported"
 MSG_BAD_CURSOR = "The paging cursor is not valid"
 
 RESULT_PARAMS = {
@@ -39,9 +60,32 @@ RESULT_PARAMS = {
     "_format",
     "_pretty",
 }
-COMMON_PARAMS = {"_id", "_lastUpdated"}
-DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-SORTS = {"_id": "key", "_lastUpdated": "last_updated"}
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+# Kept for callers that parse dates with this module (AuditEvent search).
+DATE_PREFIXES = PREFIXES
+COLUMN_SORTS = {"_id": "key", "_lastUpdated": "last_updated"}
+SORTABLE_TYPES = {"string", "token", "reference", "date", "number", "quantity", "uri"}
+# Token modifiers the spec defines that need terminology services.
+TERMINOLOGY_MODIFIERS = {"in", "not-in", "above", "below"}
+_MODIFIERS = {
+    "string": {"", "exact", "contains"},
+    "token": {"", "not", "text", "of-type"},
+    "uri": {"", "below", "above"},
+    "reference": {""},
+    "date": {""},
+    "number": {""},
+    "quantity": {""},
+    "composite": {""},
+}
+# Bounds of a value a number search compares to: its implicit precision range.
+_APPROX = 0.1
+
+
+class SearchNotSupported(BadRequest):
+    """A parameter or modifier the spec defines and this server does not implement."""
+
+    code = "not-supported"
+    detail_code = "MSG_PARAM_NOT_SUPPORTED"
 
 
 @dataclass
@@ -69,66 +113,135 @@ class SearchPage:
     next_cursor: str | None
 
 
-def _split_values(raw: str) -> list[str]:
+# --- value syntax ---------------------------------------------------------------------------
+
+
+def _split(raw: str, separator: str) -> list[str]:
+    """Split at unescaped ``separator``; escapes of other characters stay for later splits."""
     parts, current, escaped = [], [], False
     for char in raw:
         if escaped:
+            if char != separator:
+                current.append("\\")
             current.append(char)
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == ",":
+        elif char == separator:
             parts.append("".join(current))
             current = []
         else:
             current.append(char)
+    if escaped:
+        current.append("\\")
     parts.append("".join(current))
     return parts
 
 
-def _string_q(param: Param, value: str, modifier: str) -> Q:
-    norm = normalize_string(value)
+def _unescape(value: str) -> str:
+    out, escaped = [], False
+    for char in value:
+        if escaped or char != "\\":
+            out.append(char)
+            escaped = False
+        else:
+            escaped = True
+    return "".join(out)
+
+
+def _split_values(raw: str) -> list[str]:
+    """The comma-separated alternatives of a parameter value (``\\,`` escapes a comma)."""
+    return [_unescape(v) for v in _split(raw, ",")]
+
+
+def _bad(name: str, value: str) -> BadRequest:
+    return BadRequest(MSG_BAD_VALUE.format(name=name, value=value), detail_code="MSG_PARAM_INVALID")
+
+
+def _prefixed(name: str, raw: str) -> tuple[str, str]:
+    if raw[:2] in PREFIXES and len(raw) > 2 and not raw[2:3].isalpha():
+        return raw[:2], raw[2:]
+    if raw[:2].isalpha() and raw[:2].islower():
+        raise _bad(name, raw)
+    return "eq", raw
+
+
+# --- one value of each type: a filter on SearchToken ------------------------------------------
+
+
+def _string_q(name: str, value: str, modifier: str) -> Q:
     if modifier == "exact":
         return Q(system=value[:MAX_VALUE])
+    norm = normalize_string(value)
     if modifier == "contains":
         return Q(value__contains=norm)
     return Q(value__startswith=norm)
 
 
-def _token_q(param: Param, value: str, modifier: str) -> Q:
-    if "|" in value:
-        system, code = value.split("|", 1)
-        q = Q(system=system)
-        if code:
-            q &= Q(value=code)
-        return q
-    return Q(value=value)
+def _token_q(name: str, value: str, modifier: str) -> Q:
+    if modifier == "text":
+        return Q(text__startswith=normalize_string(_unescape(value)))
+    if modifier == "of-type":
+        pieces = [_unescape(p) for p in _split(value, "|")]
+        if len(pieces) != 3 or not all(pieces[1:]):
+            raise _bad(name, value)
+        return Q(param=f"{name}:of-type", system=pieces[0], value=pieces[1], text=pieces[2])
+    pieces = [_unescape(p) for p in _split(value, "|")]
+    if len(pieces) == 1:
+        return Q(value=pieces[0][:MAX_VALUE])
+    if len(pieces) != 2 or not any(pieces):
+        raise _bad(name, value)
+    system, code = pieces
+    q = Q(system=system[:MAX_VALUE])
+    if code:
+        q &= Q(value=code[:MAX_VALUE])
+    return q
 
 
-def _reference_q(param: Param, value: str, modifier: str) -> Q:
-    if "/" in value:
-        return Q(value=value) | Q(value__endswith="/" + value)
+def _reference_q(name: str, value: str, modifier: str) -> Q:
+    value = _unescape(value)
     if modifier:
-        return Q(value=f"{modifier}/{value}")
-    return Q(value__endswith="/" + value)
+        if "/" in value:
+            if not value.startswith(f"{modifier}/"):
+                raise _bad(name, value)
+            return Q(value=value[:MAX_VALUE])
+        return Q(value=f"{modifier}/{value}"[:MAX_VALUE])
+    if "://" in value or value.startswith("urn:"):
+        local = local_reference(value)
+        if local is not None:
+            return Q(value=local)
+        url, _, version = value.partition("|")
+        q = Q(value=url[:MAX_VALUE])
+        return q & Q(system=version) if version else q
+    if "/" in value:
+        return Q(value=value[:MAX_VALUE])
+    if "|" in value:
+        url, _, version = value.partition("|")
+        return Q(value=url[:MAX_VALUE], system=version)
+    # A bare id: of any target type (the index keeps the id alone for this).
+    return Q(text=value[:MAX_VALUE]) & ~Q(system="")
 
 
 def _parse_date(name: str, raw: str) -> tuple[str, datetime, datetime]:
-    prefix = raw[:2] if raw[:2] in DATE_PREFIXES else "eq"
-    text = raw[2:] if raw[:2] in DATE_PREFIXES else raw
+    prefix, text = _prefixed(name, raw)
     covered = date_range(text)
     if covered is None:
-        raise BadRequest(
-            MSG_BAD_VALUE.format(name=name, value=raw), detail_code="MSG_PARAM_INVALID"
-        )
+        raise _bad(name, raw)
     return prefix, covered[0], covered[1]
 
 
-def _range_q(prefix: str, low: datetime, high: datetime, lo: str, hi: str) -> Q:
-    """Match rows whose range [lo, hi) relates to the search range [low, high) by prefix."""
+def _range_q(prefix: str, low: datetime, high: datetime, lo: str = "low", hi: str = "high") -> Q:
+    """Rows whose range ``[lo, hi)`` relates to the search range ``[low, high)`` by prefix.
+
+    The spec's definitions: eq — the search range contains the row's; ne — it does not;
+    gt/lt — the row's range reaches above/below the search range; ge/le — gt/lt or eq;
+    sa/eb — the row's range starts after/ends before it; ap — the two ranges overlap.
+    """
     inside = Q(**{f"{lo}__gte": low, f"{hi}__lte": high})
-    if prefix in ("eq", "ap"):
+    if prefix == "eq":
         return inside
+    if prefix == "ap":
+        return Q(**{f"{lo}__lt": high, f"{hi}__gt": low})
     if prefix == "ne":
         return ~inside
     if prefix == "gt":
@@ -160,48 +273,226 @@ def _last_updated_q(prefix: str, low: datetime, high: datetime) -> Q:
     }[prefix]
 
 
-def _uri_q(param: Param, value: str, modifier: str) -> Q:
-    return Q(value=value[:MAX_VALUE])
+def _number_q(name: str, raw: str) -> Q:
+    prefix, text = _prefixed(name, raw)
+    try:
+        number = Decimal(text)
+    except InvalidOperation as exc:
+        raise _bad(name, raw) from exc
+    if not number.is_finite():
+        raise _bad(name, raw)
+    # The implicit range of the value as written: 100 is [99.5, 100.5), 1.50 is ±0.005.
+    exponent = number.as_tuple().exponent
+    half = float(Decimal(5).scaleb(int(exponent) - 1))  # type: ignore[arg-type]
+    value = float(number)
+    low, high = value - half, value + half
+    if prefix == "eq":
+        return Q(number__gte=low, number__lt=high)
+    if prefix == "ne":
+        return ~Q(number__gte=low, number__lt=high)
+    if prefix in ("gt", "sa"):
+        return Q(number__gt=value)
+    if prefix in ("lt", "eb"):
+        return Q(number__lt=value)
+    if prefix == "ge":
+        return Q(number__gte=value)
+    if prefix == "le":
+        return Q(number__lte=value)
+    spread = max(abs(value) * _APPROX, half)  # ap: within 10 %
+    return Q(number__gte=value - spread, number__lte=value + spread)
 
 
-_TOKEN_BUILDERS = {
-    "string": _string_q,
-    "token": _token_q,
-    "uri": _uri_q,
-    "reference": _reference_q,
-}
-_MODIFIERS = {
-    "string": {"", "exact", "contains"},
-    "token": {""},
-    "uri": {""},
-    "reference": {""},
-    "date": {""},
-}
+def _quantity_q(name: str, raw: str) -> Q:
+    pieces = [_unescape(p) for p in _split(raw, "|")]
+    if len(pieces) not in (1, 3) or not pieces[0]:
+        raise _bad(name, raw)
+    q = _number_q(name, pieces[0])
+    if len(pieces) == 3:
+        system, code = pieces[1], pieces[2]
+        if system:
+            q &= Q(system=system[:MAX_VALUE])
+        if code:
+            q &= Q(value=code[:MAX_VALUE]) if system else Q(value=code) | Q(text=code)
+    return q
 
 
-def _param_q(resource_type: str, param: Param, modifier: str, raw: str) -> Q:
-    allowed = _MODIFIERS[param.type]
-    if modifier not in allowed and not (param.type == "reference" and modifier.isalpha()):
+def _uri_q(name: str, value: str, modifier: str) -> Q:
+    value = _unescape(value)[:MAX_VALUE]
+    if modifier == "below":
+        return Q(value__startswith=value)
+    if modifier == "above":
+        # Every URI that the value is "below": its prefixes at path boundaries.
+        pieces = value.split("/")
+        return Q(value__in=["/".join(pieces[:n]) for n in range(1, len(pieces) + 1)])
+    return Q(value=value)
+
+
+def _typed_q(name: str, kind: str, value: str, modifier: str) -> Q:
+    if kind == "string":
+        return _string_q(name, _unescape(value), modifier)
+    if kind == "token":
+        return _token_q(name, value, modifier)
+    if kind == "reference":
+        return _reference_q(name, value, modifier)
+    if kind == "date":
+        return _range_q(*_parse_date(name, _unescape(value)))
+    if kind == "number":
+        return _number_q(name, _unescape(value))
+    if kind == "quantity":
+        return _quantity_q(name, value)
+    if kind == "uri":
+        return _uri_q(name, value, modifier)
+    raise SearchNotSupported(MSG_PARAM_NOT_SUPPORTED.format(name=name))
+
+
+def _composite_keys(resource_type: str, param: Param, value: str) -> QuerySet[SearchToken]:
+    pieces = _split(value, "$")
+    if len(pieces) != len(param.components) or not all(pieces):
+        raise _bad(param.name, value)
+    rows = SearchToken.objects.filter(resource_type=resource_type, param=param.name)
+    groups = None
+    for index in range(len(pieces) - 1, -1, -1):
+        component: Component = param.components[index]
+        matching = rows.filter(_typed_q(param.name, component.type, pieces[index], ""), part=index)
+        if groups is not None:
+            matching = matching.filter(group__in=groups)
+        groups = matching.values("group")
+    assert groups is not None
+    return matching.values("resource_key")
+
+
+# --- one parameter: a filter on StoredResource ------------------------------------------------
+
+
+def _check_modifier(resource_type: str, param: Param, modifier: str) -> None:
+    if modifier in ("", "missing") or modifier in _MODIFIERS.get(param.type, {""}):
+        return
+    if param.type == "reference" and is_resource_type(modifier):
+        if param.target and modifier not in param.target:
+            raise BadRequest(
+                MSG_BAD_MODIFIER.format(name=param.name, modifier=modifier),
+                detail_code="MSG_PARAM_MODIFIER_INVALID",
+            )
+        return
+    if (param.type == "token" and modifier in TERMINOLOGY_MODIFIERS) or (
+        param.type == "reference" and modifier == "identifier"
+    ):
+        raise SearchNotSupported(
+            MSG_MODIFIER_NOT_SUPPORTED.format(name=param.name, modifier=modifier),
+            detail_code="MSG_PARAM_MODIFIER_NOT_SUPPORTED",
+        )
+    raise BadRequest(
+        MSG_BAD_MODIFIER.format(name=param.name, modifier=modifier),
+        detail_code="MSG_PARAM_MODIFIER_INVALID",
+    )
+
+
+def _missing_q(resource_type: str, name: str, raw: str) -> Q:
+    if raw not in ("true", "false"):
+        raise _bad(name, raw)
+    having = SearchToken.objects.filter(resource_type=resource_type, param=name)
+    present = Q(key__in=having.values("resource_key"))
+    return ~present if raw == "true" else present
+
+
+def _id_q(resource_type: str, raw: str, modifier: str) -> Q:
+    if modifier == "missing":
+        return _missing_column(raw, "_id")
+    if modifier not in ("", "not"):
         raise BadRequest(
-            MSG_BAD_MODIFIER.format(name=param.name, modifier=modifier),
+            MSG_BAD_MODIFIER.format(name="_id", modifier=modifier),
+            detail_code="MSG_PARAM_MODIFIER_INVALID",
+        )
+    q = Q(key__in=[f"{resource_type}/{v}" for v in _split_values(raw)])
+    return ~q if modifier == "not" else q
+
+
+def _missing_column(raw: str, name: str) -> Q:
+    if raw not in ("true", "false"):
+        raise _bad(name, raw)
+    return Q(pk__in=[]) if raw == "true" else Q()
+
+
+def _last_updated_filter(raw: str, modifier: str) -> Q:
+    if modifier == "missing":
+        return _missing_column(raw, "_lastUpdated")
+    if modifier:
+        raise BadRequest(
+            MSG_BAD_MODIFIER.format(name="_lastUpdated", modifier=modifier),
             detail_code="MSG_PARAM_MODIFIER_INVALID",
         )
     alternatives = Q()
     for value in _split_values(raw):
+        alternatives |= _last_updated_q(*_parse_date("_lastUpdated", value))
+    return alternatives
+
+
+def known_param(resource_type: str, name: str) -> Param | None:
+    """The definition of a search parameter of ``resource_type``, if it has one."""
+    return search_params(resource_type).get(name)
+
+
+def reference_targets(resource_type: str, name: str) -> list[str]:
+    """The resource types reference parameter ``name`` of ``resource_type`` points to.
+
+    Empty for a parameter that is not a reference; every target the definition names
+    (a parameter such as ``Observation.subject`` names several).
+    """
+    param = known_param(resource_type, name)
+    if param is None or param.type != "reference":
+        return []
+    return list(param.target)
+
+
+def param_filter(resource_type: str, name: str, modifier: str, raw: str) -> Q:
+    """A filter on StoredResource for one search parameter with its (comma-separated) values.
+
+    ``modifier`` is the text after ``:`` (empty for none). Raises BadRequest for an unknown
+    parameter, a bad modifier or a malformed value, SearchNotSupported (400, not-supported)
+    for what the spec defines and this server does not do (``_text``, ``:in`` …).
+    """
+    if name == "_id":
+        return _id_q(resource_type, raw, modifier)
+    if name == "_lastUpdated":
+        return _last_updated_filter(raw, modifier)
+    custom = search_param(resource_type, name)
+    if custom is not None:
+        # answered by an app outside the metadata store (Group?member=: ClickHouse)
+        return custom.build(_split_values(raw), modifier)
+    param = known_param(resource_type, name)
+    if param is None:
+        raise BadRequest(
+            MSG_UNKNOWN_PARAM.format(name=name, type=resource_type),
+            detail_code="MSG_PARAM_UNKNOWN",
+        )
+    if name in UNSUPPORTED_PARAMS or param.type == "special":
+        raise SearchNotSupported(MSG_PARAM_NOT_SUPPORTED.format(name=name))
+    _check_modifier(resource_type, param, modifier)
+    if modifier == "missing":
+        return _missing_q(resource_type, name, raw)
+    rows = SearchToken.objects.filter(resource_type=resource_type, param=name)
+    if param.type == "composite":
+        condition = Q(pk__in=[])
+        for value in _split(raw, ","):
+            if not value:
+                raise _bad(name, raw)
+            condition |= Q(key__in=_composite_keys(resource_type, param, value))
+        return condition
+    alternatives = Q()
+    for value in _split(raw, ","):
         if not value:
-            raise BadRequest(
-                MSG_BAD_VALUE.format(name=param.name, value=raw), detail_code="MSG_PARAM_INVALID"
-            )
-        if param.type == "date":
-            prefix, low, high = _parse_date(param.name, value)
-            token_q = _range_q(prefix, low, high, "low", "high")
-        else:
-            token_q = _TOKEN_BUILDERS[param.type](param, value, modifier)
-        alternatives |= token_q
-    keys = SearchToken.objects.filter(
-        Q(resource_type=resource_type, param=param.name) & alternatives
-    ).values("resource_key")
+            raise _bad(name, raw)
+        alternatives |= _typed_q(name, param.type, value, modifier)
+    if modifier == "of-type":
+        # of-type rows live under their own name (extract.py), the filter names it.
+        rows = SearchToken.objects.filter(resource_type=resource_type)
+    keys = rows.filter(alternatives).values("resource_key")
+    if modifier == "not":
+        return ~Q(key__in=keys)
     return Q(key__in=keys)
+
+
+# --- the query string ---------------------------------------------------------------------------
 
 
 def parse_count(raw: str) -> int:
@@ -209,13 +500,9 @@ def parse_count(raw: str) -> int:
     try:
         count = int(raw)
     except ValueError as exc:
-        raise BadRequest(
-            MSG_BAD_VALUE.format(name="_count", value=raw), detail_code="MSG_PARAM_INVALID"
-        ) from exc
+        raise _bad("_count", raw) from exc
     if count < 0:
-        raise BadRequest(
-            MSG_BAD_VALUE.format(name="_count", value=raw), detail_code="MSG_PARAM_INVALID"
-        )
+        raise _bad("_count", raw)
     return min(count, fhir_settings.MAX_COUNT)
 
 
@@ -238,34 +525,28 @@ def decode_cursor(raw: str) -> list[Any]:
 def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bool) -> SearchSpec:
     """Turn query pairs into a SearchSpec; unknown parameters are ignored or (strict) 400."""
     spec = SearchSpec(resource_type=resource_type, count=fhir_settings.DEFAULT_COUNT)
-    known = PARAMS.get(resource_type, {})
     for name_mod, raw in pairs:
         name, _, modifier = name_mod.partition(":")
         if name in RESULT_PARAMS:
             _result_param(spec, name, raw)
             continue
-        if name == "_id":
-            spec.filters.append(Q(key__in=[f"{resource_type}/{v}" for v in _split_values(raw)]))
-        elif name == "_lastUpdated":
-            alternatives = Q()
-            for value in _split_values(raw):
-                alternatives |= _last_updated_q(*_parse_date(name, value))
-            spec.filters.append(alternatives)
-        elif (custom := search_param(resource_type, name)) is not None:
-            # answered by an app outside the metadata store (Group?member=: ClickHouse)
-            spec.filters.append(custom.build(_split_values(raw), modifier))
-        elif name in known:
-            spec.filters.append(_param_q(resource_type, known[name], modifier, raw))
-        else:
-            if strict:
-                raise BadRequest(
-                    MSG_UNKNOWN_PARAM.format(name=name, type=resource_type),
-                    detail_code="MSG_PARAM_UNKNOWN",
-                )
+        try:
+            spec.filters.append(param_filter(resource_type, name, modifier, raw))
+        except BadRequest as error:
+            # Lenient handling skips parameters, never a modifier it cannot apply.
+            if strict or error.detail_code not in ("MSG_PARAM_UNKNOWN", "MSG_PARAM_NOT_SUPPORTED"):
+                raise
             spec.ignored.append(name_mod)
             continue
         spec.used.append((name_mod, raw))
     return spec
+
+
+def _sortable(resource_type: str, name: str) -> bool:
+    if name in COLUMN_SORTS:
+        return True
+    param = known_param(resource_type, name)
+    return param is not None and param.type in SORTABLE_TYPES and param.parts != ()
 
 
 def _result_param(spec: SearchSpec, name: str, raw: str) -> None:
@@ -277,8 +558,8 @@ def _result_param(spec: SearchSpec, name: str, raw: str) -> None:
         sort = []
         for item in _split_values(raw):
             descending = item.startswith("-")
-            field_name = item.lstrip("-")
-            if field_name not in SORTS:
+            field_name = item[1:] if descending else item
+            if not _sortable(spec.resource_type, field_name):
                 raise BadRequest(
                     MSG_BAD_VALUE.format(name="_sort", value=raw), detail_code="MSG_SORT_UNKNOWN"
                 )
@@ -288,18 +569,17 @@ def _result_param(spec: SearchSpec, name: str, raw: str) -> None:
         spec.sort = sort
     elif name == "_total":
         if raw not in ("none", "estimate", "accurate"):
-            raise BadRequest(
-                MSG_BAD_VALUE.format(name="_total", value=raw), detail_code="MSG_PARAM_INVALID"
-            )
+            raise _bad("_total", raw)
         spec.total = raw
     elif name == "_summary":
         if raw not in ("true", "false", "text", "data", "count"):
-            raise BadRequest(
-                MSG_BAD_VALUE.format(name="_summary", value=raw), detail_code="MSG_PARAM_INVALID"
-            )
+            raise _bad("_summary", raw)
         spec.summary = raw
     elif name == "_elements":
         spec.elements = [e.strip() for e in raw.split(",") if e.strip()]
+
+
+# --- running it ---------------------------------------------------------------------------------
 
 
 def _base_queryset(spec: SearchSpec) -> QuerySet[StoredResource]:
@@ -313,20 +593,58 @@ def _base_queryset(spec: SearchSpec) -> QuerySet[StoredResource]:
     return queryset
 
 
-def _sort_value(row: StoredResource, field_name: str) -> Any:
-    value = getattr(row, SORTS[field_name])
+def _sort_column(resource_type: str, name: str, descending: bool) -> tuple[str, Any]:
+    """The column a sort key reads and, for a parameter, the subquery annotating it.
+
+    A resource with several values sorts by its least (ascending) or greatest (descending);
+    one without any sorts first ascending, last descending (the coalesced floor value).
+    """
+    if name in COLUMN_SORTS:
+        return COLUMN_SORTS[name], None
+    param = known_param(resource_type, name)
+    assert param is not None
+    if param.type == "date":
+        column, floor = ("high" if descending else "low"), Value(EARLIEST)
+    elif param.type in ("number", "quantity"):
+        column, floor = "number", Value(-1e308)
+    else:
+        column, floor = "value", Value("")
+    values = (
+        SearchToken.objects.filter(
+            resource_key=OuterRef("key"), resource_type=resource_type, param=name
+        )
+        .order_by(f"-{column}" if descending else column)
+        .values(column)[:1]
+    )
+    return f"sort_{name.replace('-', '_')}", Coalesce(Subquery(values), floor)
+
+
+def _sorted(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> tuple[QuerySet, list[str]]:
+    columns = []
+    for name, descending in spec.sort:
+        column, annotation = _sort_column(spec.resource_type, name, descending)
+        if annotation is not None:
+            queryset = queryset.annotate(**{column: annotation})
+        columns.append(column)
+    ordering = [
+        F(column).desc() if desc else F(column).asc()
+        for column, (_, desc) in zip(columns, spec.sort, strict=True)
+    ]
+    return queryset.order_by(*ordering), columns
+
+
+def _cursor_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _after_cursor(spec: SearchSpec, cursor: list[Any]) -> Q:
+def _after_cursor(spec: SearchSpec, columns: list[str], cursor: list[Any]) -> Q:
     """Rows strictly after the cursor in the spec's order (lexicographic keyset condition)."""
     if len(cursor) != len(spec.sort):
         raise BadRequest(MSG_BAD_CURSOR, detail_code="MSG_PARAM_INVALID")
     condition = Q(pk__in=[])
     equal = Q()
-    for (field_name, descending), value in zip(spec.sort, cursor, strict=True):
-        column = SORTS[field_name]
-        if column == "last_updated":
+    for column, (name, descending), value in zip(columns, spec.sort, cursor, strict=True):
+        if _is_date_sort(spec, name):
             try:
                 value = datetime.fromisoformat(value)
             except (TypeError, ValueError) as exc:
@@ -337,6 +655,11 @@ def _after_cursor(spec: SearchSpec, cursor: list[Any]) -> Q:
     return condition
 
 
+def _is_date_sort(spec: SearchSpec, name: str) -> bool:
+    param = known_param(spec.resource_type, name)
+    return name == "_lastUpdated" or (param is not None and param.type == "date")
+
+
 def run_search(spec: SearchSpec) -> SearchPage:
     """Execute a SearchSpec: one page of rows, the total, and the next page's cursor."""
     queryset = _base_queryset(spec)
@@ -345,16 +668,15 @@ def run_search(spec: SearchSpec) -> SearchPage:
         total = queryset.count()
     if spec.summary == "count" or spec.count == 0:
         return SearchPage(rows=[], total=total, next_cursor=None)
-    ordering = [("-" if desc else "") + SORTS[name] for name, desc in spec.sort]
-    paged = queryset.order_by(*ordering)
+    paged, columns = _sorted(spec, queryset)
     if spec.cursor is not None:
-        paged = paged.filter(_after_cursor(spec, spec.cursor))
+        paged = paged.filter(_after_cursor(spec, columns, spec.cursor))
     rows = list(paged[: spec.count + 1])
     next_cursor = None
     if len(rows) > spec.count:
         rows = rows[: spec.count]
         last = rows[-1]
-        next_cursor = encode_cursor([_sort_value(last, name) for name, _ in spec.sort])
+        next_cursor = encode_cursor([_cursor_value(getattr(last, c)) for c in columns])
     return SearchPage(rows=rows, total=total, next_cursor=next_cursor)
 
 
@@ -363,7 +685,5 @@ def search_keys(resource_type: str, query: str, *, limit: int) -> list[str]:
     pairs = parse_qsl(query.lstrip("?"), keep_blank_values=True)
     spec = parse_search(resource_type, pairs, strict=True)
     if not spec.filters:
-        raise BadRequest(
-            MSG_BAD_VALUE.format(name="condition", value=query), detail_code="MSG_PARAM_INVALID"
-        )
+        raise _bad("condition", query)
     return list(_base_queryset(spec).order_by("key").values_list("key", flat=True)[:limit])

@@ -38,7 +38,7 @@ from fhirservice.errors import (
 )
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
-from fhirservice.search.extract import extract_tokens
+from fhirservice.search.extract import extract_tokens, token_signature
 from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
@@ -267,10 +267,6 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
     return row
 
 
-def _token_values(tokens: list[SearchToken]) -> list[tuple]:
-    return [(t.key, t.param, t.system, t.value, t.low, t.high) for t in tokens]
-
-
 def _same_tokens(current: StoredResource | None, tokens: list[SearchToken]) -> bool:
     """Whether the stored search tokens already are ``tokens`` (the previous version's).
 
@@ -281,7 +277,7 @@ def _same_tokens(current: StoredResource | None, tokens: list[SearchToken]) -> b
     if current is None or current.deleted or not current.body:
         return False
     previous = extract_tokens(current.key, json.loads(current.body))
-    return _token_values(previous) == _token_values(tokens)
+    return token_signature(previous) == token_signature(tokens)
 
 
 def resource_create(

@@ -12,6 +12,7 @@ import pytest
 from django.test import override_settings
 
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
+from fhirservice.search.extract import search_params
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.support import patient
 
@@ -35,7 +36,17 @@ SAMPLE_VALUES = {
     "uri": "urn:x",
     "date": "ge2020-01-01",
     "reference": "Patient/x",
+    "number": "ge1",
+    "quantity": "ge1|urn:units|x",
 }
+
+
+def sample_value(resource_type: str, name: str, kind: str) -> str:
+    """A well-formed value of a parameter (composites: one per component, joined by $)."""
+    if kind != "composite":
+        return SAMPLE_VALUES[kind]
+    components = search_params(resource_type)[name].components
+    return "$".join(SAMPLE_VALUES[c.type] for c in components)
 
 
 @pytest.fixture
@@ -82,7 +93,7 @@ def test_capability_statement_lists_the_r4_resource_types(statement):
 def test_capability_statement_names_the_patient_and_group_parameters(statement):
     resources = by_type(statement)
     patient_params = {p["name"]: p["type"] for p in resources["Patient"]["searchParam"]}
-    assert patient_params == {
+    assert {
         "_id": "token",
         "_lastUpdated": "date",
         "identifier": "token",
@@ -91,7 +102,14 @@ def test_capability_statement_names_the_patient_and_group_parameters(statement):
         "given": "string",
         "birthdate": "date",
         "gender": "token",
-    }
+        "address-city": "string",
+        "general-practitioner": "reference",
+        "_tag": "token",
+        "_profile": "uri",
+    }.items() <= patient_params.items()
+    assert len(patient_params) == 29
+    for param in resources["Observation"]["searchParam"]:
+        assert param["definition"].startswith("http://hl7.org/fhir/SearchParameter/"), param
     group_params = {p["name"]: p["type"] for p in resources["Group"]["searchParam"]}
     assert {
         "identifier": "token",
@@ -118,7 +136,8 @@ def test_every_declared_search_parameter_passes_strict_handling(api, statement):
     strict = {"Prefer": "handling=strict"}
     for resource_type, resource in by_type(statement).items():
         for param in resource["searchParam"]:
-            query = urlencode({param["name"]: SAMPLE_VALUES[param["type"]], "_count": "0"})
+            value = sample_value(resource_type, param["name"], param["type"])
+            query = urlencode({param["name"]: value, "_count": "0"})
             response = api.get(f"/{resource_type}?{query}", headers=strict)
             assert response.status == 200, (resource_type, param["name"], response)
             assert response.body["total"] == 0
@@ -159,6 +178,8 @@ def test_what_is_not_declared_is_refused(api, statement):
     assert resources["Patient"]["conditionalUpdate"] is False
     assert_outcome(api.put("/Patient?gender=male", patient()), 405, "MSG_METHOD_NOT_ALLOWED")
     declared = {p["name"] for p in resources["Patient"]["searchParam"]}
-    assert "address" not in declared
-    response = api.get("/Patient?address=x", headers={"Prefer": "handling=strict"})
+    assert not {"shoe-size", "_text", "_content", "_filter", "_query"} & declared
+    response = api.get("/Patient?shoe-size=x", headers={"Prefer": "handling=strict"})
     assert_outcome(response, 400, "MSG_PARAM_UNKNOWN")
+    response = api.get("/Patient?_text=x", headers={"Prefer": "handling=strict"})
+    assert_outcome(response, 400, "MSG_PARAM_NOT_SUPPORTED")
