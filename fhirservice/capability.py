@@ -103,8 +103,8 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
             "readHistory": True,
             "updateCreate": fhir_settings.UPDATE_CREATE,
             "conditionalCreate": True,
-            "conditionalUpdate": False,
-            "conditionalDelete": "not-supported",
+            "conditionalUpdate": True,
+            "conditionalDelete": fhir_settings.CONDITIONAL_DELETE,
             "searchParam": _search_params(resource_type),
         }
         operations = [

@@ -27,6 +27,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BODY_BYTES": 512 * 1024 * 1024,
     # PUT on an unknown id creates the resource with that id (FHIR "update as create").
     "UPDATE_CREATE": True,
+    # Conditional delete (DELETE [type]?[search]) when several resources match: "single"
+    # answers 412, "multiple" deletes them all, at most CONDITIONAL_DELETE_MAX in one request
+    # (more answer 412 and delete nothing). Declared in the CapabilityStatement.
+    "CONDITIONAL_DELETE": "multiple",
+    "CONDITIONAL_DELETE_MAX": 100,
     # Default and largest page size for searches and history.
     "DEFAULT_COUNT": 50,
     "MAX_COUNT": 1000,
@@ -66,6 +71,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     ),
     "MAX_BODY_BYTES": lambda v: isinstance(v, int) and v > 0,
     "UPDATE_CREATE": lambda v: isinstance(v, bool),
+    "CONDITIONAL_DELETE": lambda v: v in ("single", "multiple"),
+    "CONDITIONAL_DELETE_MAX": lambda v: type(v) is int and v > 0,
     "DEFAULT_COUNT": lambda v: isinstance(v, int) and v > 0,
     "MAX_COUNT": lambda v: isinstance(v, int) and v > 0,
     "WRITE_RETRIES": lambda v: isinstance(v, int) and v >= 0,

@@ -9,9 +9,12 @@ system history                             ``s`` on some type (only those types 
 create                                     ``c``
 conditional create (``If-None-Exist``)     ``c`` and ``s`` (it searches)
 update, patch                              ``u``
+conditional update, conditional patch      ``u`` and ``s`` (and ``c`` when the update
+                                           creates: checked by the store)
 update-as-create (PUT of a new id)         ``u`` and ``c`` (checked by the store, which
                                            knows whether the id exists)
 delete                                     ``d``
+conditional delete                         ``d`` and ``s``
 ``$operation`` that does not change state  ``r`` on its type, or ``system/Type.$code``
 ``$operation`` that changes state          ``u`` on its type, or ``system/Type.$code``
 batch / transaction Bundle                 a valid token; every entry is checked as itself
@@ -47,6 +50,12 @@ AUTHENTICATED = "authenticated"
 # Callers of public endpoints without credentials: no scopes, shared data only.
 ANONYMOUS = Access(organization="", scopes=ScopeSet())
 WRITE_INTERACTIONS = {"POST": ("create", "c"), "PUT": ("update", "u"), "PATCH": ("patch", "u")}
+# Type-level writes by search criteria: the plain interaction's permission plus ``s``.
+CONDITIONAL_INTERACTIONS = {
+    "PUT": ("conditional update", "us"),
+    "PATCH": ("conditional patch", "us"),
+    "DELETE": ("conditional delete", "ds"),
+}
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,9 @@ def requirement_for(view: Any, request: Request) -> Requirement:
         return Requirement(interaction, resource_type, permission)
     if method == "GET":
         return Requirement("search", resource_type, "s")
+    if method in CONDITIONAL_INTERACTIONS:
+        interaction, permission = CONDITIONAL_INTERACTIONS[method]
+        return Requirement(interaction, resource_type, permission)
     if "HTTP_IF_NONE_EXIST" in request.META:
         return Requirement("conditional create", resource_type, "cs")
     return Requirement("create", resource_type, "c")

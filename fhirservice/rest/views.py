@@ -27,6 +27,9 @@ from fhirservice.store.services import (
     check_type,
     format_instant,
     now,
+    resource_conditional_delete,
+    resource_conditional_patch,
+    resource_conditional_update,
     resource_create,
     resource_delete,
     resource_patch,
@@ -34,6 +37,7 @@ from fhirservice.store.services import (
 )
 
 MSG_UNKNOWN_ROUTE = "No FHIR endpoint at {path}"
+MSG_DELETED_MATCHES = "Deleted {count} matching resource(s): {keys}"
 METHOD_OF = {"POST": "POST", "PUT": "PUT", "PATCH": "PATCH", "DELETE": "DELETE"}
 
 
@@ -47,7 +51,8 @@ def _page_link(
 
 
 class TypeView(FhirView):
-    """``[base]/[type]``: search (GET) and create (POST)."""
+    """``[base]/[type]``: search (GET), create (POST), and the conditional update (PUT),
+    patch (PATCH) and delete (DELETE) of ``[type]?[search]``."""
 
     def get(self, request: Request, resource_type: str) -> HttpResponse:
         """Search: a searchset Bundle, keyset-paged."""
@@ -128,6 +133,44 @@ class TypeView(FhirView):
             assigned_id=getattr(request._request, "fhir_assigned_id", None),
         )
         return self.write_response(result, status=201 if result.created else 200)
+
+    def put(self, request: Request, resource_type: str) -> HttpResponse:
+        """Conditional update: update the one match, or create when nothing matches."""
+        result = resource_conditional_update(
+            resource_type=resource_type,
+            query=request.META.get("QUERY_STRING"),
+            body=self.read_json(),
+            context=self.write_context(),
+            if_match=self.if_match(),
+            assigned_id=getattr(request._request, "fhir_assigned_id", None),
+        )
+        return self.write_response(result)
+
+    def patch(self, request: Request, resource_type: str) -> HttpResponse:
+        """Conditional patch (JSON Patch) of the one match."""
+        ops = self.read_json(patch=True)
+        result = resource_conditional_patch(
+            resource_type=resource_type,
+            query=request.META.get("QUERY_STRING"),
+            ops=ops,
+            context=self.write_context(),
+            if_match=self.if_match(),
+        )
+        return self.write_response(result)
+
+    def delete(self, request: Request, resource_type: str) -> HttpResponse:
+        """Conditional delete: 204 whether it deleted none, one or (mode multiple) several."""
+        results = resource_conditional_delete(
+            resource_type=resource_type,
+            query=request.META.get("QUERY_STRING"),
+            context=self.write_context(),
+        )
+        headers = version_headers(results[0].row) if len(results) == 1 else {}
+        if self.prefer("return") == "OperationOutcome":
+            deleted = ", ".join(f"{r.row.resource_type}/{r.row.resource_id}" for r in results)
+            text = MSG_DELETED_MATCHES.format(count=len(results), keys=deleted or "none")
+            return fhir_http_response(render_json(information_outcome(text)), headers=headers)
+        return fhir_http_response(None, status=204, headers=headers)
 
 
 def flat_cursor(flat: list[tuple[str, str]]) -> str | None:

@@ -8,6 +8,12 @@ that names an old version answers 412 at once.
 
 Invariants: versionId is numeric, starts at 1 and rises by exactly 1 per write; an update with
 identical content makes no version; delete is a version of its own.
+
+Conditional interactions (create with ``If-None-Exist``, update, patch and delete by search
+criteria) find their matches with the search module's ``search_keys`` (inside the caller's
+organization boundary) and write through the same functions as the plain interactions; the
+match and the writes run as one serializable transaction (:func:`run_conditional`), so two
+conditional creates with the same criteria make one resource.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import IntegrityError
 from django.utils import timezone
@@ -52,6 +58,22 @@ MSG_NOT_A_RESOURCE = "The body must be a JSON object with a resourceType"
 MSG_CONFLICT_RETRIES = "Too many concurrent writes to {key}; try again"
 MSG_CONDITIONAL_MULTIPLE = "The condition matches {count} resources; at most one may match"
 MSG_UNKNOWN_TYPE = "Unknown resource type: {type}"
+MSG_CONDITION_MISSING = (
+    "A conditional {interaction} needs search criteria in the URL: [type]?[search]"
+)
+MSG_CONDITION_ID_MISMATCH = (
+    "The body's id {found!r} is not the id of the resource the condition matches ({matched!r})"
+)
+MSG_CONDITION_ID_TAKEN = (
+    "The body's id {found!r} names an existing {type} that the condition does not match"
+)
+MSG_CONDITION_NO_MATCH = "No {type} matches the condition {query!r}"
+MSG_CONDITIONAL_DELETE_LIMIT = (
+    "The condition matches more than {limit} resources; a conditional delete removes at most "
+    "{limit} (setting CONDITIONAL_DELETE_MAX); narrow the criteria"
+)
+
+T = TypeVar("T")
 
 ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
@@ -280,6 +302,80 @@ def _same_tokens(current: StoredResource | None, tokens: list[SearchToken]) -> b
     return token_signature(previous) == token_signature(tokens)
 
 
+def run_conditional(unit: Callable[[], T], *, key: str) -> T:
+    """Run a conditional interaction's match and its writes as one serializable transaction.
+
+    On PostgreSQL serializable snapshot isolation catches the predicate conflict of two
+    writers that both found no match and both create: one of them fails, runs again, and
+    finds the other's resource. SQLite runs writers one after another (``BEGIN IMMEDIATE``).
+    Inside an outer transaction (a transaction Bundle) the unit runs at that transaction's
+    level, and a lost race becomes a 409 that rolls the whole Bundle back.
+    """
+    if db.in_transaction():
+        with db.atomic():
+            return unit()
+
+    def attempt() -> T:
+        db.serializable()
+        return unit()
+
+    return db.run_retrying(
+        attempt,
+        races=(VersionRace, WriteRace),
+        retries=fhir_settings.WRITE_RETRIES,
+        exhausted=Conflict(MSG_CONFLICT_RETRIES.format(key=key)),
+    )
+
+
+def _condition(query: str | None, interaction: str) -> str:
+    """The search part of a conditional URL; 400 when there is none."""
+    query = (query or "").lstrip("?")
+    if not query:
+        raise BadRequest(
+            MSG_CONDITION_MISSING.format(interaction=interaction),
+            detail_code="MSG_CONDITION_MISSING",
+        )
+    return query
+
+
+def _single_match(resource_type: str, query: str) -> str | None:
+    """The id of the one resource the condition matches, None for none, 412 for several."""
+    keys = search_keys(resource_type, query, limit=2)
+    if len(keys) > 1:
+        raise PreconditionFailed(
+            MSG_CONDITIONAL_MULTIPLE.format(count="several"),
+            detail_code="MSG_CONDITIONAL_MULTIPLE",
+        )
+    return keys[0].split("/", 1)[1] if keys else None
+
+
+def _put_version(
+    *,
+    resource_type: str,
+    resource_id: str,
+    stored: dict[str, Any],
+    payload: Any,
+    context: WriteContext,
+    if_match: int | None,
+    may_create: bool,
+) -> WriteResult:
+    """The write of an update (plain or conditional) with a body its handler prepared."""
+    body = {**stored, "id": resource_id}
+
+    def build(draft: VersionWrite) -> None:
+        draft.body, draft.payload = body, payload
+
+    return write_version(
+        resource_type=resource_type,
+        resource_id=resource_id,
+        method="PUT",
+        context=context,
+        build=build,
+        if_match=if_match,
+        may_create=may_create,
+    )
+
+
 def resource_create(
     *,
     resource_type: str,
@@ -299,31 +395,33 @@ def resource_create(
     # roster is in ``payload`` by now, and its JSON objects (~0.5 GB at 10^6 members) were
     # held through the whole write, adding to the memory the events and shipping need.
     del body
-    if if_none_exist is not None:
-        keys = search_keys(resource_type, if_none_exist, limit=2)
-        if len(keys) > 1:
-            raise PreconditionFailed(
-                MSG_CONDITIONAL_MULTIPLE.format(count="several"),
-                detail_code="MSG_CONDITIONAL_MULTIPLE",
-            )
-        if keys:
-            return WriteResult(
-                row=StoredResource.objects.get(key=keys[0]), created=False, changed=False
-            )
     resource_id = assigned_id or str(uuid.uuid4())
     stored = {**stored, "id": resource_id}
 
     def build(draft: VersionWrite) -> None:
         draft.body, draft.payload = stored, payload
 
-    return write_version(
-        resource_type=resource_type,
-        resource_id=resource_id,
-        method="POST",
-        context=context,
-        build=build,
-        may_create=True,
-    )
+    def create() -> WriteResult:
+        return write_version(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            method="POST",
+            context=context,
+            build=build,
+            may_create=True,
+        )
+
+    if if_none_exist is None:
+        return create()
+
+    def create_unless_found() -> WriteResult:
+        found = _single_match(resource_type, if_none_exist)
+        if found is not None:
+            row = StoredResource.objects.get(key=f"{resource_type}/{found}")
+            return WriteResult(row=row, created=False, changed=False)
+        return create()
+
+    return run_conditional(create_unless_found, key=f"{resource_type}?{if_none_exist}")
 
 
 def resource_update(
@@ -347,19 +445,73 @@ def resource_update(
             expression="id",
         )
     stored, payload = handler_for(resource_type).prepare(without_server_meta(body))
-
-    def build(draft: VersionWrite) -> None:
-        draft.body, draft.payload = stored, payload
-
-    return write_version(
+    return _put_version(
         resource_type=resource_type,
         resource_id=resource_id,
-        method="PUT",
+        stored=stored,
+        payload=payload,
         context=context,
-        build=build,
         if_match=if_match,
         may_create=fhir_settings.UPDATE_CREATE,
     )
+
+
+def resource_conditional_update(
+    *,
+    resource_type: str,
+    query: str | None,
+    body: Any,
+    context: WriteContext,
+    if_match: int | None = None,
+    assigned_id: str | None = None,
+) -> WriteResult:
+    """``PUT [type]?[search]``: update the one match, or create when nothing matches.
+
+    No match: create, under the body's id (update-as-create, when UPDATE_CREATE allows; 400
+    when that id exists but does not match) or a new one (``assigned_id`` when a transaction
+    Bundle chose it). One match: update it (400 when the body names another id). Several:
+    412. Matching and writing are one serializable transaction.
+    """
+    check_type(resource_type)
+    condition = _condition(query, "update")
+    check_body(resource_type, body)
+    body_id = body.get("id")
+    if body_id is not None:
+        if not isinstance(body_id, str):
+            raise BadRequest(MSG_BAD_ID.format(id=body_id), detail_code="MSG_ID_INVALID")
+        check_id(body_id)
+    stored, payload = handler_for(resource_type).prepare(without_server_meta(body))
+    del body  # see resource_create: a big roster is in ``payload`` now
+    new_id = assigned_id or str(uuid.uuid4())
+
+    def update_or_create() -> WriteResult:
+        matched = _single_match(resource_type, condition)
+        if matched is not None and body_id is not None and body_id != matched:
+            raise BadRequest(
+                MSG_CONDITION_ID_MISMATCH.format(found=body_id, matched=matched),
+                detail_code="MSG_RESOURCE_ID_MISMATCH",
+                expression="id",
+            )
+        if matched is None and body_id is not None:
+            existing = StoredResource.objects.filter(key=f"{resource_type}/{body_id}").first()
+            if existing is not None and not existing.deleted and is_visible(existing):
+                raise BadRequest(
+                    MSG_CONDITION_ID_TAKEN.format(found=body_id, type=resource_type),
+                    detail_code="MSG_RESOURCE_ID_MISMATCH",
+                    expression="id",
+                )
+        return _put_version(
+            resource_type=resource_type,
+            resource_id=matched or body_id or new_id,
+            stored=stored,
+            payload=payload,
+            context=context,
+            if_match=if_match,
+            # A body id with no match is an update-as-create; without one, a create.
+            may_create=matched is None and (body_id is None or fhir_settings.UPDATE_CREATE),
+        )
+
+    return run_conditional(update_or_create, key=f"{resource_type}?{condition}")
 
 
 def resource_patch(
@@ -388,6 +540,75 @@ def resource_patch(
         if_match=if_match,
         must_exist=True,
     )
+
+
+def resource_conditional_patch(
+    *,
+    resource_type: str,
+    query: str | None,
+    ops: Any,
+    context: WriteContext,
+    if_match: int | None = None,
+) -> WriteResult:
+    """``PATCH [type]?[search]``: patch the one match (404 for none, 412 for several)."""
+    check_type(resource_type)
+    condition = _condition(query, "patch")
+    parse_patch(ops)
+
+    def patch_match() -> WriteResult:
+        matched = _single_match(resource_type, condition)
+        if matched is None:
+            raise NotFound(
+                MSG_CONDITION_NO_MATCH.format(type=resource_type, query=condition),
+                detail_code="MSG_CONDITION_NO_MATCH",
+            )
+        return resource_patch(
+            resource_type=resource_type,
+            resource_id=matched,
+            ops=ops,
+            context=context,
+            if_match=if_match,
+        )
+
+    return run_conditional(patch_match, key=f"{resource_type}?{condition}")
+
+
+def resource_conditional_delete(
+    *, resource_type: str, query: str | None, context: WriteContext
+) -> list[WriteResult]:
+    """``DELETE [type]?[search]``: delete what the condition matches; the deletes made.
+
+    ``CONDITIONAL_DELETE`` "single" answers 412 when several resources match; "multiple"
+    deletes them all, up to ``CONDITIONAL_DELETE_MAX`` (more: 412, nothing deleted). No
+    match deletes nothing. Matching and deleting are one serializable transaction.
+    """
+    check_type(resource_type)
+    condition = _condition(query, "delete")
+    multiple = fhir_settings.CONDITIONAL_DELETE == "multiple"
+    limit = fhir_settings.CONDITIONAL_DELETE_MAX if multiple else 1
+
+    def delete_matches() -> list[WriteResult]:
+        keys = search_keys(resource_type, condition, limit=limit + 1)
+        if len(keys) > limit:
+            if multiple:
+                raise PreconditionFailed(
+                    MSG_CONDITIONAL_DELETE_LIMIT.format(limit=limit),
+                    detail_code="MSG_CONDITIONAL_DELETE_LIMIT",
+                )
+            raise PreconditionFailed(
+                MSG_CONDITIONAL_MULTIPLE.format(count="several"),
+                detail_code="MSG_CONDITIONAL_MULTIPLE",
+            )
+        deleted = []
+        for key in keys:
+            result = resource_delete(
+                resource_type=resource_type, resource_id=key.split("/", 1)[1], context=context
+            )
+            if result is not None:
+                deleted.append(result)
+        return deleted
+
+    return run_conditional(delete_matches, key=f"{resource_type}?{condition}")
 
 
 def resource_delete(

@@ -173,10 +173,6 @@ def test_what_is_not_declared_is_refused(api, statement):
     assert "search-system" not in system
     assert_outcome(api.get(""), 405, "MSG_METHOD_NOT_ALLOWED")
     resources = by_type(statement)
-    assert resources["Patient"]["conditionalDelete"] == "not-supported"
-    assert_outcome(api.delete("/Patient?gender=male"), 405, "MSG_METHOD_NOT_ALLOWED")
-    assert resources["Patient"]["conditionalUpdate"] is False
-    assert_outcome(api.put("/Patient?gender=male", patient()), 405, "MSG_METHOD_NOT_ALLOWED")
     declared = {p["name"] for p in resources["Patient"]["searchParam"]}
     assert not {"shoe-size", "_text", "_content", "_filter", "_query"} & declared
     response = api.get("/Patient?shoe-size=x", headers={"Prefer": "handling=strict"})
