@@ -11,6 +11,7 @@ from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
 from fhirservice.plugins import operation_definitions, search_params
 from fhirservice.search.extract import COLUMN_PARAMS, UNSUPPORTED_PARAMS
 from fhirservice.search.extract import search_params as definition_params
+from fhirservice.search.include import search_includes, search_revincludes
 
 INTERACTIONS = [
     "read",
@@ -105,8 +106,11 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
             "conditionalCreate": True,
             "conditionalUpdate": True,
             "conditionalDelete": fhir_settings.CONDITIONAL_DELETE,
+            "searchInclude": search_includes(resource_type),
             "searchParam": _search_params(resource_type),
         }
+        if revincludes := search_revincludes(resource_type):
+            entry["searchRevInclude"] = revincludes
         operations = [
             {"name": definition.code, "definition": definition.url}
             for definition in definitions

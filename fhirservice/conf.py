@@ -63,6 +63,10 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_FAILURES_PER_MINUTE": 20,
     # Retry-After (seconds) of a 503: a backing store is down, stopped or locked.
     "UNAVAILABLE_RETRY_AFTER": 5,
+    # _include/_revinclude (fhirservice.search.include): most included resources per search
+    # page (more are cut, with a warning entry), and rounds of :iterate after the first.
+    "INCLUDE_MAX": 1000,
+    "INCLUDE_ITERATE_DEPTH": 3,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -90,6 +94,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "AUTH": lambda v: isinstance(v, bool),
     "TOKEN_FAILURES_PER_MINUTE": lambda v: type(v) is int and v >= 0,
     "UNAVAILABLE_RETRY_AFTER": lambda v: type(v) is int and v >= 0,
+    "INCLUDE_MAX": lambda v: type(v) is int and v >= 0,
+    "INCLUDE_ITERATE_DEPTH": lambda v: type(v) is int and 0 <= v <= 10,
 }
 
 

@@ -8,7 +8,8 @@ adds from its ``AppConfig.ready``:
   store (the Group roster kept outside the metadata store);
 - a **search parameter answered outside the metadata store** (:func:`register_search_param`):
   a function from the parameter's values and modifier to a filter on ``StoredResource``
-  (``Group?member=``);
+  (``Group?member=``), and optionally one listing the references it holds, for ``_include``
+  (``Group:member``; ``_revinclude`` goes through the filter);
 - an **admin page of its own** for a resource type (:func:`register_admin_page`): the
   generic store admin (``fhirservice.admin``) leaves the type out and links to that page;
 - an **$operation** (:func:`register_operation`) at system, type or instance level: its
@@ -41,6 +42,8 @@ MSG_HANDLER_OR_VIEW = "Operation {id}: give a handler or a view, not both"
 
 # build(values, modifier) -> a filter on StoredResource (values split at unescaped commas).
 SearchFilter = Callable[[list[str], str], Q]
+# references(rows, limit) -> at most ``limit`` references (``Type/id``) the stored rows hold.
+SearchReferences = Callable[[list[Any], int], list[str]]
 # handler(values=..., resource_id=..., context=WriteContext) -> a resource (dict) or a list of
 # stored rows (answered as a searchset Bundle).
 OperationHandler = Callable[..., Any]
@@ -54,6 +57,7 @@ class SearchParam:
     name: str
     build: SearchFilter
     documentation: str
+    references: SearchReferences | None = None
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,18 @@ def types_with_admin_pages() -> list[str]:
 
 
 def register_search_param(
-    resource_type: str, name: str, build: SearchFilter, documentation: str
+    resource_type: str,
+    name: str,
+    build: SearchFilter,
+    documentation: str,
+    *,
+    references: SearchReferences | None = None,
 ) -> None:
-    """Answer ``[type]?name=`` with ``build`` (listed in the CapabilityStatement)."""
-    _SEARCH_PARAMS[(resource_type, name)] = SearchParam(resource_type, name, build, documentation)
+    """Answer ``[type]?name=`` with ``build`` (listed in the CapabilityStatement); with
+    ``references``, ``_include=[type]:name`` too."""
+    _SEARCH_PARAMS[(resource_type, name)] = SearchParam(
+        resource_type, name, build, documentation, references
+    )
 
 
 def search_param(resource_type: str, name: str) -> SearchParam | None:

@@ -31,7 +31,7 @@ class GroupsConfig(AppConfig):
         from groups.handlers import GroupHandler, on_resource_saved
         from groups.metrics import MemberBacklogCollector, backlog_detail
         from groups.outbox import background
-        from groups.search import member_param
+        from groups.search import member_param, member_references
 
         plugins.register_resource_handler("Group", GroupHandler())
         plugins.register_search_param(
@@ -39,6 +39,7 @@ class GroupsConfig(AppConfig):
             "member",
             member_param,
             "A member of the group (Patient/123); several values mean any of them",
+            references=member_references,
         )
         plugins.register_operation(views.OPERATION, view=views.GroupMembersView.as_view())
         plugins.register_admin_page("Group", "admin:groups_groupresource_change")

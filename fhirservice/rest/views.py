@@ -15,6 +15,7 @@ from fhirservice.errors import NotFound, information_outcome, operation_outcome
 from fhirservice.rest.base import FhirView, base_url, fhir_http_response, version_headers
 from fhirservice.rest.rendering import bundle_body, render_resource
 from fhirservice.rest.subsetting import subset
+from fhirservice.search.include import MSG_INCLUDES_CAPPED, include_page
 from fhirservice.search.query import SearchSpec, parse_count, parse_search, run_search
 from fhirservice.store.json import dumps
 from fhirservice.store.selectors import (
@@ -61,6 +62,7 @@ class TypeView(FhirView):
         flat = [(k, v) for k, values in pairs for v in values]
         spec = parse_search(resource_type, flat, strict=self.strict())
         page = run_search(spec)
+        included = include_page(spec.includes, page.rows)
         # Resources defined in code (built-in OperationDefinitions) lead the first page.
         built_in = self.built_in_matches(spec) if spec.cursor is None else []
         base = base_url(request)
@@ -102,18 +104,33 @@ class TypeView(FhirView):
                         row, current=True, summary=summary, elements=spec.elements, in_bundle=True
                     ),
                 )
-            if spec.ignored:
-                outcome = operation_outcome(
-                    [
-                        {
-                            "severity": "warning",
-                            "code": "not-supported",
-                            "diagnostics": f"Unknown search parameter {name!r} was ignored",
-                        }
-                        for name in spec.ignored
-                    ]
+            # --- included resources (fhirservice.search.include) ---
+            for row in included.rows:
+                yield (
+                    {
+                        "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
+                        "search": {"mode": "include"},
+                    },
+                    render_resource(row, current=True, summary=summary, in_bundle=True),
                 )
-                yield {"search": {"mode": "outcome"}}, render_json(outcome)
+            issues = [
+                {
+                    "severity": "warning",
+                    "code": "not-supported",
+                    "diagnostics": f"Unknown search parameter {name!r} was ignored",
+                }
+                for name in spec.ignored
+            ]
+            if included.capped:
+                issues.append(
+                    {
+                        "severity": "warning",
+                        "code": "too-costly",
+                        "diagnostics": MSG_INCLUDES_CAPPED.format(limit=fhir_settings.INCLUDE_MAX),
+                    }
+                )
+            if issues:
+                yield {"search": {"mode": "outcome"}}, render_json(operation_outcome(issues))
 
         return fhir_http_response(bundle_body(header, entries()))
 

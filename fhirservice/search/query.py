@@ -33,6 +33,7 @@ from fhirservice.errors import BadRequest
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import SearchToken, StoredResource
 from fhirservice.plugins import search_param
+from fhirservice.search.chain import chain_filter, is_chain
 from fhirservice.search.extract import (
     EARLIEST,
     UNSUPPORTED_PARAMS,
@@ -41,6 +42,7 @@ from fhirservice.search.extract import (
     local_reference,
     search_params,
 )
+from fhirservice.search.include import INCLUDE_PARAMS, Include, parse_include
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
 MSG_UNKNOWN_PARAM = "Unknown search parameter {name!r} for {type}"
@@ -102,6 +104,7 @@ class SearchSpec:
     elements: list[str] | None = None
     ignored: list[str] = field(default_factory=list)
     used: list[tuple[str, str]] = field(default_factory=list)
+    includes: list[Include] = field(default_factory=list)  # _include and _revinclude
 
 
 @dataclass
@@ -527,6 +530,23 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bo
     spec = SearchSpec(resource_type=resource_type, count=fhir_settings.DEFAULT_COUNT)
     for name_mod, raw in pairs:
         name, _, modifier = name_mod.partition(":")
+        # --- chains, _has, _include/_revinclude (fhirservice.search.chain, .include) ---
+        if name in INCLUDE_PARAMS:
+            include = parse_include(name, modifier, raw, strict=strict)
+            if include is None:
+                spec.ignored.append(name_mod)
+            else:
+                spec.includes.append(include)
+            continue
+        if is_chain(name_mod):
+            condition = chain_filter(resource_type, name_mod, raw, strict=strict)
+            if condition is None:
+                spec.ignored.append(name_mod)
+            else:
+                spec.filters.append(condition)
+                spec.used.append((name_mod, raw))
+            continue
+        # --- end of chains and includes ---
         if name in RESULT_PARAMS:
             _result_param(spec, name, raw)
             continue
