@@ -232,6 +232,7 @@ FHIR_SERVICE = {
         "MAX_ARRAY_ITEMS": env.int("FHIR_MAX_ARRAY_ITEMS", default=None),
         "MEMBER_RELAY_INTERVAL": env.float("FHIR_MEMBER_RELAY_INTERVAL", default=None),
         "MEMBER_RELAY_MAX_INTERVAL": env.float("FHIR_MEMBER_RELAY_MAX_INTERVAL", default=None),
+        "MEMBER_SHUTDOWN_WAIT": env.float("FHIR_MEMBER_SHUTDOWN_WAIT", default=None),
         "THROTTLE_RATE": env.str("FHIR_THROTTLE_RATE", default="").strip() or None,
         "AUTH": _on_off(env.str("FHIR_AUTH", default=None)),
         "TOKEN_FAILURES_PER_MINUTE": env.int("FHIR_TOKEN_FAILURES_PER_MINUTE", default=None),

@@ -1,6 +1,6 @@
 """App config of the Group roster app: plugs the Group handler, ``member`` search, ``$members``
 and the Group admin page into the core; connects the post-save receiver, the shipper, the
-digests' warm-up and the outbox relay to the core's signals."""
+digests' warm-up, the outbox relay and the shipper's drain at exit to the core's signals."""
 
 from django.apps import AppConfig
 
@@ -24,7 +24,7 @@ class GroupsConfig(AppConfig):
         from fhirservice.clickhouse import clickhouse_closing
         from fhirservice.health import register_readiness_detail
         from fhirservice.metrics import STORE_METRICS
-        from fhirservice.serving import service_starting
+        from fhirservice.serving import service_starting, service_stopping
         from fhirservice.store.handlers import resource_saved
         from groups import views
         from groups.digest import digests
@@ -49,5 +49,6 @@ class GroupsConfig(AppConfig):
         resource_saved.connect(on_resource_saved, dispatch_uid="groups.on_resource_saved")
         service_starting.connect(digests.warm_up, dispatch_uid="groups.digests.warm_up")
         service_starting.connect(background.outbox_relay_start, dispatch_uid="groups.outbox_relay")
+        service_stopping.connect(background.shutdown_drain, dispatch_uid="groups.outbox_drain")
         register_readiness_detail("member_backlog", backlog_detail)
         STORE_METRICS.register(MemberBacklogCollector())

@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     # between rounds while they fail (ClickHouse down), the wait doubling up to it.
     "MEMBER_RELAY_INTERVAL": 5.0,
     "MEMBER_RELAY_MAX_INTERVAL": 60.0,
+    # Seconds a server process told to stop waits for its queued member events to ship
+    # before it exits; what is left goes to the relays (groups.outbox.background).
+    "MEMBER_SHUTDOWN_WAIT": 10.0,
 }
 
 CHECKS = {
@@ -43,6 +46,7 @@ CHECKS = {
     "MEMBER_DIGEST_SYNC_MAX": lambda v: type(v) is int and v >= 0,
     "MEMBER_RELAY_INTERVAL": lambda v: isinstance(v, int | float) and v >= 0,
     "MEMBER_RELAY_MAX_INTERVAL": lambda v: isinstance(v, int | float) and v > 0,
+    "MEMBER_SHUTDOWN_WAIT": lambda v: isinstance(v, int | float) and v >= 0,
 }
 
 register(DEFAULTS, CHECKS)

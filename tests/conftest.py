@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -65,8 +66,12 @@ def _fresh_roster_digests() -> None:
 @pytest.fixture(autouse=True)
 def _no_outbox_relay_left_running() -> Iterator[None]:
     """A test that starts a server process's outbox relay (``warm_up`` does) stops it after:
-    its thread would ship other tests' pending batches, or outlive the test database."""
+    its thread would ship other tests' pending batches, or outlive the test database. The
+    exit hook ``warm_up`` registers goes too: at the end of the run it would read the outbox
+    of a test database that no longer exists."""
     yield
+    from fhirservice.serving import service_stop
     from groups.outbox import background
 
     background.relay_stop()
+    atexit.unregister(service_stop)

@@ -4,7 +4,8 @@
 access control off unless FHIR_AUTH says otherwise). :func:`serve` does the same on the
 embedded defaults (SQLite + chdb under a var dir of its own, whatever backend pair the test
 pass uses), on a free loopback port, and stops the server (SIGTERM to its process group)
-when the block ends. The server's output is kept in ``server.log`` beside its var dir.
+when the block ends, unless the test stopped it (:meth:`Served.stop`). The server's output
+is kept in ``server.log`` beside its var dir.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class Served:
     def log(self) -> str:
         """Everything the server wrote so far (stdout and stderr)."""
         return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        """Stop the server as an orchestrator does (SIGTERM to gunicorn's master and worker)
+        and wait for it to exit; its exit status."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
 
 
 def free_port() -> int:
@@ -124,9 +131,10 @@ def serve(
         _wait_until_up(served)
         yield served
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:  # not stopped by the test already
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

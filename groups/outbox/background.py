@@ -11,6 +11,12 @@ Writes queued while the thread is busy are shipped together in its next round, w
 a burst of small PATCHes into few inserts. ``"request"`` ships in the request right after
 commit instead (one insert per write: simpler to reason about, slower to answer).
 
+A server process that is told to stop (SIGTERM; see ``fhirservice.serving``) ships what it
+queued before it exits, for at most ``MEMBER_SHUTDOWN_WAIT`` seconds (:func:`shutdown_drain`):
+a rolling restart then leaves no backlog behind. What it could not ship in that time is
+marked for the relays (shipped by their next round instead of after ``LEFT_BEHIND_AFTER``)
+and logged, with the outbox's whole backlog.
+
 Nothing is lost if the process dies with a queue: the batches stay pending in the outbox.
 A server process runs a relay of its own (:class:`Relay`, started when it starts serving):
 every ``MEMBER_RELAY_INTERVAL`` seconds it ships whatever any process left behind, on any
@@ -22,20 +28,48 @@ and ``repair_group_members`` ship them too.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from fhirservice.conf import fhir_settings
+from fhirservice.db import is_unavailable
+from groups.models import MemberOutbox
 from groups.outbox import ship
+from groups.outbox.pending import outbox_backlog
 
 logger = logging.getLogger(__name__)
+
+# The last_error of a batch a stopping process queued and could not ship in time: the relays
+# ship batches with an error at their next round.
+MSG_LEFT_AT_EXIT = "Left pending when its server process stopped"
+LOG_SHIPPING_FAILED = "Shipping member events of %s failed"
+LOG_RELAY_FAILED = "Outbox relay round failed"
+LOG_DRAINED = "Stopping: every member event batch this process queued is shipped (%.1f s)"
+LOG_LEFT = (
+    "Stopping: %d member event batches this process queued were not shipped within %.1f s; "
+    "the outbox holds %d pending batches (%d events, oldest %.0f s), which the relay of any "
+    "server process or ship_member_events ships"
+)
+LOG_LEFT_UNKNOWN = (
+    "Stopping: %d member event batches this process queued were not shipped within %.1f s, "
+    "and the outbox could not be read (%s); the relays ship what is pending"
+)
+
+
+def _log_failure(message: str, exc: Exception, *args: object) -> None:
+    """Log a failed shipping round: one line when the metadata store is down (a relay
+    retrying every few seconds would print a traceback each time), else with the traceback."""
+    if is_unavailable(exc):
+        logger.warning(f"{message} (%s: %s)", *args, type(exc).__name__, exc)
+    else:
+        logger.exception(message, *args)
 
 
 class BackgroundShipper:
@@ -46,6 +80,7 @@ class BackgroundShipper:
         self._cond = threading.Condition()
         self._queue: dict[str, list[str]] = {}
         self._busy = False
+        self._round: dict[str, list[str]] = {}  # the keys being shipped now
         self._thread: threading.Thread | None = None
 
     def submit(self, roster: str, keys: list[str]) -> None:
@@ -61,8 +96,17 @@ class BackgroundShipper:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is shipped (or failed); False on timeout."""
+        return not self.drain(timeout)
+
+    def drain(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds for everything queued to ship; the keys left:
+        still queued, or in the round that had not finished (it may yet)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            if self._cond.wait_for(lambda: not self._queue and not self._busy, timeout):
+                return []
+            return [
+                key for work in (self._round, self._queue) for keys in work.values() for key in keys
+            ]
 
     def _run(self) -> None:
         while True:
@@ -70,18 +114,20 @@ class BackgroundShipper:
                 self._cond.wait_for(lambda: bool(self._queue))
                 work, self._queue = self._queue, {}
                 self._busy = True
+                self._round = work
             try:
                 for roster, keys in work.items():
                     try:
                         ship.written_batches_ship(roster, keys)
-                    except Exception:  # a failed round must not end the thread
-                        logger.exception("Shipping member events of %s failed", roster)
+                    except Exception as exc:  # a failed round must not end the thread
+                        _log_failure(LOG_SHIPPING_FAILED, exc, roster)
             finally:
                 # The thread's own metadata connection: closed between rounds so an idle
                 # process holds none and a restarted database is reconnected.
                 connections.close_all()
                 with self._cond:
                     self._busy = False
+                    self._round = {}
                     self._cond.notify_all()
 
 
@@ -113,7 +159,8 @@ class Relay:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current round (shutdown, tests)."""
+        """Stop after the current round, waiting for it up to ``timeout`` seconds (shutdown,
+        tests)."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -123,8 +170,8 @@ class Relay:
         while not self._stop.is_set():
             try:
                 succeeded = ship.outbox_relay_round()
-            except Exception:  # a failed round must not end the relay
-                logger.exception("Outbox relay round failed")
+            except Exception as exc:  # a failed round must not end the relay
+                _log_failure(LOG_RELAY_FAILED, exc)
                 succeeded = False
             finally:
                 connections.close_all()  # as the shipper: no idle connection held
@@ -145,7 +192,6 @@ def relay_start(*, interval: float, max_interval: float) -> Relay | None:
         if _relay is not None:
             _relay.stop()
         _relay = Relay(interval=interval, max_interval=max(max_interval, interval))
-        atexit.register(_relay.stop)
     _relay.ensure_running()
     return _relay
 
@@ -158,20 +204,56 @@ def outbox_relay_start(**_: Any) -> None:
     )
 
 
-def relay_stop() -> None:
-    """Stop this process's relay, if it runs (tests)."""
+def relay_stop(timeout: float = 10.0) -> None:
+    """Stop this process's relay, if it runs (shutdown, tests), waiting for its round up to
+    ``timeout`` seconds."""
     global _relay
     with _shipper_lock:
         relay, _relay = _relay, None
     if relay is not None:
-        relay.stop()
+        relay.stop(timeout)
+
+
+def shutdown_drain(**_: Any) -> None:
+    """Receiver of ``service_stopping``: ship what this process queued, waiting at most
+    ``MEMBER_SHUTDOWN_WAIT`` seconds in all, stop its relay, and log what is left.
+
+    Batches still queued are marked (``MSG_LEFT_AT_EXIT``) so that the relays of the other
+    processes, or of this one's successor, ship them at their next round. The log line names
+    the outbox's whole backlog (every process's), so an operator sees what a restart left.
+    """
+    started = time.monotonic()
+    wait = fhir_settings.MEMBER_SHUTDOWN_WAIT
+    shipper = _shipper
+    left = shipper.drain(wait) if shipper is not None else []
+    relay_stop(max(wait - (time.monotonic() - started), 0.0))
+    try:
+        if left:
+            MemberOutbox.objects.filter(key__in=left, shipped_at__isnull=True).update(
+                last_error=MSG_LEFT_AT_EXIT
+            )
+        backlog = outbox_backlog()
+    except DatabaseError as exc:
+        logger.warning(LOG_LEFT_UNKNOWN, len(left), wait, type(exc).__name__)
+        return
+    finally:
+        connections.close_all()
+    if not left and not backlog.batches:
+        logger.info(LOG_DRAINED, time.monotonic() - started)
+        return
+    logger.warning(
+        LOG_LEFT,
+        len(left),
+        wait,
+        backlog.batches,
+        backlog.events,
+        backlog.oldest_age,
+    )
 
 
 _shipper: BackgroundShipper | None = None
 _shipper_lock = threading.Lock()
 _local = threading.local()
-# How long a finishing process waits for queued batches before leaving them to the relay.
-EXIT_WAIT_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -218,7 +300,6 @@ def after_commit(
     with _shipper_lock:
         if _shipper is None:
             _shipper = BackgroundShipper()
-            atexit.register(_shipper.flush, EXIT_WAIT_SECONDS)
     _shipper.submit(roster, keys)
 
 
