@@ -22,6 +22,10 @@ class FhirServiceConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Register system checks and fail fast on bad FHIR_SERVICE values."""
+        """Fail fast on bad FHIR_SERVICE values; prepare the binding check at start-up."""
         fhir_settings.validate_all()
         gc.set_threshold(*GC_THRESHOLDS)
+        from fhirservice.fhir import bindings
+        from fhirservice.serving import service_starting
+
+        service_starting.connect(bindings.warm_up, dispatch_uid="fhirservice.bindings.warm_up")

@@ -67,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     # page (more are cut, with a warning entry), and rounds of :iterate after the first.
     "INCLUDE_MAX": 1000,
     "INCLUDE_ITERATE_DEPTH": 3,
+    # Writes must respect R4's required value-set bindings (fhirservice.fhir.bindings).
+    # Off only to load data written before the rule; manage.py report_binding_violations
+    # lists what stored data breaks it.
+    "REQUIRED_BINDINGS": True,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -96,6 +100,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "UNAVAILABLE_RETRY_AFTER": lambda v: type(v) is int and v >= 0,
     "INCLUDE_MAX": lambda v: type(v) is int and v >= 0,
     "INCLUDE_ITERATE_DEPTH": lambda v: type(v) is int and 0 <= v <= 10,
+    "REQUIRED_BINDINGS": lambda v: isinstance(v, bool),
 }
 
 

@@ -99,6 +99,14 @@ class InvalidResource(BadRequest):
     default_diagnostics = "The resource is not valid FHIR R4"
 
 
+class BindingViolation(InvalidResource):
+    """A coded element holds a value outside its required value set (400 code-invalid)."""
+
+    code = "code-invalid"
+    detail_code = "MSG_CODE_INVALID"
+    default_diagnostics = "A code is not in the value set its element requires"
+
+
 class UnprocessableEntity(FhirError):
     """Well-formed input that the server cannot process (422)."""
 

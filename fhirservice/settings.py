@@ -237,6 +237,7 @@ FHIR_SERVICE = {
         "AUTH": _on_off(env.str("FHIR_AUTH", default=None)),
         "TOKEN_FAILURES_PER_MINUTE": env.int("FHIR_TOKEN_FAILURES_PER_MINUTE", default=None),
         "UNAVAILABLE_RETRY_AFTER": env.int("FHIR_UNAVAILABLE_RETRY_AFTER", default=None),
+        "REQUIRED_BINDINGS": _on_off(env.str("FHIR_REQUIRED_BINDINGS", default=None)),
     }.items()
     if value is not None
 }

@@ -1,9 +1,9 @@
 """Content validation of FHIR R4 (4.0.1) resources.
 
-``validate_resource`` accepts what the R4 StructureDefinitions allow (invariants and value-set
-bindings are not checked; four required elements that official examples omit are relaxed)
-and raises ``InvalidResource`` with one OperationOutcome issue per problem otherwise. It
-works in two passes:
+``validate_resource`` accepts what the R4 StructureDefinitions allow (invariants are not
+checked; four required elements that official examples omit are relaxed) and raises
+``InvalidResource`` with one OperationOutcome issue per problem otherwise. It works in
+three passes:
 
 1. A structural walk over the JSON, driven by per-type element tables: element names,
    JSON value kinds, cardinality, required elements, choice types, the R4 regexes of the
@@ -16,6 +16,9 @@ works in two passes:
 2. The R4B model of the type validates the resource again, whenever its content is
    expressible in R4B; content that uses what only R4 has (an R4-only type, an element R4B
    dropped) is decided by the walk alone.
+3. Required value-set bindings (``fhirservice.fhir.bindings``, compiled from the element
+   tables below), unless ``FHIR_SERVICE["REQUIRED_BINDINGS"]`` is off: a violation raises
+   ``BindingViolation`` (400, issue code ``code-invalid``).
 
 The reasons and the measured differences are in docs/adr/0003-r4-coverage-with-r4b-models.md.
 """
@@ -36,10 +39,20 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.types import FhirBase, FhirElementOrResourceBase
 from pydantic import ValidationError
 
-from fhirservice.errors import MSG_UNKNOWN_TYPE, InvalidResource
+from fhirservice.conf import fhir_settings
+from fhirservice.errors import MSG_UNKNOWN_TYPE, BindingViolation, InvalidResource
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES, R4_SPEC_STRUCTURES
 
-__all__ = ["MAX_ISSUES", "element_definitions", "validate_resource"]
+__all__ = [
+    "COMPLEX",
+    "MAX_ISSUES",
+    "RESOURCE",
+    "Structure",
+    "element_definitions",
+    "render_path",
+    "structure_of_type",
+    "validate_resource",
+]
 
 MAX_ISSUES = 20
 
@@ -800,7 +813,9 @@ def validate_resource(body: dict[str, Any], *, skip_elements: frozenset[str] = f
     The resource type must be one of R4's 146. ``skip_elements`` names top-level elements
     the caller validates itself (the Group roster ``member``, checked on a fast path); they
     are neither checked nor reported missing. The error carries one OperationOutcome issue
-    per problem (up to ``MAX_ISSUES``), each with a FHIRPath-like ``expression``.
+    per problem (up to ``MAX_ISSUES``), each with a FHIRPath-like ``expression``; a
+    structurally valid resource that breaks required bindings raises ``BindingViolation``
+    with one ``code-invalid`` issue per violation.
     """
     if type(body) is not dict:
         raise InvalidResource("A resource must be a JSON object")
@@ -838,8 +853,22 @@ def validate_resource(body: dict[str, Any], *, skip_elements: frozenset[str] = f
         )
     if walk.issues:
         _raise(walk.issues)
-    if structure.spec or walk.beyond_r4b:
-        return  # uses what only R4 has: the walk above is the whole check
+    if not (structure.spec or walk.beyond_r4b):  # else R4-only content: the walk decides
+        _model_pass(body, resource_type, skip_elements)
+    if fhir_settings.REQUIRED_BINDINGS:
+        # Imported here: the bindings module compiles its tables from this one's.
+        from fhirservice.fhir.bindings import binding_issues
+
+        issues = binding_issues(body, skip_elements=skip_elements, limit=MAX_ISSUES)
+        if issues:
+            first, *rest = issues
+            raise BindingViolation(
+                first["diagnostics"], expression=first["expression"], issues=rest
+            )
+
+
+def _model_pass(body: dict[str, Any], resource_type: str, skip_elements: frozenset[str]) -> None:
+    """Validate with the R4B model of the type (content it can express)."""
     data = {k: v for k, v in body.items() if k not in skip_elements} if skip_elements else body
     try:
         get_fhir_model_class(resource_type).model_validate(data)
@@ -877,6 +906,13 @@ def _raise(issues: list[dict[str, Any]]) -> typing.NoReturn:
     """Raise InvalidResource: the first problem is the main issue, the others follow."""
     first, *rest = issues
     raise InvalidResource(first["diagnostics"], expression=first.get("expression"), issues=rest)
+
+
+# The element tables and path rendering, for fhirservice.fhir.bindings.
+COMPLEX, RESOURCE = _COMPLEX, _RESOURCE
+Structure = _Structure
+structure_of_type = _structure_of_type
+render_path = _expression
 
 
 def element_definitions(type_name: str) -> dict[str, tuple[int, str, frozenset[str]]]:
