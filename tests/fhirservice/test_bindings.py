@@ -5,13 +5,16 @@ issue per violation, naming the element (FHIRPath-like, with indexes), the value
 value set, and nothing is stored: on create, update, PATCH, batch and transaction entries.
 The checker descends into datatypes, backbone elements (also those reused by
 ``contentReference``), choice types, extensions and contained resources. All official R4
-examples keep passing. ``FHIR_SERVICE["REQUIRED_BINDINGS"]`` switches the check.
+examples keep passing. With ``FHIR_SERVICE["REQUIRED_BINDINGS"]`` off such writes are stored,
+and ``manage.py report_binding_violations`` finds them.
 """
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from fhirservice.conf import fhir_settings
@@ -20,6 +23,11 @@ from fhirservice.fhir.bindings import (
     MSG_CODING_NOT_IN_VALUE_SET,
     MSG_NO_CODING,
     binding_issues,
+)
+from fhirservice.management.commands.report_binding_violations import (
+    EXIT_VIOLATIONS,
+    MSG_FOUND,
+    MSG_NONE,
 )
 from tests.external import r4_examples
 from tests.fhirservice.test_api_bundles import bundle, post, put
@@ -271,7 +279,7 @@ def test_no_official_r4_example_breaks_a_required_binding():
     assert broken == {}
 
 
-# --- the switch --------------------------------------------------------------------------
+# --- the switch and the report command ----------------------------------------------------
 
 
 def test_the_switch_is_a_validated_boolean():
@@ -286,3 +294,66 @@ def test_with_the_switch_off_a_bad_code_is_stored(api):
         response = api.post("/Patient", patient(gender="banana"))
     assert response.status == 201, response
     assert api.get(f"/Patient/{response.body['id']}").body["gender"] == "banana"
+
+
+def test_with_the_switch_off_violations_are_stored_and_the_command_reports_them(api, tmp_path):
+    with override_settings(FHIR_SERVICE={"REQUIRED_BINDINGS": False}):
+        bad = api.post("/Patient", patient(gender="banana", contact=[{"gender": "x"}])).body
+        also_bad = api.post("/Observation", observation(status="done")).body
+    good = api.post("/Patient", patient(gender="male")).body
+    deleted = api.post("/Patient", patient(gender="female")).body
+    api.delete(f"/Patient/{deleted['id']}")
+    output = tmp_path / "violations.jsonl"
+
+    with pytest.raises(CommandError) as info:
+        call_command("report_binding_violations", output=str(output), batch_size=1, verbosity=0)
+
+    assert info.value.returncode == EXIT_VIOLATIONS
+    assert str(info.value) == MSG_FOUND.format(violations=3, resources=2, count=3)
+    lines = [orjson.loads(line) for line in output.read_text().splitlines()]
+    assert sorted((line["key"], line["expression"]) for line in lines) == sorted(
+        [
+            (f"Patient/{bad['id']}", "Patient.gender"),
+            (f"Patient/{bad['id']}", "Patient.contact[0].gender"),
+            (f"Observation/{also_bad['id']}", "Observation.status"),
+        ]
+    )
+    assert {line["versionId"] for line in lines} == {"1"}
+    assert all("is not in the required value set" in line["diagnostics"] for line in lines)
+    assert good["id"] not in output.read_text()
+
+    # Limited to one type; after the bad ones are fixed, nothing is left.
+    with pytest.raises(CommandError) as info:
+        call_command("report_binding_violations", types=["Observation"], verbosity=0)
+    assert str(info.value) == MSG_FOUND.format(violations=1, resources=1, count=1)
+    api.put(f"/Patient/{bad['id']}", {**bad, "gender": "other", "contact": [{"gender": "male"}]})
+    api.put(f"/Observation/{also_bad['id']}", {**also_bad, "status": "amended"})
+    call_command("report_binding_violations", verbosity=0)  # no error: exit status 0
+
+
+def test_the_command_prints_the_summary(api, capsys):
+    with override_settings(FHIR_SERVICE={"REQUIRED_BINDINGS": False}):
+        api.post("/Patient", patient(gender="banana"))
+    with pytest.raises(CommandError):
+        call_command("report_binding_violations", verbosity=0)
+    out = capsys.readouterr().out
+    assert "1  Patient.gender" in out
+    assert "v1: Patient.gender: the code 'banana'" in out
+
+
+def test_the_command_with_no_resources_reports_none(db, capsys):
+    call_command("report_binding_violations", verbosity=0)
+    assert capsys.readouterr().out.strip() == MSG_NONE.format(count=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"types": ["Patient", "Banana"]}, "--type Banana is not an R4 resource type"),
+        ({"batch_size": 0}, "--batch-size must be a positive whole number, not 0"),
+    ],
+)
+def test_the_command_refuses_bad_arguments(db, options, message):
+    with pytest.raises(CommandError) as info:
+        call_command("report_binding_violations", verbosity=0, **options)
+    assert str(info.value) == message
