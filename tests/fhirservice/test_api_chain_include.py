@@ -133,6 +133,8 @@ def test_chain_one_level_with_type(api, world) -> None:
     )
     bundle = search(api, "/Observation?subject:Patient.name=peter&code=8867-4")
     assert entries(bundle, "match") == [f"Observation/{world['o-peter']}"]
+    bundle = search(api, "/Observation?patient.given=pet&code=8867-4")  # patient: Patient only
+    assert entries(bundle, "match") == [f"Observation/{world['o-peter']}"]
 
 
 def test_chain_two_and_three_levels(api, world) -> None:
@@ -202,6 +204,9 @@ def test_chain_bad_input(api, world) -> None:
 def test_has_and_nested_has(api, world) -> None:
     bundle = search(api, f"/Patient?_has:Observation:subject:code={LOINC}|8867-4")
     assert entries(bundle, "match") == [f"Patient/{world['peter']}"]
+    bundle = search(api, "/Patient?_has:Observation:patient:code=8867-4")
+    assert entries(bundle, "match") == [f"Patient/{world['peter']}"]
+    assert entries(search(api, "/Group?_has:Observation:patient:code=8867-4"), "match") == []
     bundle = search(api, "/Patient?_has:Observation:subject:code=2339-0")
     assert sorted(entries(bundle, "match")) == sorted(
         [f"Patient/{world['peter']}", f"Patient/{world['anna']}"]
