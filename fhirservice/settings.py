@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "fhirservice.apps.FhirServiceConfig",
     "groups.apps.GroupsConfig",
     "operations.apps.OperationsConfig",
+    "operations.export.apps.ExportConfig",
 ]
 
 MIDDLEWARE = [
@@ -175,6 +176,18 @@ STATIC_URL = "static/"
 # WhiteNoise. Beside the code, not under FHIR_VAR_DIR: the image builds it, and a volume
 # mounted on the data directory would hide it.
 STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# Django's default storages, plus "exports": where $export writes its NDJSON files (the file
+# system under FHIR_VAR_DIR; an S3-compatible bucket through django-storages, see
+# docs/export.md). The service serves the files itself, so the storage needs no public URL.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "exports": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(VAR_DIR / "exports")},
+    },
+}
 
 # Large Group bodies are streamed by our own views; Django's own form-size guard stays for
 # everything else.

@@ -72,6 +72,8 @@ def _no_outbox_relay_left_running() -> Iterator[None]:
     yield
     from fhirservice.serving import service_stop
     from groups.outbox import background
+    from operations.export.worker import worker_thread_stop
 
     background.relay_stop()
     atexit.unregister(service_stop)
+    worker_thread_stop()  # warm_up starts the export worker thread as well

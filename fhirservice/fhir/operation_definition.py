@@ -69,6 +69,8 @@ class OperationDef:
     type: bool = False
     instance: bool = False
     parameters: tuple[ParamDef, ...] = field(default_factory=tuple)
+    # A published definition's canonical URL (the Bulk Data IG's $export); "" for our own.
+    canonical: str = ""
 
     @property
     def id(self) -> str:
@@ -78,7 +80,7 @@ class OperationDef:
     @property
     def url(self) -> str:
         """Canonical URL of the definition."""
-        return f"{CANONICAL_BASE}:{self.id}"
+        return self.canonical or f"{CANONICAL_BASE}:{self.id}"
 
     def inputs(self) -> dict[str, ParamDef]:
         """Input parameters by name."""

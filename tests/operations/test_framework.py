@@ -96,7 +96,15 @@ CONTRACT: dict[str, tuple[str, str, bool, dict[tuple[str, str], tuple[int, str, 
 }
 # Served and listed too; registered by the groups app with a view of its own ($members is GET
 # with paging).
-ALSO_SERVED = {"Group-members": ("Group", "members")}
+ALSO_SERVED = {
+    "Group-members": ("Group", "members"),
+    # Bulk Data export (operations/export, tests/operations/test_export.py).
+    "System-export": (None, "export"),
+    "Patient-export": ("Patient", "export"),
+    "Group-export": ("Group", "export"),
+    "System-export-poll-status": (None, "export-poll-status"),
+    "System-export-file": (None, "export-file"),
+}
 
 
 # --- OperationDefinitions ------------------------------------------------------------------

@@ -1,0 +1,383 @@
+"""What one export job writes: NDJSON parts per resource type, from the metadata store.
+
+The job runs as its client (``fhirservice.access.acting_as``), so every read stays inside the
+client's organization boundary exactly as its searches do. It reads the data **as of the
+kick-off's transactionTime**: a resource changed later is written in the version current
+then (from its history), one deleted later is still written, one created later is not.
+
+- A system export walks each type's rows in id order, a chunk at a time.
+- A Patient or Group export walks the Patients a chunk at a time (a Group: its roster as of
+  the Group version current at kick-off, read from the member store page by page, never
+  whole; a Patient export: every Patient; either cut down by ``patient``), writes those
+  Patients, then the resources in their compartments (``CompartmentLink``).
+
+``_since`` keeps resources changed since then, except on a Group export for members who
+joined the Group after ``_since`` (not in the roster of the Group version current at
+``_since``): all of their data is written, as if they were new to the client. Deletions
+since ``_since`` go to ``deleted`` as transaction Bundles with one ``DELETE`` entry each.
+
+Parts are temporary files until full (``EXPORT_FILE_MAX_BYTES``) or the job's end, then
+saved to the ``exports`` storage and recorded. An interrupted attempt is not resumed: the
+next claim deletes its parts and starts again (docs/adr/0008-export-jobs.md).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+
+from django.core.files import File
+from django.db.models import Q
+
+from fhirservice.access import Access, acting_as
+from fhirservice.access.boundaries import visible_q
+from fhirservice.conf import fhir_settings
+from fhirservice.models import ResourceVersion, StoredResource
+from fhirservice.rest.rendering import render_resource
+from fhirservice.search.query import search_keys
+from fhirservice.store.json import dumps
+from fhirservice.store.selectors import resource_vread
+from groups.storage import roster_storage
+from operations.export.models import CompartmentLink, ExportFile, ExportJob
+from operations.export.parameters import ExportRequest
+from operations.export.services import (
+    export_file_name,
+    export_file_record,
+    export_job_report,
+    export_storage,
+)
+
+Row = StoredResource | ResourceVersion
+
+
+class Part:
+    """The NDJSON part being filled for one (kind, type); saved when full or at the end."""
+
+    def __init__(self, job: ExportJob, kind: str, resource_type: str) -> None:
+        self.job, self.kind, self.resource_type = job, kind, resource_type
+        self.number = 0
+        self.file: IO[bytes] | None = None
+        self.count = self.size = 0
+
+    def write(self, chunks: bytes | Iterator[bytes]) -> None:
+        """Append one resource as one line."""
+        if self.file is None:
+            self.file = tempfile.TemporaryFile()
+            self.count = self.size = 0
+        for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
+            self.file.write(chunk)
+            self.size += len(chunk)
+        self.file.write(b"\n")
+        self.size += 1
+        self.count += 1
+        if self.size >= fhir_settings.EXPORT_FILE_MAX_BYTES:
+            self.save()
+
+    def save(self) -> None:
+        """Save the part to the storage and record it (nothing when it is empty)."""
+        if self.file is None:
+            return
+        self.number += 1
+        prefix = "deleted." if self.kind == ExportFile.Kind.DELETED else ""
+        name = f"{prefix}{self.resource_type}.{self.number}.ndjson"
+        self.file.seek(0)
+        export_storage().save(export_file_name(job=self.job, name=name), File(self.file))
+        export_file_record(
+            job=self.job,
+            kind=self.kind,
+            resource_type=self.resource_type,
+            name=name,
+            count=self.count,
+            size=self.size,
+        )
+        self.file.close()
+        self.file = None
+
+
+@dataclass
+class Writer:
+    """Every part of a job, the resources written, and the lease reports."""
+
+    job: ExportJob
+    request: ExportRequest
+    parts: dict[tuple[str, str], Part] = field(default_factory=dict)
+    written: int = 0
+
+    def _part(self, kind: str, resource_type: str) -> Part:
+        key = (kind, resource_type)
+        if key not in self.parts:
+            self.parts[key] = Part(self.job, kind, resource_type)
+        return self.parts[key]
+
+    def resource(self, row: Row) -> None:
+        """Write one resource (``_elements`` applied)."""
+        elements = self.request.elements_for(row.resource_type)
+        current = isinstance(row, StoredResource)
+        body = render_resource(row, current=current, elements=elements)
+        self._part(ExportFile.Kind.OUTPUT, row.resource_type).write(body)
+        self.written += 1
+
+    def deletion(self, row: Row) -> None:
+        """Write one deletion (a transaction Bundle with a DELETE entry)."""
+        url = f"{row.resource_type}/{row.resource_id}"
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"request": {"method": "DELETE", "url": url}}],
+        }
+        self._part(ExportFile.Kind.DELETED, "Bundle").write(dumps(bundle))
+
+    def report(self, progress: str) -> None:
+        """Renew the lease (raises JobLost when the job is no longer this attempt's)."""
+        export_job_report(job=self.job, resources=self.written, progress=progress)
+
+    def close(self) -> None:
+        """Save every part still open."""
+        for part in self.parts.values():
+            part.save()
+
+
+def _as_of(rows: list[StoredResource], moment: datetime) -> list[Row]:
+    """Each row as it was at ``moment`` (rows changed since: their version then; rows
+    created since: left out)."""
+    out: list[Row] = []
+    for row in rows:
+        if row.last_updated <= moment:
+            out.append(row)
+            continue
+        then = (
+            ResourceVersion.objects.filter(
+                resource_type=row.resource_type,
+                resource_id=row.resource_id,
+                last_updated__lte=moment,
+            )
+            .order_by("-version_id")
+            .first()
+        )
+        if then is not None:
+            out.append(then)
+    return out
+
+
+class Export:
+    """One attempt at one job."""
+
+    def __init__(self, job: ExportJob) -> None:
+        self.job = job
+        self.request = ExportRequest.from_json(job.params)
+        self.writer = Writer(job, self.request)
+        self.chunk = fhir_settings.EXPORT_CHUNK
+        moment = job.transaction_time
+        until = self.request.until
+        self.until = min(until, moment) if until else moment
+
+    def run(self) -> int:
+        """Write the whole export; the number of resources written."""
+        job = self.job
+        organization = job.organization if job.restricted else None
+        access = Access(client_id=job.client_id, organization=organization, actor=job.actor)
+        with acting_as(access):
+            if self.job.level == ExportJob.Level.SYSTEM:
+                self._system()
+            else:
+                self._patients()
+        self.writer.close()
+        return self.writer.written
+
+    # --- what is written of a batch of rows ------------------------------------------------
+
+    def _emit(self, rows: list[StoredResource], *, all_data: set[str] | None = None) -> None:
+        """Write rows as of transactionTime, within ``_since``/``_until`` (keys in
+        ``all_data`` ignore ``_since``), through the type's ``_typeFilter``."""
+        since = self.request.since
+        live: list[Row] = []
+        for row in _as_of(rows, self.job.transaction_time):
+            if row.last_updated > self.until:
+                continue
+            key = f"{row.resource_type}/{row.resource_id}"
+            if since is not None and row.last_updated < since and key not in (all_data or ()):
+                continue
+            if row.deleted:
+                if since is not None:
+                    self.writer.deletion(row)
+                continue
+            live.append(row)
+        for row in self._filtered(live):
+            self.writer.resource(row)
+
+    def _filtered(self, rows: list[Row]) -> list[Row]:
+        """The rows that match any of their type's ``_typeFilter`` queries (all, without)."""
+        if not rows:
+            return rows
+        queries = self.request.type_filters.get(rows[0].resource_type)
+        if not queries:
+            return rows
+        ids = ",".join(row.resource_id for row in rows)
+        matched: set[str] = set()
+        for query in queries:
+            # The service's own search, restricted to this batch by _id.
+            matched.update(
+                search_keys(rows[0].resource_type, f"{query}&_id={ids}", limit=len(rows))
+            )
+        return [row for row in rows if f"{row.resource_type}/{row.resource_id}" in matched]
+
+    def _rows(self, base: Q) -> Any:
+        """The rows of a batch query: visible to the client; live ones, plus tombstones
+        where they matter (deleted since ``_since``, or after transactionTime)."""
+        rows = StoredResource.objects.filter(visible_q()).filter(base)
+        if self.request.since is None:
+            rows = rows.filter(Q(deleted=False) | Q(last_updated__gt=self.job.transaction_time))
+        return rows
+
+    # --- system level ----------------------------------------------------------------------
+
+    def _system_types(self) -> list[str]:
+        if self.request.types is not None:
+            return sorted(self.request.types)
+        present = StoredResource.objects.filter(visible_q()).values_list("resource_type", flat=True)
+        return sorted(set(present.distinct()))
+
+    def _system(self) -> None:
+        since = self.request.since
+        for resource_type in self._system_types():
+            after = ""
+            while True:
+                query = Q(resource_type=resource_type, resource_id__gt=after)
+                if since is not None:
+                    query &= Q(last_updated__gte=since)
+                rows = list(self._rows(query).order_by("resource_id")[: self.chunk])
+                if not rows:
+                    break
+                self._emit(rows)
+                after = rows[-1].resource_id
+                self.writer.report(f"{resource_type}: {self.writer.written} resources written")
+
+    # --- Patient and Group level -----------------------------------------------------------
+
+    def _patients(self) -> None:
+        types = self.request.types or []
+        compartment_types = [t for t in types if t != "Patient"]
+        done = 0
+        for chunk in self._patient_chunks():
+            ids = [patient_id for patient_id, _ in chunk]
+            joined = {patient_id for patient_id, new in chunk if new}
+            if "Patient" in types:
+                rows = list(self._rows(Q(resource_type="Patient", resource_id__in=ids)))
+                rows.sort(key=lambda row: row.resource_id)
+                self._emit(rows, all_data={f"Patient/{i}" for i in joined})
+            links = CompartmentLink.objects.filter(
+                patient_id__in=ids, resource_type__in=compartment_types
+            ).values_list("resource_type", "resource_key", "patient_id")
+            by_type: dict[str, dict[str, bool]] = {}
+            for resource_type, key, patient_id in links:
+                keys = by_type.setdefault(resource_type, {})
+                keys[key] = keys.get(key, False) or patient_id in joined
+            for resource_type in sorted(by_type):
+                keys = sorted(by_type[resource_type])
+                for start in range(0, len(keys), self.chunk):
+                    batch = keys[start : start + self.chunk]
+                    rows = list(self._rows(Q(key__in=batch)).order_by("key"))
+                    self._emit(rows, all_data={k for k in batch if by_type[resource_type][k]})
+            done += len(ids)
+            self.writer.report(f"{done} patients, {self.writer.written} resources written")
+
+    def _patient_chunks(self) -> Iterator[list[tuple[str, bool]]]:
+        """The Patients to export, a chunk at a time: (id, all of its data)."""
+        wanted = set(self.request.patients) if self.request.patients is not None else None
+        if self.job.level == ExportJob.Level.GROUP:
+            yield from self._roster_chunks(wanted)
+        elif wanted is not None:
+            ordered = sorted(wanted)
+            for start in range(0, len(ordered), self.chunk):
+                yield [(i, False) for i in ordered[start : start + self.chunk]]
+        else:
+            after = ""
+            while True:
+                ids = list(
+                    StoredResource.objects.filter(
+                        visible_q(), resource_type="Patient", resource_id__gt=after
+                    )
+                    .order_by("resource_id")
+                    .values_list("resource_id", flat=True)[: self.chunk]
+                )
+                if not ids:
+                    return
+                yield [(i, False) for i in ids]
+                after = ids[-1]
+
+    def _roster_chunks(self, wanted: set[str] | None) -> Iterator[list[tuple[str, bool]]]:
+        """The Group's active Patient members as of its kick-off version, in reference
+        order, with whether each joined after ``_since`` (a merge with the roster of the
+        version current at ``_since``, read alongside in the same order)."""
+        group = resource_vread(
+            resource_type="Group",
+            resource_id=self.job.group_id,
+            version_id=str(self.job.group_version),
+        )
+        earlier = self._members_at_since(group)
+        previous = next(earlier, None) if earlier is not None else None
+        after = ""
+        while True:
+            page = roster_storage().page(
+                group, after=after, count=self.chunk, as_of=group.version_id, active=True
+            )
+            if not page:
+                return
+            after = page[-1].ref
+            chunk: list[tuple[str, bool]] = []
+            for state in page:
+                if not state.ref.startswith("Patient/"):
+                    continue
+                patient_id = state.ref.removeprefix("Patient/")
+                if wanted is not None and patient_id not in wanted:
+                    continue
+                new = True
+                if earlier is not None:
+                    while previous is not None and previous < state.ref:
+                        previous = next(earlier, None)
+                    new = previous != state.ref
+                elif self.request.since is None:
+                    new = False
+                chunk.append((patient_id, new))
+            if chunk:
+                yield chunk
+
+    def _members_at_since(self, group: ResourceVersion) -> Iterator[str] | None:
+        """The active member references of the Group version current at ``_since``, in
+        order (None without ``_since``; empty when the Group did not exist then)."""
+        since = self.request.since
+        if since is None:
+            return None
+        then = (
+            ResourceVersion.objects.filter(
+                resource_type="Group",
+                resource_id=group.resource_id,
+                incarnation=group.incarnation,
+                last_updated__lte=since,
+            )
+            .order_by("-version_id")
+            .first()
+        )
+        if then is None or then.deleted:
+            return iter(())
+        return self._roster_refs(then)
+
+    def _roster_refs(self, version: ResourceVersion) -> Iterator[str]:
+        after = ""
+        while True:
+            page = roster_storage().page(
+                version, after=after, count=self.chunk, as_of=version.version_id, active=True
+            )
+            if not page:
+                return
+            for state in page:
+                yield state.ref
+            after = page[-1].ref
+
+
+def export_run(job: ExportJob) -> int:
+    """Run one claimed job to its end; the number of resources written."""
+    return Export(job).run()
