@@ -170,6 +170,8 @@ class Export:
         self.request = ExportRequest.from_json(job.params)
         self.writer = Writer(job, self.request)
         self.chunk = fhir_settings.EXPORT_CHUNK
+        # Resources in the compartments of Patients of different chunks (see _first_time).
+        self.shared: set[str] = set()
         moment = job.transaction_time
         until = self.request.until
         self.until = min(until, moment) if until else moment
@@ -278,11 +280,25 @@ class Export:
             for resource_type in sorted(by_type):
                 keys = sorted(by_type[resource_type])
                 for start in range(0, len(keys), self.chunk):
-                    batch = keys[start : start + self.chunk]
+                    batch = self._first_time(keys[start : start + self.chunk], ids)
                     rows = list(self._rows(Q(key__in=batch)).order_by("key"))
                     self._emit(rows, all_data={k for k in batch if by_type[resource_type][k]})
             done += len(ids)
             self.writer.report(f"{done} patients, {self.writer.written} resources written")
+
+    def _first_time(self, keys: list[str], ids: list[str]) -> list[str]:
+        """``keys`` minus resources already written for a Patient of an earlier chunk.
+
+        Only resources in the compartments of Patients outside this chunk can have been:
+        those are remembered (a set of the few resources shared between Patients, not of
+        everything written)."""
+        crossing = CompartmentLink.objects.filter(resource_key__in=keys).exclude(patient_id__in=ids)
+        seen = set()
+        for key in crossing.values_list("resource_key", flat=True):
+            if key in self.shared:
+                seen.add(key)
+            self.shared.add(key)
+        return [key for key in keys if key not in seen]
 
     def _patient_chunks(self) -> Iterator[list[tuple[str, bool]]]:
         """The Patients to export, a chunk at a time: (id, all of its data)."""

@@ -413,6 +413,17 @@ def test_worker_killed_mid_job_is_taken_over_without_duplicates(
     assert len(everything) == len(set(everything)) == 9
 
 
+def test_a_resource_of_two_exported_patients_is_written_once(live_api, cohort, settings):
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "EXPORT_CHUNK": 1}
+    first, second = cohort["patients"][:2]
+    shared = create(live_api, {**observation(first), "performer": [{"reference": second}]})
+    status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_type=Observation")
+    run_jobs()
+    files = exported(live_api, manifest(live_api, status))
+    assert files["Observation"].count(shared) == 1
+    assert len(files["Observation"]) == 5
+
+
 def test_compartment_index_follows_the_body(live_api, cohort):
     first, second = cohort["patients"][:2]
     key = cohort["observations"][first][0]
