@@ -5,8 +5,10 @@ so validation, If-Match, Prefer and per-request state (such as the Group members
 behave exactly as they would for a single request. A transaction runs all of its entries in
 one metadata transaction: the first failing entry rolls everything back and its
 OperationOutcome is the answer. Before a transaction runs, ``urn:uuid`` full URLs get server
-ids and conditional references (``Patient?identifier=…``) are resolved, and every reference in
-the Bundle is rewritten to the ids the server assigned.
+ids (a conditional create or update: the id of its match, or the one it will create) and
+conditional references (``Patient?identifier=…``) are resolved, and every reference in the
+Bundle is rewritten to the ids the server assigned. Conditional update, patch and delete
+entries (``PUT Patient?identifier=…``) run through the same views as their REST calls.
 """
 
 from __future__ import annotations
@@ -147,31 +149,58 @@ def _rewrite(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
+def _conditional_target(entry: Entry, resource_type: str, query: str) -> str | None:
+    """The key a conditional entry (create with ``ifNoneExist``, update by search) writes to:
+    its one match, or None when nothing matches (412 when several do)."""
+    keys = search_keys(resource_type, query, limit=2)
+    if len(keys) > 1:
+        element = "ifNoneExist" if entry.method == "POST" else "url"
+        raise PreconditionFailed(
+            MSG_CONDITIONAL_MULTIPLE.format(count="several"),
+            detail_code="MSG_CONDITIONAL_MULTIPLE",
+            expression=f"Bundle.entry[{entry.index}].request.{element}",
+        )
+    return keys[0] if keys else None
+
+
 def _prepare_transaction(entries: list[Entry]) -> None:
-    """Assign ids to POST entries and rewrite every reference to server ids."""
+    """Assign ids to POST entries and rewrite every reference to server ids.
+
+    A conditional update (``PUT [type]?[search]``) with a ``fullUrl`` is resolved here too,
+    so references to its ``fullUrl`` point at the resource it updates or creates.
+    """
     mapping: dict[str, str] = {}
     for entry in entries:
-        if entry.method == "POST" and isinstance(entry.resource, dict):
-            resource_type = entry.url.split("?")[0]
+        if not isinstance(entry.resource, dict):
+            continue
+        resource_type, _, query = entry.url.partition("?")
+        if entry.method == "POST":
             existing = None
             if "HTTP_IF_NONE_EXIST" in entry.headers:
                 if is_resource_type(resource_type):
                     # A conditional create searches: ``c`` and ``s`` on the type, checked
                     # before the search runs (the entry itself is checked again).
                     require_permission(access.current(), resource_type, "cs", "conditional create")
-                keys = search_keys(resource_type, entry.headers["HTTP_IF_NONE_EXIST"], limit=2)
-                if len(keys) > 1:
-                    raise PreconditionFailed(
-                        MSG_CONDITIONAL_MULTIPLE.format(count="several"),
-                        detail_code="MSG_CONDITIONAL_MULTIPLE",
-                        expression=f"Bundle.entry[{entry.index}].request.ifNoneExist",
-                    )
-                existing = keys[0] if keys else None
+                existing = _conditional_target(
+                    entry, resource_type, entry.headers["HTTP_IF_NONE_EXIST"]
+                )
             key = existing or f"{resource_type}/{uuid.uuid4()}"
             if existing is None:
                 entry.assigned_id = key.split("/", 1)[1]
-            if entry.full_url:
-                mapping[entry.full_url] = key
+        elif entry.method == "PUT" and query and entry.full_url and is_resource_type(resource_type):
+            require_permission(access.current(), resource_type, "us", "conditional update")
+            key = _conditional_target(entry, resource_type, query)
+            if key is None:
+                body_id = entry.resource.get("id")
+                if isinstance(body_id, str):
+                    key = f"{resource_type}/{body_id}"
+                else:
+                    entry.assigned_id = str(uuid.uuid4())
+                    key = f"{resource_type}/{entry.assigned_id}"
+        else:
+            continue
+        if entry.full_url:
+            mapping[entry.full_url] = key
     for entry in entries:
         if entry.resource is not None:
             entry.resource = _rewrite(entry.resource, mapping)

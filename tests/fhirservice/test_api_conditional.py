@@ -404,6 +404,34 @@ def test_transaction_runs_conditional_update_patch_and_delete(api):
     assert len(matching(fresh)) == 1
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_transaction_references_to_a_conditional_update_point_at_its_target(api, existing):
+    value = new_value()
+    matched = create(api, value)["id"] if existing else None
+    response = api.post(
+        "",
+        bundle(
+            "transaction",
+            {
+                "fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000001",
+                "resource": patient(family="Target", identifier=[ident(value)]),
+                "request": {"method": "PUT", "url": f"Patient?{condition(value)}"},
+            },
+            {
+                "resource": group(["urn:uuid:00000000-0000-4000-8000-000000000001"]),
+                "request": {"method": "POST", "url": "Group"},
+            },
+        ),
+    )
+    assert response.status == 200, response
+    put_status, post_status = (e["response"]["status"] for e in response.body["entry"])
+    assert (put_status, post_status) == ("200 OK" if existing else "201 Created", "201 Created")
+    target = matching(value)
+    assert len(target) == 1 and (matched is None or target == [matched])
+    gid = response.body["entry"][1]["response"]["location"].split("/")[-3]
+    assert refs_of(read(api, gid)) == [f"Patient/{target[0]}"]
+
+
 def test_transaction_with_an_ambiguous_conditional_update_writes_nothing(api):
     value = new_value()
     create(api, value)
@@ -544,6 +572,23 @@ def test_conditional_update_that_creates_also_needs_c(db, auth_on):
     assert row_counts() == before
     allowed = make_client(organization="org-a", scopes="system/Patient.cus")
     assert allowed.put(f"/Patient?{condition(value)}", patient()).status == 201
+
+
+def test_a_transaction_conditional_update_needs_u_and_s(db, auth_on):
+    value = new_value()
+    entry = {
+        "fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000002",
+        "resource": patient(identifier=[ident(value)]),
+        "request": {"method": "PUT", "url": f"Patient?{condition(value)}"},
+    }
+    before = row_counts()
+    refused = make_client(scopes="system/Patient.cu").post("", bundle("transaction", entry))
+    assert refused.status == 403, refused
+    assert "conditional update" in refused.body["issue"][0]["diagnostics"]
+    assert row_counts() == before
+    done = make_client(scopes="system/Patient.cus").post("", bundle("transaction", entry))
+    assert done.status == 200, done
+    assert len(matching(value)) == 1
 
 
 # --- concurrency: the match and the write are one serializable transaction ----------------
