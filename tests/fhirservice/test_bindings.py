@@ -268,6 +268,38 @@ def test_a_batch_refuses_only_the_entry_with_a_bad_code(api):
     assert second["response"]["status"].startswith("201")
 
 
+def test_a_conditional_update_or_patch_with_a_bad_code_changes_nothing(api):
+    identifier = [{"system": "urn:bound", "value": "conditional"}]
+    created = api.post("/Patient", patient(gender="male", identifier=identifier)).body
+    before = row_counts()
+    query = "/Patient?identifier=urn:bound|conditional"
+    banana = bad_code("Patient.gender", "banana", GENDER)
+    assert_refused(api.put(query, patient(gender="banana", identifier=identifier)), banana)
+    assert_refused(
+        api.patch(query, [{"op": "replace", "path": "/gender", "value": "banana"}]), banana
+    )
+    assert row_counts() == before
+    assert api.get(f"/Patient/{created['id']}").body == created
+
+
+def test_an_operation_writing_a_resource_with_a_bad_code_writes_nothing(api):
+    before = row_counts()
+    group = {"resourceType": "Group", "type": "people", "actual": True}
+    identifier = {"system": "urn:bound", "value": "roster-1"}
+    response = api.post(
+        "/Group/$create-roster",
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "group", "resource": group},
+                {"name": "identifier", "valueIdentifier": identifier},
+            ],
+        },
+    )
+    assert_refused(response, bad_code("Group.type", "people", GROUP_TYPE))
+    assert row_counts() == before
+
+
 # --- the official examples ----------------------------------------------------------------
 
 
