@@ -34,15 +34,10 @@ import threading
 from functools import cache
 from typing import Any
 
+# validation imports this module too: names of it are looked up when used, not imported.
+from fhirservice.fhir import validation
 from fhirservice.fhir.definitions import bindings, value_sets
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES
-from fhirservice.fhir.validation import (
-    COMPLEX,
-    RESOURCE,
-    Structure,
-    render_path,
-    structure_of_type,
-)
 
 __all__ = [
     "MSG_CODE_NOT_IN_VALUE_SET",
@@ -123,12 +118,12 @@ class _Compiler:
         node = self.by_type.get(type_name)
         if node is None:
             node = self.by_type[type_name] = _Node()
-            structure = structure_of_type(type_name)
+            structure = validation.structure_of_type(type_name)
             self._fill(node, type_name, structure, "", self._group_paths(type_name, structure))
         return node
 
     @staticmethod
-    def _group_paths(type_name: str, root: Structure) -> dict[int, str]:
+    def _group_paths(type_name: str, root: validation.Structure) -> dict[int, str]:
         """Each backbone group's table (by identity) → its path in the R4 definition.
 
         A group reused by ``contentReference`` (``Questionnaire.item.item``) is one table
@@ -141,7 +136,7 @@ class _Compiler:
             defining.update(".".join(parts[:i]) for i in range(1, len(parts)))
         found: dict[int, str] = {}
         for path in sorted(defining, key=lambda p: p.count(".")):
-            structure: Structure | None = root
+            structure: validation.Structure | None = root
             for name in path.split("."):
                 element = structure.elements.get(name) if structure is not None else None
                 structure = element.structure() if element is not None else None
@@ -153,7 +148,7 @@ class _Compiler:
         self,
         node: _Node,
         type_name: str,
-        structure: Structure,
+        structure: validation.Structure,
         prefix: str,
         group_paths: dict[int, str],
     ) -> None:
@@ -164,9 +159,9 @@ class _Compiler:
             url = required.get(path)
             check = _check_for(element.type, url) if url else None
             child: Any = None
-            if element.kind == RESOURCE:
+            if element.kind == validation.RESOURCE:
                 child = _NESTED_RESOURCE
-            elif element.kind == COMPLEX:
+            elif element.kind == validation.COMPLEX:
                 if element.type in ("BackboneElement", "Element"):
                     target = element.structure()
                     key = (type_name, id(target))
@@ -218,7 +213,7 @@ class _Found(Exception):
 
 
 def _issue(path: Any, message: str) -> dict[str, Any]:
-    expression = render_path(path)
+    expression = validation.render_path(path)
     return {
         "severity": "error",
         "code": "code-invalid",

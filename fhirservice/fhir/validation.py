@@ -41,6 +41,10 @@ from pydantic import ValidationError
 
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import MSG_UNKNOWN_TYPE, BindingViolation, InvalidResource
+
+# The two modules use each other (bindings compiles from the element tables below): both
+# import the other module, never names from it, so either may be imported first.
+from fhirservice.fhir import bindings
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES, R4_SPEC_STRUCTURES
 
 __all__ = [
@@ -856,10 +860,7 @@ def validate_resource(body: dict[str, Any], *, skip_elements: frozenset[str] = f
     if not (structure.spec or walk.beyond_r4b):  # else R4-only content: the walk decides
         _model_pass(body, resource_type, skip_elements)
     if fhir_settings.REQUIRED_BINDINGS:
-        # Imported here: the bindings module compiles its tables from this one's.
-        from fhirservice.fhir.bindings import binding_issues
-
-        issues = binding_issues(body, skip_elements=skip_elements, limit=MAX_ISSUES)
+        issues = bindings.binding_issues(body, skip_elements=skip_elements, limit=MAX_ISSUES)
         if issues:
             first, *rest = issues
             raise BindingViolation(
