@@ -241,6 +241,8 @@ def _sub_request(outer: HttpRequest, entry: Entry) -> HttpResponse:
     )
     sub = WSGIRequest(environ)
     sub.fhir_assigned_id = entry.assigned_id
+    # Answered in JSON whatever the Bundle's caller accepts: it is assembled into the Bundle.
+    sub.fhir_bundle_entry = True
     sub.user = getattr(outer, "user", None)
     # The entry runs as the Bundle's caller: same actor, boundary and scopes (each entry is
     # scope-checked as the interaction it is), without authenticating again.

@@ -142,7 +142,7 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
         "software": {"name": "fhirservice", "version": "0.1.0"},
         "implementation": {"description": "FHIR R4 data service", "url": base},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "patchFormat": ["application/json-patch+json"],
         "rest": [rest],
     }

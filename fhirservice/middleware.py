@@ -216,9 +216,11 @@ class HardeningMiddleware:
 
     @staticmethod
     def as_outcome(response: HttpResponse) -> HttpResponse:
-        """An error answer that is not FHIR JSON becomes a bare OperationOutcome."""
+        """An error answer that is not FHIR (JSON or XML) becomes a bare OperationOutcome."""
         content_type = response.headers.get("Content-Type", "")
-        if response.status_code < 400 or content_type.startswith("application/fhir+json"):
+        if response.status_code < 400 or content_type.startswith(
+            ("application/fhir+json", "application/fhir+xml")
+        ):
             return response
         status = response.status_code
         error = FhirError(

@@ -61,7 +61,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Outermost: security headers, and OperationOutcome bodies on every FHIR error answer
+    # Outermost: the output format (JSON or XML) of FHIR answers, so that every answer below,
+    # refusals and error pages included, is written in it.
+    "fhirservice.rest.negotiation.FormatMiddleware",
+    # Then security headers, and OperationOutcome bodies on every FHIR error answer
     # (Django's own error pages included), whatever fails inside.
     "fhirservice.middleware.HardeningMiddleware",
     # Request metrics (django-prometheus; see fhirservice.metrics), then the request id and
@@ -197,7 +200,10 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
-    "DEFAULT_RENDERER_CLASSES": ["fhirservice.rest.renderers.FhirJsonRenderer"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "fhirservice.rest.renderers.FhirJsonRenderer",
+        "fhirservice.rest.renderers.FhirXmlRenderer",
+    ],
     "DEFAULT_PARSER_CLASSES": [],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "fhirservice.rest.negotiation.FhirContentNegotiation",
     "EXCEPTION_HANDLER": "fhirservice.errors.exception_handler",

@@ -1,9 +1,9 @@
 """The base view every FHIR endpoint derives from.
 
-Shared behaviour lives here once: reading and size-checking JSON bodies, If-Match and Prefer
-headers, the response headers of a version (ETag, Last-Modified, Location), and turning a
-write result into the answer ``Prefer: return=…`` asks for. Concrete views only declare what
-differs.
+Shared behaviour lives here once: reading and size-checking bodies (FHIR JSON, or FHIR XML
+read into the same JSON), If-Match and Prefer headers, the response headers of a version
+(ETag, Last-Modified, Location), and turning a write result into the answer
+``Prefer: return=…`` asks for. Concrete views only declare what differs.
 """
 
 from __future__ import annotations
@@ -26,20 +26,24 @@ from fhirservice.errors import (
     information_outcome,
     operation_outcome,
 )
+from fhirservice.fhir.xml import parse_resource_xml
 from fhirservice.rest import limits
-from fhirservice.rest.renderers import FHIR_JSON, FhirJsonRenderer
-from fhirservice.rest.rendering import Body, is_streamed, render_resource
+from fhirservice.rest.negotiation import XML_BODY_TYPES, current_format
+from fhirservice.rest.renderers import FhirJsonRenderer, FhirXmlRenderer
+from fhirservice.rest.rendering import Body, is_streamed, reformat, render_resource
 from fhirservice.store import json
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.services import WriteResult
 
-RESOURCE_MEDIA_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
+JSON_BODY_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
+RESOURCE_MEDIA_TYPES = JSON_BODY_TYPES | XML_BODY_TYPES
 PATCH_MEDIA_TYPES = {"application/json-patch+json"}
 ETAG_RE = re.compile(r'\s*(W/)?"?(\d+)"?\s*')
 
 MSG_MEDIA_TYPE = "Content-Type {found!r} is not accepted here; send {expected}"
 MSG_FHIRPATH_PATCH = (
-    "FHIRPath Patch (Parameters) is not supported; send a JSON Patch as application/json-patch+json"
+    "FHIRPath Patch (Parameters) and XML Patch are not supported; "
+    "send a JSON Patch as application/json-patch+json"
 )
 MSG_BODY_TOO_LARGE = "The body has {size} bytes; the limit is {limit}"
 MSG_BAD_IF_MATCH = 'If-Match must name a version as W/"n": {value!r}'
@@ -62,15 +66,18 @@ def version_headers(row: Any) -> dict[str, str]:
 def fhir_http_response(
     body: Body | None, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> HttpResponse:
-    """A response carrying a FHIR body; chunk iterators are streamed."""
+    """A response carrying a FHIR body (JSON, converted to the request's format); chunk
+    iterators are streamed."""
+    chosen = current_format()
+    content_type = f"{chosen.media_type}; charset=utf-8"
+    if body is not None and (chosen.xml or chosen.pretty):
+        body = reformat(body, chosen)
     if body is None:
         response = HttpResponse(status=status)
     elif is_streamed(body):
-        response = StreamingHttpResponse(
-            body, status=status, content_type=f"{FHIR_JSON}; charset=utf-8"
-        )
+        response = StreamingHttpResponse(body, status=status, content_type=content_type)
     else:
-        response = HttpResponse(body, status=status, content_type=f"{FHIR_JSON}; charset=utf-8")
+        response = HttpResponse(body, status=status, content_type=content_type)
     for name, value in (headers or {}).items():
         response[name] = value
     return response
@@ -79,7 +86,8 @@ def fhir_http_response(
 class FhirView(AccessControlledView, APIView):
     """Base of all FHIR endpoints (authenticated and scope-checked: ``fhirservice.access``)."""
 
-    renderer_classes = [FhirJsonRenderer]
+    # JSON first: DRF falls back to the first renderer when negotiation fails (406 in JSON).
+    renderer_classes = [FhirJsonRenderer, FhirXmlRenderer]
     # No OPTIONS: DRF would answer it with a metadata dict that is not a FHIR resource.
     http_method_names = ["get", "post", "put", "patch", "delete", "head"]
 
@@ -93,7 +101,8 @@ class FhirView(AccessControlledView, APIView):
         media = (request.content_type or "").split(";")[0].strip().lower()
         allowed = PATCH_MEDIA_TYPES if patch else RESOURCE_MEDIA_TYPES
         if media not in allowed:
-            if patch and media in RESOURCE_MEDIA_TYPES:
+            # A FHIRPath Patch (Parameters, in JSON or XML) or an XML Patch: not supported.
+            if patch and (media in RESOURCE_MEDIA_TYPES or media == "application/xml-patch+xml"):
                 raise UnsupportedMediaType(MSG_FHIRPATH_PATCH)
             raise UnsupportedMediaType(
                 MSG_MEDIA_TYPE.format(found=media or "none", expected=" or ".join(sorted(allowed)))
@@ -104,11 +113,19 @@ class FhirView(AccessControlledView, APIView):
         if size > limit:
             raise PayloadTooLarge(MSG_BODY_TOO_LARGE.format(size=size, limit=limit))
         resource_type = self.kwargs.get("resource_type")
-        if resource_type and not patch and request.method in ("POST", "PUT"):
+        checks_size = resource_type and not patch and request.method in ("POST", "PUT")
+        xml = media in XML_BODY_TYPES
+        if checks_size and not xml:
             limits.check_resource_bytes(resource_type, size)  # before reading it
         data = request._request.body
         if len(data) > limit:
             raise PayloadTooLarge(MSG_BODY_TOO_LARGE.format(size=len(data), limit=limit))
+        if xml:
+            # Read into the JSON the service stores; every check below sees JSON. The
+            # resource limit counts the JSON, so it means the same in either format.
+            data = json.dumps(parse_resource_xml(data))
+            if checks_size:
+                limits.check_resource_bytes(resource_type, len(data))
         return data
 
     def read_json(self, *, patch: bool = False) -> Any:

@@ -1,32 +1,156 @@
-"""Content negotiation: JSON in all its FHIR spellings; anything else (XML, …) is 406."""
+"""Content negotiation: FHIR JSON or FHIR XML, chosen by ``_format``, then ``Accept``.
+
+The choice is made once per request by :class:`FormatMiddleware` (outermost, so refusals of
+other middleware and Django's error handlers are answered in the same format) and held in a
+context variable for the duration of the request; ``fhir_http_response`` and the DRF
+renderer read it. JSON is the default and the fast path: nothing is converted unless XML
+was asked for. A request that accepts neither format gets 406, an OperationOutcome in JSON.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
+from django.http import HttpRequest, HttpResponse
 from rest_framework.negotiation import BaseContentNegotiation
 
+from fhirservice.conf import fhir_settings
 from fhirservice.errors import NotAcceptable
 
-JSON_TYPES = {
-    "application/fhir+json",
-    "application/json",
-    "application/json+fhir",
-    "json",
-    "*/*",
-    "application/*",
-    "text/html",
-    "text/plain",
-    "text/*",
+FHIR_JSON = "application/fhir+json"
+FHIR_XML = "application/fhir+xml"
+
+# ``_format`` values (https://hl7.org/fhir/R4/http.html#mime-type) and the media type each means.
+FORMAT_VALUES = {
+    "json": FHIR_JSON,
+    "application/json": FHIR_JSON,
+    "application/fhir+json": FHIR_JSON,
+    "application/json+fhir": FHIR_JSON,
+    "xml": FHIR_XML,
+    "text/xml": FHIR_XML,
+    "application/xml": FHIR_XML,
+    "application/fhir+xml": FHIR_XML,
+    "application/xml+fhir": FHIR_XML,
 }
+# Accept values; wildcards and browsers' text/html get JSON, the default.
+ACCEPT_VALUES = {
+    **FORMAT_VALUES,
+    "*/*": FHIR_JSON,
+    "application/*": FHIR_JSON,
+    "text/html": FHIR_JSON,
+    "text/plain": FHIR_JSON,
+    "text/*": FHIR_JSON,
+}
+# Request bodies read as FHIR XML (PATCH bodies stay JSON Patch).
+XML_BODY_TYPES = frozenset(
+    {"application/fhir+xml", "application/xml", "text/xml", "application/xml+fhir"}
+)
+
+MSG_FORMAT_UNSUPPORTED = "_format={value} is not supported; use json or xml"
+MSG_ACCEPT_UNSUPPORTED = (
+    "Cannot produce {accepted}; use application/fhir+json or application/fhir+xml"
+)
 
 
-def _media_types(header: str) -> list[str]:
-    return [part.split(";")[0].strip().lower() for part in header.split(",") if part.strip()]
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a response body is written: media type and ``_pretty``."""
+
+    media_type: str = FHIR_JSON
+    pretty: bool = False
+
+    @property
+    def xml(self) -> bool:
+        """Whether the body is FHIR XML."""
+        return self.media_type == FHIR_XML
+
+
+DEFAULT_FORMAT = OutputFormat()
+_CURRENT: ContextVar[OutputFormat] = ContextVar("fhir_output_format", default=DEFAULT_FORMAT)
+
+
+def current_format() -> OutputFormat:
+    """The output format of the request being served (JSON outside of one)."""
+    return _CURRENT.get()
+
+
+def _accept_ranges(header: str) -> list[tuple[float, int, str]]:
+    """(q, specificity, media type) of each Accept range, best first; q=0 ranges left out."""
+    ranges = []
+    for position, part in enumerate(header.split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        media = media.lower()
+        if not media:
+            continue
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 1.0
+        if quality > 0:
+            ranges.append((quality, 0 if "*" in media else 1, -position, media))
+    ranges.sort(reverse=True)
+    return [(q, s, m) for q, s, _, m in ranges]
+
+
+def negotiate(request: HttpRequest) -> OutputFormat:
+    """The output format a request asks for; NotAcceptable if it accepts none we write."""
+    if getattr(request, "fhir_bundle_entry", False):
+        # A batch/transaction entry: its answer is assembled into the Bundle as JSON.
+        return DEFAULT_FORMAT
+    query = request.GET
+    pretty = query.get("_pretty", "").lower() == "true"
+    wanted = query.get("_format")
+    if wanted is not None:
+        # An unescaped "+" in a query string reads as a space (application/fhir xml).
+        media_type = FORMAT_VALUES.get(wanted.strip().lower().replace(" ", "+"))
+        if media_type is None:
+            raise NotAcceptable(MSG_FORMAT_UNSUPPORTED.format(value=wanted))
+        return OutputFormat(media_type, pretty)
+    header = request.META.get("HTTP_ACCEPT", "") or "*/*"
+    ranges = _accept_ranges(header)
+    for _, _, media in ranges:
+        media_type = ACCEPT_VALUES.get(media)
+        if media_type is not None:
+            return OutputFormat(media_type, pretty)
+    accepted = ", ".join(media for _, _, media in ranges) or header
+    raise NotAcceptable(MSG_ACCEPT_UNSUPPORTED.format(accepted=accepted))
+
+
+def _is_fhir_path(path: str) -> bool:
+    base = f"/{fhir_settings.BASE_PATH}"
+    return path == base or path.startswith(base + "/")
+
+
+class FormatMiddleware:
+    """Sets the output format of a FHIR request for everything that answers it."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        """Negotiate (406 is left to the view, which answers it in JSON), then serve."""
+        if not _is_fhir_path(request.path):
+            return self.get_response(request)
+        try:
+            chosen = negotiate(request)
+        except NotAcceptable:
+            chosen = DEFAULT_FORMAT
+        token = _CURRENT.set(chosen)
+        try:
+            return self.get_response(request)
+        finally:
+            _CURRENT.reset(token)
 
 
 class FhirContentNegotiation(BaseContentNegotiation):
-    """Pick the FHIR JSON renderer unless the client accepts no JSON at all."""
+    """DRF's hook: the renderer of the negotiated format, or 406."""
 
     def select_parser(self, request: Any, parsers: list[Any]) -> Any:
         """Bodies are read by the views themselves (see FhirView.read_json)."""
@@ -34,13 +158,8 @@ class FhirContentNegotiation(BaseContentNegotiation):
 
     def select_renderer(self, request: Any, renderers: list[Any], format_suffix: str | None = None):
         """The renderer and media type for the response."""
-        renderer = renderers[0]
-        wanted = request.query_params.get("_format")
-        if wanted is not None:
-            if wanted.lower() not in JSON_TYPES:
-                raise NotAcceptable(f"_format={wanted} is not supported; use json")
-            return renderer, renderer.media_type
-        accepted = _media_types(request.META.get("HTTP_ACCEPT", "") or "*/*")
-        if not any(t in JSON_TYPES for t in accepted):
-            raise NotAcceptable(f"Cannot produce {', '.join(accepted)}; use application/fhir+json")
-        return renderer, renderer.media_type
+        chosen = negotiate(request._request)
+        for renderer in renderers:
+            if renderer.media_type == chosen.media_type:
+                return renderer, renderer.media_type
+        return renderers[0], renderers[0].media_type
