@@ -190,7 +190,7 @@ class NotAcceptable(FhirError):
     status = 406
     code = "not-supported"
     detail_code = "MSG_NOT_ACCEPTABLE"
-    default_diagnostics = "Only JSON (application/fhir+json) is produced"
+    default_diagnostics = "Only FHIR JSON and FHIR XML are produced"
 
 
 class Conflict(FhirError):

@@ -17,7 +17,7 @@ Both directions are driven by the element tables of the validation walk
 element order comes from the R4B models' ``elements_sequence()`` where the table came from a
 model, and from the table itself where it came from the R4 StructureDefinitions;
 ``tests/fhirservice/test_xml.py`` compares it with every R4 StructureDefinition. Why not the
-``fhir.resources`` XML support: docs/adr/0008-fhir-xml.md.
+``fhir.resources`` XML support: docs/adr/0009-fhir-xml.md.
 
 Reading is safe against hostile XML: no DTD is loaded, no entity is resolved, no network is
 touched, trees are limited to libxml2's default depth and sizes, and a document that has a
