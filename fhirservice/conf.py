@@ -71,6 +71,13 @@ DEFAULTS: dict[str, Any] = {
     # Off only to load data written before the rule; manage.py report_binding_violations
     # lists what stored data breaks it.
     "REQUIRED_BINDINGS": True,
+    # SMART Backend Services (fhirservice.access.jwks): how long a client's JWKS fetched from
+    # its JWKS URL is reused (seconds), how long a fetch may take (seconds), and whether
+    # http:// JWKS URLs on a loopback host (127.0.0.1, ::1, localhost) are allowed besides
+    # https:// (for tests and local development only).
+    "JWKS_CACHE_SECONDS": 300,
+    "JWKS_FETCH_TIMEOUT": 5.0,
+    "JWKS_ALLOW_HTTP_LOOPBACK": False,
 }
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -101,6 +108,9 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "INCLUDE_MAX": lambda v: type(v) is int and v >= 0,
     "INCLUDE_ITERATE_DEPTH": lambda v: type(v) is int and 0 <= v <= 10,
     "REQUIRED_BINDINGS": lambda v: isinstance(v, bool),
+    "JWKS_CACHE_SECONDS": lambda v: type(v) is int and v >= 0,
+    "JWKS_FETCH_TIMEOUT": lambda v: type(v) in (int, float) and 0 < v <= 60,
+    "JWKS_ALLOW_HTTP_LOOPBACK": lambda v: isinstance(v, bool),
 }
 
 

@@ -257,6 +257,9 @@ FHIR_SERVICE = {
         "TOKEN_FAILURES_PER_MINUTE": env.int("FHIR_TOKEN_FAILURES_PER_MINUTE", default=None),
         "UNAVAILABLE_RETRY_AFTER": env.int("FHIR_UNAVAILABLE_RETRY_AFTER", default=None),
         "REQUIRED_BINDINGS": _on_off(env.str("FHIR_REQUIRED_BINDINGS", default=None)),
+        "JWKS_CACHE_SECONDS": env.int("FHIR_JWKS_CACHE_SECONDS", default=None),
+        "JWKS_FETCH_TIMEOUT": env.float("FHIR_JWKS_FETCH_TIMEOUT", default=None),
+        "JWKS_ALLOW_HTTP_LOOPBACK": env.bool("FHIR_JWKS_ALLOW_HTTP_LOOPBACK", default=None),
     }.items()
     if value is not None
 }

@@ -4,6 +4,11 @@ Only the client-credentials grant is served. A token request may ask for any SMA
 scopes that the client's allowance covers (``system/Group.r`` when the allowance says
 ``system/Group.rs``); without a ``scope`` parameter the token gets the whole allowance.
 
+Clients authenticate with their secret (``client_secret_basic``, ``client_secret_post``) or,
+when registered with a key set, with a signed assertion (``private_key_jwt``, SMART Backend
+Services; checked by ``fhirservice.access.assertions``). A key-set client's secret is never
+accepted, and a request using two methods at once is refused (``invalid_request``).
+
 Secret guessing is throttled (:class:`TokenFailureThrottle`): after
 ``TOKEN_FAILURES_PER_MINUTE`` failed client authentications within a minute for one client
 id, or from one remote address, the token and revocation endpoints answer 429
@@ -19,17 +24,35 @@ import math
 from typing import Any
 from urllib.parse import unquote_plus
 
+import jwt
 import orjson
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from oauth2_provider import views as oauth2_views
 from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.scopes import BaseScopes
+from oauthlib.oauth2.rfc6749 import errors as oauth_errors
 from rest_framework.throttling import SimpleRateThrottle
 
+from fhirservice.access.assertions import (
+    JWT_BEARER,
+    MAX_ASSERTION_CHARS,
+    MSG_ASSERTION_TYPE,
+    AssertionRefused,
+    assertion_client,
+    reset_audience,
+    set_audience,
+)
 from fhirservice.access.scopes import ScopeSet, parse_scope
+from fhirservice.access.smart import token_url
 from fhirservice.conf import fhir_settings
 
 MSG_SLOW_DOWN = "Too many failed client authentications; retry after {wait} seconds"
+MSG_TWO_METHODS = "Use one client authentication method: a client assertion or a secret"
+MSG_ASSERTION_MISSING = "client_assertion_type was sent without a client_assertion"
+MSG_ASSERTION_REQUIRED = (
+    "This client is registered with a key set: authenticate with a signed client assertion "
+    "(private_key_jwt)"
+)
 
 
 def _allowance(application: Any) -> list[str]:
@@ -37,6 +60,14 @@ def _allowance(application: Any) -> list[str]:
     if profile is None:
         return []
     return profile.allowed_scopes.split()
+
+
+def _sends_assertion(request: Any) -> bool:
+    """Whether an oauthlib request tries ``private_key_jwt`` (either parameter is there)."""
+    return any(
+        getattr(request, name, None) is not None
+        for name in ("client_assertion_type", "client_assertion")
+    )
 
 
 class ClientScopes(BaseScopes):
@@ -80,9 +111,49 @@ class FhirOAuth2Validator(OAuth2Validator):
         allowance = ScopeSet.parse(" ".join(_allowance(client)))
         return bool(allowance.scopes) and allowance.covers(ScopeSet.parse(" ".join(scopes)))
 
+    def client_authentication_required(self, request: Any, *args: Any, **kwargs: Any) -> bool:
+        """Always for a request with a client assertion (revocation asks; tokens always do)."""
+        if _sends_assertion(request):
+            return True
+        return super().client_authentication_required(request, *args, **kwargs)
+
+    def authenticate_client(self, request: Any, *args: Any, **kwargs: Any) -> bool:
+        """A signed client assertion when one is sent, else the secret (Basic or body).
+
+        A refused assertion raises ``invalid_client`` with the reason as its description;
+        the secret of a client registered with a key set is refused the same way.
+        """
+        assertion_type = getattr(request, "client_assertion_type", None)
+        assertion = getattr(request, "client_assertion", None)
+        if not _sends_assertion(request):
+            if not super().authenticate_client(request, *args, **kwargs):
+                return False
+            profile = getattr(request.client, "fhir_profile", None)
+            if profile is not None and profile.uses_keys:
+                raise oauth_errors.InvalidClientError(
+                    description=MSG_ASSERTION_REQUIRED, request=request
+                )
+            return True
+        if self._extract_basic_auth(request) or getattr(request, "client_secret", None):
+            raise oauth_errors.InvalidRequestError(description=MSG_TWO_METHODS, request=request)
+        if not assertion:
+            raise oauth_errors.InvalidRequestError(
+                description=MSG_ASSERTION_MISSING, request=request
+            )
+        if assertion_type != JWT_BEARER:
+            raise oauth_errors.InvalidClientError(description=MSG_ASSERTION_TYPE, request=request)
+        try:
+            request.client = assertion_client(
+                assertion, client_id=getattr(request, "client_id", None)
+            )
+        except AssertionRefused as exc:
+            raise oauth_errors.InvalidClientError(description=str(exc), request=request) from exc
+        return True
+
 
 def _client_id(request: HttpRequest) -> str:
-    """The client id a token request authenticates as (HTTP Basic, else the form body)."""
+    """The client id a token request authenticates as (HTTP Basic, else the form body, else
+    the unverified issuer of a client assertion)."""
     scheme, _, credentials = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
     if scheme.lower() == "basic":
         try:
@@ -91,7 +162,16 @@ def _client_id(request: HttpRequest) -> str:
             return ""
         return unquote_plus(decoded.split(":", 1)[0])
     client_id = request.POST.get("client_id", "")
-    return client_id if isinstance(client_id, str) else ""
+    if client_id:
+        return client_id if isinstance(client_id, str) else ""
+    assertion = request.POST.get("client_assertion", "")
+    if len(assertion) > MAX_ASSERTION_CHARS:
+        return ""
+    try:
+        issuer = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
+    except (jwt.PyJWTError, AttributeError):
+        return ""
+    return issuer if isinstance(issuer, str) else ""
 
 
 class TokenFailureThrottle(SimpleRateThrottle):
@@ -165,7 +245,11 @@ def slow_down(wait: int) -> JsonResponse:
 
 
 class FailureThrottledMixin:
-    """Refuse a throttled client id or address first; count the failures of the rest."""
+    """Refuse a throttled client id or address first; count the failures of the rest.
+
+    Client assertions are checked against this request's token endpoint URL (their
+    audience), which only the Django request knows.
+    """
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         """The endpoint's answer, or 429 ``slow_down``."""
@@ -173,7 +257,11 @@ class FailureThrottledMixin:
         wait = throttle.wait_for(request)
         if wait is not None:
             return slow_down(wait)
-        response = super().post(request, *args, **kwargs)  # type: ignore[misc]
+        audience = set_audience(token_url(request.build_absolute_uri("/")))
+        try:
+            response = super().post(request, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            reset_audience(audience)
         if _client_authentication_failed(response):
             throttle.record_failure(request)
         return response

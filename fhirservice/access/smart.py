@@ -3,9 +3,10 @@
 A public JSON document (no token needed, with ``FHIR_AUTH`` on or off) that tells a backend
 service where to get a token and how: the token and revocation endpoints, the
 client-credentials grant, client authentication with a shared secret (HTTP Basic or form
-body, both accepted by django-oauth-toolkit), the system scope forms we accept, and the
-SMART capabilities. The CapabilityStatement's ``oauth-uris`` extension names the same token
-URL (:func:`token_url`).
+body, both accepted by django-oauth-toolkit) or with a signed assertion (``private_key_jwt``,
+RS384 or ES384: SMART Backend Services, ``fhirservice.access.assertions``), the system scope
+forms we accept, and the SMART capabilities. The CapabilityStatement's ``oauth-uris``
+extension names the same token URL (:func:`token_url`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
+from fhirservice.access.jwks import ALGORITHMS
 from fhirservice.plugins import operation_definitions
 
 # Paths of django-oauth-toolkit's views (routed in fhirservice.urls), below the site root.
@@ -22,7 +24,13 @@ TOKEN_PATH = "oauth/token/"  # noqa: S105 (a path, not a secret)
 REVOKE_PATH = "oauth/revoke_token/"
 # Permission forms a client may ask for on ``*`` (any type but AuditEvent) or any named type.
 SCOPE_FORMS = ("cruds", "rs", "cud", "r", "s", "*", "read", "write")
-CAPABILITIES = ["client-confidential-symmetric", "permission-v2", "permission-v1"]
+AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
+CAPABILITIES = [
+    "client-confidential-symmetric",
+    "client-confidential-asymmetric",
+    "permission-v2",
+    "permission-v1",
+]
 
 
 def token_url(root: str) -> str:
@@ -51,7 +59,8 @@ def smart_configuration_document(root: str) -> dict[str, Any]:
         "token_endpoint": token_url(root),
         "revocation_endpoint": f"{root.rstrip('/')}/{REVOKE_PATH}",
         "grant_types_supported": ["client_credentials"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "token_endpoint_auth_signing_alg_values_supported": list(ALGORITHMS),
         "scopes_supported": scopes_supported(),
         "capabilities": list(CAPABILITIES),
     }

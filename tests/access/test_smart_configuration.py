@@ -31,9 +31,12 @@ def test_it_is_public_json_with_auth_on_and_off(settings, path: str, auth: bool,
     assert document["token_endpoint_auth_methods_supported"] == [
         "client_secret_basic",
         "client_secret_post",
+        "private_key_jwt",
     ]
+    assert document["token_endpoint_auth_signing_alg_values_supported"] == ["RS384", "ES384"]
     assert document["capabilities"] == [
         "client-confidential-symmetric",
+        "client-confidential-asymmetric",
         "permission-v2",
         "permission-v1",
     ]
