@@ -12,7 +12,8 @@ the assertion only when, in this order:
 2. ``iss`` and ``sub`` are both the client id of a registered client with a key set (and
    equal to the ``client_id`` form parameter when one is sent);
 3. a key of that set with the same ``kid`` and the algorithm's key type verifies the
-   signature (a ``jku`` header, when present, must be the registered JWKS URL);
+   signature (a ``jku`` header, when present, must be the registered JWKS URL; a client
+   registered with an inline key set may send none);
 4. ``aud`` is the token endpoint's absolute URL, the one ``.well-known/smart-configuration``
    advertises; ``exp`` has not passed and is at most :data:`MAX_LIFETIME_SECONDS` ahead
    (``iat`` and ``nbf``, when present, are not in the future), each with
@@ -129,11 +130,13 @@ def _profile(client_id: str) -> Any:
 
 def _keys(profile: Any, header: dict[str, Any], alg: str) -> list[jwt.PyJWK]:
     kid = header["kid"]
+    # A jku names where the key set is: only the registered URL may be named, and a client
+    # registered with an inline set has none.
+    if "jku" in header and header["jku"] != profile.jwks_url:
+        raise AssertionRefused(MSG_JKU)
     try:
         if profile.jwks:
             return verification_keys(parse_jwks(profile.jwks), kid=kid, alg=alg)
-        if "jku" in header and header["jku"] != profile.jwks_url:
-            raise AssertionRefused(MSG_JKU)
         keys = verification_keys(jwks_of_url(profile.jwks_url), kid=kid, alg=alg)
         if not keys:  # perhaps a rotated key: look again, if the cached set is not fresh
             keys = verification_keys(jwks_of_url(profile.jwks_url, refresh=True), kid=kid, alg=alg)

@@ -296,6 +296,9 @@ def test_an_unknown_kid_and_a_kid_of_the_other_key_type(
     )
     no_kid = jwt.encode(claims(client_id), rsa_key.private, algorithm="RS384")
     assert_refused(request_token(no_kid), assertions.MSG_KID_MISSING)
+    # A jku: this client registered its keys inline, so it names no URL.
+    with_jku = rsa_key.sign(claims(client_id), jku="https://keys.example/jwks.json")
+    assert_refused(request_token(with_jku), assertions.MSG_JKU)
     assert tokens_of(client_id) == 0
 
 
