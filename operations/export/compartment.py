@@ -76,12 +76,14 @@ def patient_links(resource_type: str, body: dict[str, Any]) -> set[str]:
 
 def link_rows(key: str, resource_type: str, patients: set[str]) -> list[CompartmentLink]:
     """The index rows of one resource."""
+    shared = len(patients) > 1
     return [
         CompartmentLink(
             key=f"{key}>{patient}",
             resource_key=key,
             resource_type=resource_type,
             patient_id=patient,
+            shared=shared,
         )
         for patient in sorted(patients)
     ]
@@ -98,11 +100,6 @@ def on_resource_saved(sender: Any, write: VersionWrite, **kwargs: Any) -> None:
     )
     if existing == patients:
         return
-    stale = existing - patients
-    if stale:
-        CompartmentLink.objects.filter(
-            key__in=[f"{write.key}>{patient}" for patient in stale]
-        ).delete()
-    CompartmentLink.objects.bulk_create(
-        link_rows(write.key, write.resource_type, patients - existing)
-    )
+    # Rewritten whole: every row's shared flag depends on how many rows there are.
+    CompartmentLink.objects.filter(resource_key=write.key).delete()
+    CompartmentLink.objects.bulk_create(link_rows(write.key, write.resource_type, patients))

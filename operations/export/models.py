@@ -101,6 +101,9 @@ class CompartmentLink(models.Model):
     resource_key = models.CharField(max_length=160)
     resource_type = models.CharField(max_length=64)
     patient_id = models.CharField(max_length=64)
+    # The resource is in several Patients' compartments: an export meeting it for one of
+    # them remembers it, so that it is written once (operations.export.runner).
+    shared = models.BooleanField(default=False)
 
     class Meta:
         indexes = [

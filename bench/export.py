@@ -1,0 +1,221 @@
+"""Bulk Data export benchmark: a Group of N members, each with 1 Patient and 10 Observations.
+
+Run by hand (not part of ``make bench``: seeding and exporting 1.1·10^5 resources takes
+longer than the default run's minute), on whichever backend pair the environment names, as
+``python -m bench``::
+
+    FHIR_VAR_DIR=/tmp/bx DATABASE_URL=sqlite:////tmp/bx/db.sqlite3 \\
+      CLICKHOUSE_URL=chdb:////tmp/bx/chdb .venv/bin/python -m bench.export --members 10000
+
+It seeds the Patients and Observations straight into the metadata store (rows as the store
+writes them, compartment index included: the write path is not what is measured), creates
+the Group through the API, then times the kick-off (``GET Group/{id}/$export``) and one
+worker round in this process (``operations.export.worker.run_once``), and prints
+resources/s (wall clock, and per CPU second of this process: on a loaded machine the wall
+clock says more about the neighbours; with embedded stores the CPU includes SQLite's and
+chdb's work, with servers it does not) and the worker's RSS growth. ``--members 100000``
+is the issue's full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import orjson
+
+from bench.env import member_backend, metadata_backend, setup
+from bench.measure import RssWatch
+
+OBSERVATIONS = 10
+BATCH = 2000
+HEADERS = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--members", type=int, default=10_000, help="Group size (10^4)")
+    parser.add_argument("--no-migrate", action="store_true", help="skip both migrations")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the worker (cProfile, top 30 to stderr)"
+    )
+    return parser.parse_args(argv)
+
+
+def _meta(moment: str) -> dict[str, str]:
+    return {"versionId": "1", "lastUpdated": moment}
+
+
+def seed(members: int, run: str) -> list[str]:
+    """Patients and their Observations as stored rows; the Patient references."""
+    from fhirservice.models import ResourceVersion, StoredResource
+    from operations.export.models import CompartmentLink
+
+    now = datetime.now(UTC)
+    stamp = now.isoformat().replace("+00:00", "Z")
+    refs: list[str] = []
+    rows: list[tuple[str, str, bytes]] = []
+
+    def flush() -> None:
+        StoredResource.objects.bulk_create(
+            [
+                StoredResource(
+                    key=f"{t}/{i}",
+                    resource_type=t,
+                    resource_id=i,
+                    version_id=1,
+                    last_updated=now,
+                    body=body.decode(),
+                )
+                for t, i, body in rows
+            ]
+        )
+        ResourceVersion.objects.bulk_create(
+            [
+                ResourceVersion(
+                    key=f"{t}/{i}/_history/1",
+                    resource_type=t,
+                    resource_id=i,
+                    version_id=1,
+                    last_updated=now,
+                    method="POST",
+                    body=body.decode(),
+                )
+                for t, i, body in rows
+            ]
+        )
+        CompartmentLink.objects.bulk_create(
+            [
+                CompartmentLink(
+                    key=f"{t}/{i}>{i.split('-o')[0]}",
+                    resource_key=f"{t}/{i}",
+                    resource_type=t,
+                    patient_id=i.split("-o")[0],
+                )
+                for t, i, _ in rows
+                if t == "Observation"
+            ]
+        )
+        rows.clear()
+
+    for index in range(members):
+        patient_id = f"{run}-{index:07d}"
+        refs.append(f"Patient/{patient_id}")
+        body = {
+            "resourceType": "Patient",
+            "id": patient_id,
+            "meta": _meta(stamp),
+            "name": [{"family": f"Bench{index}", "given": ["Export"]}],
+            "gender": "unknown",
+        }
+        rows.append(("Patient", patient_id, orjson.dumps(body)))
+        for number in range(OBSERVATIONS):
+            observation_id = f"{patient_id}-o{number}"
+            body = {
+                "resourceType": "Observation",
+                "id": observation_id,
+                "meta": _meta(stamp),
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "subject": {"reference": f"Patient/{patient_id}"},
+                "valueQuantity": {"value": 60 + number, "unit": "/min"},
+            }
+            rows.append(("Observation", observation_id, orjson.dumps(body)))
+        if len(rows) >= BATCH:
+            flush()
+    flush()
+    return refs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Seed, kick off, run the worker, print the table."""
+    args = parse_args(argv)
+    setup(migrate=not args.no_migrate)
+    from django.test import Client
+
+    from groups.outbox import background
+    from operations.export.models import ExportFile, ExportJob
+    from operations.export.worker import run_once
+
+    run = f"bx{uuid.uuid4().hex[:8]}"
+    print(f"metadata store: {metadata_backend()}", file=sys.stderr)
+    print(f"member store:   {member_backend()}", file=sys.stderr)
+    started = time.perf_counter()
+    refs = seed(args.members, run)
+    seeded = time.perf_counter() - started
+    client = Client()
+    group = {
+        "resourceType": "Group",
+        "type": "person",
+        "actual": True,
+        "member": [{"entity": {"reference": ref}} for ref in refs],
+    }
+    response = client.post(
+        "/4_0_0/Group",
+        orjson.dumps(group),
+        content_type="application/fhir+json",
+        headers={"Prefer": "return=minimal"},
+    )
+    assert response.status_code == 201, response.content[:300]
+    background.flush()
+    group_id = response["Location"].split("/Group/")[1].split("/")[0]
+    print(
+        f"seeded {args.members * (1 + OBSERVATIONS)} resources in {seeded:.1f} s", file=sys.stderr
+    )
+
+    began = time.perf_counter()
+    response = client.get(f"/4_0_0/Group/{group_id}/$export", headers=HEADERS)
+    kick_off = time.perf_counter() - began
+    assert response.status_code == 202, response.content[:300]
+    job_id = response["Content-Location"].rsplit("=", 1)[1]
+
+    watch = RssWatch()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            watch.sample()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    began, cpu = time.perf_counter(), time.process_time()
+    while ExportJob.objects.get(pk=job_id).state != ExportJob.State.COMPLETED:
+        if not run_once(worker="bench"):
+            raise SystemExit(
+                f"export {job_id} did not complete: {ExportJob.objects.get(pk=job_id).error}"
+            )
+    elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
+    done.set()
+    growth = watch.growth()
+    job = ExportJob.objects.get(pk=job_id)
+    files = ExportFile.objects.filter(job=job, attempt=job.attempt)
+    size = sum(f.size for f in files)
+    print(
+        "| members | resources | kick-off | export | resources/s | worker CPU | resources/CPU-s "
+        "| files | MB | RSS growth |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.members:,} | {job.resources:,} | {kick_off * 1000:.0f} ms | {elapsed:.1f} s "
+        f"| {job.resources / elapsed:,.0f} | {cpu:.1f} s | {job.resources / cpu:,.0f} "
+        f"| {files.count()} | {size / 1e6:.0f} "
+        f"| {growth / 2**20:.0f} MB |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
