@@ -24,6 +24,13 @@ INTERACTIONS = [
     "create",
     "search-type",
 ]
+# R4 has no element for conditional patch (R5 added ``conditionalPatch``); the R5 element
+# travels as its cross-version extension.
+CONDITIONAL_PATCH = {
+    "url": "http://hl7.org/fhir/5.0/StructureDefinition/"
+    "extension-CapabilityStatement.rest.resource.conditionalPatch",
+    "valueBoolean": True,
+}
 COMMON_SEARCH = [
     {
         "name": "_id",
@@ -99,6 +106,7 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {
             "type": resource_type,
+            "extension": [CONDITIONAL_PATCH],
             "interaction": [{"code": code} for code in INTERACTIONS],
             "versioning": "versioned-update",
             "readHistory": True,

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from django.test import override_settings
 
+from fhirservice.capability import CONDITIONAL_PATCH
 from fhirservice.errors import MSG_NOT_FOUND, MSG_VERSION_MISMATCH
 from fhirservice.models import StoredResource
 from fhirservice.search.query import MSG_UNKNOWN_PARAM
@@ -344,6 +345,8 @@ def test_capability_statement_declares_the_conditional_interactions(api, mode):
         assert entry["conditionalCreate"] is True
         assert entry["conditionalUpdate"] is True
         assert entry["conditionalDelete"] == mode
+        assert CONDITIONAL_PATCH in entry["extension"]
+        assert CONDITIONAL_PATCH["url"].endswith("rest.resource.conditionalPatch")
 
 
 def test_the_delete_mode_and_bound_come_from_the_environment(tmp_path):
