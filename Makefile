@@ -64,6 +64,6 @@ bench: bootstrap-servers
 	env FHIR_BENCH_PASS=servers \
 		DATABASE_URL="postgres://postgres@127.0.0.1:$${PG_PORT:-25432}/fhirservice" \
 		CLICKHOUSE_URL="clickhouse://default@127.0.0.1:$${CH_TCP_PORT:-19000}/fhir_test" \
-		FHIR_VAR_DIR="$$tmp/var2" \
+		FHIR_VAR_DIR="$$tmp/var2" FHIR_BENCH_SERVERS_DIR="$$tmp/servers" \
 		$(PY) -m bench $(ARGS) || rc=1; \
 	exit $$rc

@@ -4,7 +4,8 @@ Set-up through the API: ``groups`` Groups of ``members`` members each and up to 
 Patients with identifiers of this run's own system. Then ``bench/locustfile.py`` runs with
 ``users`` simulated clients for at most ``seconds`` and ``max_requests`` requests, and its
 CSV statistics come back as one ``KindStats`` per request kind: count, failures,
-throughput, p50 and p99 (locust's own percentiles, in ms buckets).
+throughput, p50 and p99 (locust's own percentiles, in ms buckets). ``during``, when given,
+runs in this process while locust runs (``bench.outage``: ClickHouse down under the load).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class LoadResult:
     total: KindStats
     seconds: float  # how long locust ran
     setup_seconds: float
+    during: Any = None  # what ``during`` returned
 
     @property
     def member_writes(self) -> list[KindStats]:
@@ -67,8 +70,10 @@ def run_load(
     max_requests: int,
     workdir: Path,
     progress: Any,
+    during: Callable[[], Any] | None = None,
 ) -> LoadResult:
-    """Create the load's Groups and Patients through ``api``, run locust against ``host``."""
+    """Create the load's Groups and Patients through ``api``, run locust against ``host``
+    (and ``during`` beside it)."""
     started = time.perf_counter()
     count = min(PATIENTS, max(20, max_requests // 20))
     progress(f"load test set-up: {groups} Groups of {members:,} members, {count} Patients")
@@ -127,18 +132,19 @@ def run_load(
     env = {**os.environ, "FHIR_LOAD_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
     ran = time.perf_counter()
     with open(workdir / "locust.log", "wb") as log:
-        subprocess.run(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=seconds + 300,
-            check=True,
-        )
+        locust = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            outcome = during() if during is not None else None
+            returncode = locust.wait(timeout=seconds + 300)
+        finally:
+            if locust.poll() is None:
+                locust.kill()
+                locust.wait()
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
     elapsed = time.perf_counter() - ran
     kinds, total = read_stats(Path(f"{prefix}_stats.csv"))
-    return LoadResult(kinds, total, elapsed, setup)
+    return LoadResult(kinds, total, elapsed, setup, outcome)
 
 
 def read_stats(path: Path) -> tuple[list[KindStats], KindStats]:

@@ -56,6 +56,9 @@ PATIENT_READ = 0.0015  # GET a plain Patient
 # Issue 16, "Performance": member writes across 100 Groups of 10^5 under mixed traffic.
 LOAD_WRITES = 500.0  # per second, sustained
 LOAD_P99 = 0.100  # p99 of member writes
+LOAD_DRAIN = 60.0  # backlog drained after a ClickHouse outage, from its return (issue 16)
+OUTAGE_AFTER = 20.0  # seconds of load before ClickHouse is killed (--load-outage)
+OUTAGE_DRAIN_WAIT = 120.0  # longest wait for the drain, twice its budget
 PAGE = 0.030  # $members page of 1,000
 QUANTITY = 0.005  # quantity
 MEMBER_SEARCH = 0.030  # Group?member= over 10^7 rows
@@ -144,6 +147,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--load-requests",
         type=int,
         help="row 8: most requests (default 200000, quick 2000)",
+    )
+    parser.add_argument(
+        "--load-outage",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="row 8: kill ClickHouse for S seconds under the load and time the backlog's "
+        "drain after it is back (a server started by scripts/test-servers.sh: --servers-dir)",
+    )
+    parser.add_argument(
+        "--servers-dir",
+        default=os.environ.get("FHIR_BENCH_SERVERS_DIR"),
+        help="the scripts/test-servers.sh directory of the servers pair (make bench sets "
+        "FHIR_BENCH_SERVERS_DIR)",
     )
     parser.add_argument(
         "--in-process",
@@ -947,8 +964,24 @@ class Bench:
         from django.conf import settings
 
         from bench.load import run_load
+        from bench.outage import ClickHouseOutage
 
         args = self.args
+        outage = None
+        load_seconds = args.load_seconds
+        if args.load_outage:
+            if not settings.CLICKHOUSE_URL.startswith("clickhouse://") or not args.servers_dir:
+                self.report.note(
+                    "row 8: --load-outage needs a ClickHouse server started by "
+                    "scripts/test-servers.sh (--servers-dir); no outage on this pair"
+                )
+            else:
+                outage = ClickHouseOutage(
+                    Path(args.servers_dir), f"http://127.0.0.1:{self.server.port}"
+                )
+                load_seconds = max(
+                    load_seconds, OUTAGE_AFTER + args.load_outage + OUTAGE_DRAIN_WAIT
+                )
         result = run_load(
             self.api,
             f"http://127.0.0.1:{self.server.port}",
@@ -957,10 +990,18 @@ class Bench:
             groups=args.load_groups,
             members=args.load_members,
             users=args.load_users,
-            seconds=args.load_seconds,
+            seconds=load_seconds,
             max_requests=args.load_requests,
             workdir=Path(settings.VAR_DIR) / "bench-load",
             progress=progress,
+            during=None
+            if outage is None
+            else lambda: outage.run(
+                after=OUTAGE_AFTER,
+                seconds=args.load_outage,
+                drain_wait=OUTAGE_DRAIN_WAIT,
+                progress=progress,
+            ),
         )
         for kind in [*result.kinds, result.total]:
             self.report.add(
@@ -1010,12 +1051,41 @@ class Bench:
         )
         self.report.note(
             f"row 8: locust --headless, {args.load_users} clients (FastHttpUser, keep-alive, "
-            f"0-10 ms think time) for {seconds(result.seconds)} (cap {args.load_seconds:.0f} s "
+            f"0-10 ms think time) for {seconds(result.seconds)} (cap {load_seconds:.0f} s "
             f"or {args.load_requests:,} requests) on loopback; weights PATCH +1 member 8, "
             "$add-member 2 (an existing Patient by identifier), quantity read 2, Patient read "
             "2, Group?member= 1, Patient create+update+delete 1. Set-up through the API took "
             f"{seconds(result.setup_seconds)}. The load generator shares the machine's "
             f"{os.cpu_count()} CPUs with the service; p50/p99 are locust's (ms buckets)"
+        )
+        if result.during is not None:
+            self.outage_lines(result.during)
+
+    def outage_lines(self, outage: Any) -> None:
+        """Row 8 with ``--load-outage``: how long the backlog took to drain."""
+        drained = outage.drained_after
+        self.report.add(
+            Line(
+                "8",
+                f"load: backlog drained after ClickHouse was down {outage.down_seconds:.0f} s "
+                "(from its return, load going on)",
+                "",
+                seconds(drained) if drained is not None else f"> {OUTAGE_DRAIN_WAIT:.0f} s",
+                budget=f"≤ {seconds(LOAD_DRAIN)}",
+                verdict=verdict(drained, LOAD_DRAIN) if drained is not None else FAIL,
+            )
+        )
+        self.report.note(
+            f"row 8 outage: ClickHouse killed (kill -9) {OUTAGE_AFTER:.0f} s into the load and "
+            f"started again; largest backlog {outage.peak_batches:,} batches "
+            f"({outage.peak_events:,} events); after its return (s: batches pending, versions "
+            "to recount) "
+            + ", ".join(
+                f"{at:.0f}: {batches:,}/{recounts:,}" for at, batches, recounts in outage.timeline
+            )
+            + ". Drained: no batch from before its return "
+            "pending and no quantity left to recount (/readyz). The load's figures above "
+            "include the outage: roster reads and Group?member= answer 503 while it lasts"
         )
 
     # -- row 7 ----------------------------------------------------------------------------
