@@ -53,7 +53,7 @@ LOG_SHIPPING_FAILED = "Shipping member events of %s failed"
 LOG_RELAY_FAILED = "Outbox relay round failed"
 LOG_DRAINED = "Stopping: every member event batch this process queued is shipped (%.1f s)"
 LOG_LEFT = (
-    "Stopping: %d member event batches this process queued were not shipped within %.1f s; "
+    "Stopping: %d member event batches this process queued are not shipped after %.1f s; "
     "the outbox holds %d pending batches (%d events, oldest %.0f s), which the relay of any "
     "server process or ship_member_events ships"
 )
@@ -227,9 +227,10 @@ def shutdown_drain(**_: Any) -> None:
     shipper = _shipper
     left = shipper.drain(wait) if shipper is not None else []
     relay_stop(max(wait - (time.monotonic() - started), 0.0))
+    marked = 0
     try:
-        if left:
-            MemberOutbox.objects.filter(key__in=left, shipped_at__isnull=True).update(
+        if left:  # the round in flight may have shipped some of them since
+            marked = MemberOutbox.objects.filter(key__in=left, shipped_at__isnull=True).update(
                 last_error=MSG_LEFT_AT_EXIT
             )
         backlog = outbox_backlog()
@@ -238,12 +239,12 @@ def shutdown_drain(**_: Any) -> None:
         return
     finally:
         connections.close_all()
-    if not left and not backlog.batches:
+    if not marked and not backlog.batches:
         logger.info(LOG_DRAINED, time.monotonic() - started)
         return
     logger.warning(
         LOG_LEFT,
-        len(left),
+        marked,
         wait,
         backlog.batches,
         backlog.events,

@@ -111,6 +111,6 @@ def test_a_stopping_process_leaves_what_it_could_not_ship_to_the_relays_and_says
     [record] = [r for r in caplog.records if r.name == "groups.outbox.background"]
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith(
-        "Stopping: 1 member event batches this process queued were not shipped within 0.5 s; "
+        "Stopping: 1 member event batches this process queued are not shipped after 0.5 s; "
         "the outbox holds 1 pending batches (1 events"
     )
