@@ -44,6 +44,17 @@ from fhirservice.access.models import MSG_BOTH_KEY_SOURCES, AssertionJti, Client
 from fhirservice.models import ResourceVersion
 from tests.access.conftest import TokenClient, create_patient, make_client
 from tests.access.test_tokens import create_client, token_request
+from tests.operations.test_export import (
+    create,
+    exported,
+    kick_off,
+    manifest,
+    observation,
+    raw,
+    run_jobs,
+)
+from tests.operations.test_export import group as export_group
+from tests.support import patient
 
 TOKEN_URL = "http://testserver/oauth/token/"
 
@@ -778,3 +789,33 @@ def test_a_key_client_revokes_its_token_with_an_assertion(
     )
     assert revoked.status_code == 200, revoked.content
     assert api.get("/Patient").status == 401
+
+
+# -- With $export (issue 14: a client authenticated with a signed JWT exports a Group) -------
+
+
+def test_a_key_client_exports_a_group_and_downloads_with_another_of_its_tokens(
+    rsa_key: KeyPair, ec_key: KeyPair, tmp_path: Path, transactional_db: None
+) -> None:
+    client_id = register(tmp_path, rsa_key, ec_key, scopes="system/*.rs system/*.c")
+    writer = TokenClient(token_of(request_token(rsa_key.sign(claims(client_id)))))
+    patient_key = create(writer, patient(family="Signed"))
+    observation_key = create(writer, observation(patient_key))
+    group_id = export_group(writer, [patient_key])
+    status = kick_off(writer, f"/Group/{group_id}/$export")
+    run_jobs()
+    # A second token of the same client (another assertion, the other key) downloads.
+    downloader = TokenClient(token_of(request_token(ec_key.sign(claims(client_id)))))
+    auth = {"Authorization": f"Bearer {downloader.token}"}
+    body = manifest(downloader, status, **auth)
+    assert body["requiresAccessToken"] is True
+    assert exported(downloader, body, **auth) == {
+        "Patient": [patient_key],
+        "Observation": [observation_key],
+    }
+    # Another organization's key client gets nothing of it.
+    stranger_id = register(tmp_path, rsa_key, org="org-b")
+    stranger = TokenClient(token_of(request_token(rsa_key.sign(claims(stranger_id)))))
+    other = {"Authorization": f"Bearer {stranger.token}"}
+    assert raw(stranger, "GET", status, **other).status_code == 404
+    assert raw(stranger, "GET", body["output"][0]["url"], **other).status_code == 404
