@@ -21,7 +21,7 @@ class ExportConfig(AppConfig):
         # Imported here, not at the top: these modules import models, which Django loads
         # only after every app's config (importing them earlier raises AppRegistryNotReady).
         from fhirservice import plugins
-        from fhirservice.serving import service_starting
+        from fhirservice.serving import service_starting, service_stopping
         from fhirservice.store.handlers import resource_saved
         from operations.export import compartment, views, worker
 
@@ -34,3 +34,4 @@ class ExportConfig(AppConfig):
             compartment.on_resource_saved, dispatch_uid="export.compartment_index"
         )
         service_starting.connect(worker.worker_thread_start, dispatch_uid="export.worker")
+        service_stopping.connect(worker.worker_thread_stop, dispatch_uid="export.worker")

@@ -24,6 +24,7 @@ next claim deletes its parts and starts again (docs/adr/0008-export-jobs.md).
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -77,6 +78,10 @@ COLUMNS = (
 )
 
 
+class WorkerStopping(Exception):
+    """The worker's process is stopping: the job goes back to the queue."""
+
+
 class Part:
     """The NDJSON part being filled for one (kind, type); saved when full or at the end."""
 
@@ -127,6 +132,7 @@ class Writer:
 
     job: ExportJob
     request: ExportRequest
+    stopping: threading.Event | None = None
     parts: dict[tuple[str, str], Part] = field(default_factory=dict)
     written: int = 0
 
@@ -154,7 +160,10 @@ class Writer:
         self._part(ExportFile.Kind.DELETED, "Bundle").write(dumps(bundle))
 
     def report(self, progress: str) -> None:
-        """Renew the lease (raises JobLost when the job is no longer this attempt's)."""
+        """Renew the lease (raises JobLost when the job is no longer this attempt's, and
+        WorkerStopping when this worker was told to stop)."""
+        if self.stopping is not None and self.stopping.is_set():
+            raise WorkerStopping(self.job.pk)
         export_job_report(job=self.job, resources=self.written, progress=progress)
 
     def close(self) -> None:
@@ -189,10 +198,10 @@ def _as_of(rows: list[Row], moment: datetime) -> list[Row]:
 class Export:
     """One attempt at one job."""
 
-    def __init__(self, job: ExportJob) -> None:
+    def __init__(self, job: ExportJob, stopping: threading.Event | None = None) -> None:
         self.job = job
         self.request = ExportRequest.from_json(job.params)
-        self.writer = Writer(job, self.request)
+        self.writer = Writer(job, self.request, stopping)
         self.chunk = fhir_settings.EXPORT_CHUNK
         # Resources in the compartments of several Patients already written: only these can
         # come up again in a later chunk (CompartmentLink.shared), so only these are kept.
@@ -413,6 +422,7 @@ class Export:
             after = page[-1].ref
 
 
-def export_run(job: ExportJob) -> int:
-    """Run one claimed job to its end; the number of resources written."""
-    return Export(job).run()
+def export_run(job: ExportJob, stopping: threading.Event | None = None) -> int:
+    """Run one claimed job to its end (or until ``stopping`` is set: WorkerStopping); the
+    number of resources written."""
+    return Export(job, stopping).run()

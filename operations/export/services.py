@@ -134,6 +134,16 @@ def export_file_record(
     )
 
 
+def export_job_release(*, job: ExportJob) -> bool:
+    """Put this attempt's job back in the queue (its worker is stopping); the next claim
+    deletes what this attempt wrote. False: it was cancelled or taken over meanwhile."""
+    return bool(
+        ExportJob.objects.filter(
+            pk=job.pk, attempt=job.attempt, state=ExportJob.State.RUNNING
+        ).update(state=ExportJob.State.QUEUED, heartbeat=None, worker="", progress="requeued")
+    )
+
+
 def export_job_complete(*, job: ExportJob, resources: int) -> bool:
     """Mark this attempt's job completed (False: it was cancelled or taken over meanwhile)."""
     now = timezone.now()

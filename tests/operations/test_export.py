@@ -301,6 +301,16 @@ def test_type_filter_uses_the_service_search(live_api, cohort):
     assert files == {"Patient": [first]}
 
 
+def test_type_filter_on_a_compartment_type(live_api, cohort):
+    first = cohort["patients"][0]
+    heart = create(live_api, observation(first, "1234-5"))
+    query = "_typeFilter=Observation%3Fcode%3Dhttp://loinc.org|1234-5"
+    status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_type=Observation&{query}")
+    run_jobs()
+    files = exported(live_api, manifest(live_api, status))
+    assert files == {"Observation": [heart]}
+
+
 def test_group_roster_is_read_as_of_the_kick_off(live_api, cohort):
     status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_type=Patient")
     group(live_api, cohort["patients"], group_id=cohort["group"])  # adds the third

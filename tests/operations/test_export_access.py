@@ -8,6 +8,7 @@ import pytest
 
 from operations.export.models import ExportJob
 from tests.access.conftest import TokenClient, make_client
+from tests.access.test_backend_services import KeyPair, claims, register, request_token, token_of
 from tests.operations.test_export import (
     ASYNC,
     create,
@@ -104,3 +105,20 @@ def test_only_types_the_scopes_allow_are_exported(clients, data):
     assert files == {"Patient": [data["a"]["patient"]]}
     response = reader.get("/Patient/$export?_type=Observation", headers=ASYNC)
     assert response.status == 403, response
+
+
+def test_a_backend_services_client_exports_its_group(clients, data, tmp_path):
+    key = KeyPair("ES384")
+    client_id = register(tmp_path, key, scopes="system/*.rs", org="org-a")
+    token = token_of(request_token(key.sign(claims(client_id))))
+    backend = TokenClient(token, client_id=client_id, organization="org-a")
+    status = kick_off(backend, f"/Group/{data['group']}/$export")
+    run_jobs()
+    body = manifest(backend, status, **bearer(backend))
+    files = exported(backend, body, **bearer(backend))
+    assert files == {
+        "Observation": [data["a"]["observation"]],
+        "Patient": [data["a"]["patient"]],
+    }
+    # the org-a client with a secret, same organization, is another client: no download
+    assert raw(backend, "GET", body["output"][0]["url"], **bearer(clients["a"])).status_code == 404

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -11,7 +13,7 @@ from django.utils import timezone
 
 from operations.export.models import ExportFile, ExportJob
 from operations.export.services import export_job_claim, export_storage
-from operations.export.worker import run_once
+from operations.export.worker import run_once, worker_thread_start, worker_thread_stop
 
 # cohort: the fixture, used by name
 from tests.operations.test_export import cohort, kick_off, manifest, raw, run_jobs  # noqa: F401
@@ -82,3 +84,34 @@ def test_admin_shows_jobs_and_cancels_them(live_api, admin_client):
     job.refresh_from_db()
     assert job.state == ExportJob.State.CANCELLED
     assert not ExportFile.objects.filter(job=job).exists()
+
+
+@pytest.mark.usefixtures("cohort")
+def test_a_stopping_worker_hands_its_job_back(live_api, settings):
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "EXPORT_CHUNK": 1}
+    status = kick_off(live_api, "/Patient/$export")
+    stopping = threading.Event()
+    stopping.set()  # told to stop before its first report
+    assert run_once(worker="stopping", stopping=stopping)
+    job = ExportJob.objects.get()
+    assert (job.state, job.attempt, job.worker) == ("queued", 1, "")
+    assert raw(live_api, "GET", status).status_code == 202
+    assert run_once(worker="next")
+    job.refresh_from_db()
+    assert (job.state, job.attempt) == ("completed", 2)
+    assert ExportFile.objects.filter(job=job).exclude(attempt=2).count() == 0
+
+
+@pytest.mark.usefixtures("cohort")
+def test_the_server_process_worker_thread_runs_jobs_and_stops(live_api, settings):
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "EXPORT_POLL_SECONDS": 0.1}
+    worker_thread_start()
+    try:
+        status = kick_off(live_api, "/Patient/$export?_type=Patient")
+        for _ in range(300):
+            if ExportJob.objects.get().state == ExportJob.State.COMPLETED:
+                break
+            time.sleep(0.1)
+        assert [e["count"] for e in manifest(live_api, status)["output"]] == [3]
+    finally:
+        worker_thread_stop()

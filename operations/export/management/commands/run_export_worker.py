@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import signal
+import threading
 from typing import Any
 
 from django.core.management.base import BaseCommand
@@ -26,15 +27,26 @@ class Command(BaseCommand):
         parser.add_argument("--once", action="store_true", help="Run at most one job, then exit")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        """Loop until interrupted (or one round with ``--once``)."""
+        """Loop until SIGTERM or SIGINT (or one round with ``--once``); a job running then
+        goes back to the queue after the chunk in hand."""
         name = worker_name()
+        stopping = threading.Event()
+        previous = {
+            number: signal.signal(number, lambda *_: stopping.set())
+            for number in (signal.SIGTERM, signal.SIGINT)
+        }
         self.stdout.write(f"Export worker {name} started")
-        while True:
-            busy = run_once(worker=name)
-            close_old_connections()
-            if busy:
-                self.stdout.write(self.style.SUCCESS("Ran one export job"))
-            if options["once"]:
-                return
-            if not busy:
-                time.sleep(fhir_settings.EXPORT_POLL_SECONDS)
+        try:
+            while not stopping.is_set():
+                busy = run_once(worker=name, stopping=stopping)
+                close_old_connections()
+                if busy:
+                    self.stdout.write(self.style.SUCCESS("Ran one export job"))
+                if options["once"]:
+                    return
+                if not busy:
+                    stopping.wait(fhir_settings.EXPORT_POLL_SECONDS)
+            self.stdout.write("Export worker stopped")
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
