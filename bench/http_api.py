@@ -230,3 +230,16 @@ class HttpApi:
         """GET Group?member=<reference>; the Bundle's total."""
         _, content, _ = self._send("GET", f"/Group?member={urllib.parse.quote(reference)}")
         return orjson.loads(content)["total"]
+
+    def search(self, path: str) -> bytes:
+        """GET a search (``path`` below the base, query included); the Bundle's bytes."""
+        return self._send("GET", path)[1]
+
+    def post_bundle(self, body: bytes) -> None:
+        """POST a batch or transaction Bundle; every entry must have succeeded."""
+        _, content, _ = self._send("POST", "", body, content_type=FHIR_JSON)
+        failed = [
+            e for e in orjson.loads(content)["entry"] if not e["response"]["status"][:1] == "2"
+        ]
+        if failed:
+            raise BenchError(f"POST Bundle: {len(failed)} entries failed: {failed[0]!r}"[:500])
