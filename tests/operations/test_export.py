@@ -319,6 +319,26 @@ def test_group_roster_is_read_as_of_the_kick_off(live_api, cohort):
     assert sorted(files["Patient"]) == sorted(cohort["patients"][:2])
 
 
+def test_members_added_while_the_export_runs_do_not_leak_in(
+    live_api, cohort, settings, monkeypatch
+):
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "EXPORT_CHUNK": 1}
+    first, second, third = cohort["patients"]
+    late = create(live_api, patient(family="Late"))
+    status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_type=Patient")
+    original = export_runner.export_job_report
+
+    def add_members(**kwargs: Any) -> None:
+        # after the first chunk: the roster grows around the members still to come
+        group(live_api, [first, second, third, late], group_id=cohort["group"])
+        original(**kwargs)
+
+    monkeypatch.setattr(export_runner, "export_job_report", add_members)
+    run_jobs()
+    files = exported(live_api, manifest(live_api, status))
+    assert sorted(files["Patient"]) == sorted([first, second])
+
+
 def test_changes_after_the_kick_off_do_not_leak_in(live_api, cohort):
     first, second = cohort["patients"][:2]
     status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_type=Patient")
