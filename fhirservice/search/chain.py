@@ -10,8 +10,9 @@
 
 Each level is one subquery over the reference rows of the index (no keys are materialised),
 and every level sees only what the caller's organization boundary lets it see: a chain can
-not probe another organization's data. Parameters answered by an app outside the metadata
-store (``Group.member``) cannot be chained through (400).
+not probe another organization's data. Each type a chain or ``_has`` searches needs the
+search scope on it (403 otherwise), as a search of that type would. Parameters answered by
+an app outside the metadata store (``Group.member``) cannot be chained through (400).
 
 The index adapter (the functions under "Index adapter") is the one place that knows how
 parameters are defined and how reference values are stored; the rest of this module and
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
+from fhirservice.access import current
 from fhirservice.access.boundaries import visible_q
+from fhirservice.access.policy import require_permission
 from fhirservice.errors import BadRequest
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import SearchToken, StoredResource
@@ -158,7 +161,11 @@ def chain_filter(resource_type: str, name_mod: str, raw: str, *, strict: bool) -
 
 
 def _matching(resource_type: str, name_mod: str, raw: str, *, strict: bool) -> QuerySet | None:
-    """Keys of the visible current resources of a type matching one parameter (a subquery)."""
+    """Keys of the visible current resources of a type matching one parameter (a subquery).
+
+    Searching through a type is searching it: the caller's scopes must allow that (403).
+    """
+    require_permission(current(), resource_type, "s")
     condition = param_filter(resource_type, name_mod, raw, strict=strict)
     if condition is None:
         return None

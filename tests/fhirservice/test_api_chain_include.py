@@ -434,10 +434,25 @@ def test_other_organizations_are_never_included_nor_chained(db, auth_on) -> None
     assert entries(bundle, "include") == []
 
 
-def test_types_the_token_cannot_read_are_left_out(db, auth_on) -> None:
+def test_types_the_token_cannot_read_are_left_out_and_cannot_be_chained_through(
+    db, auth_on
+) -> None:
     writer = make_client(organization="org-a")
     world = build_world(writer)
     reader = make_client(organization="org-a", scopes="system/Observation.rs")
     bundle = search(reader, f"/Observation?_id={world['o-peter']}&_include=*")
     assert entries(bundle, "match") == [f"Observation/{world['o-peter']}"]
     assert entries(bundle, "include") == []
+    # chains and _has search the types they go through: that needs the search scope
+    assert_outcome(
+        reader.get("/Observation?subject:Patient.name=peter"), 403, "MSG_INSUFFICIENT_SCOPE"
+    )
+    patients = make_client(organization="org-a", scopes="system/Patient.rs")
+    assert_outcome(
+        patients.get("/Patient?_has:Observation:subject:code=8867-4"),
+        403,
+        "MSG_INSUFFICIENT_SCOPE",
+    )
+    both = make_client(organization="org-a", scopes="system/Patient.rs system/Observation.rs")
+    bundle = search(both, "/Patient?_has:Observation:subject:code=8867-4")
+    assert entries(bundle, "match") == [f"Patient/{world['peter']}"]
