@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import threading
 import time
 from datetime import timedelta
 
 import pytest
+from django.apps import apps
 from django.core.management import call_command
 from django.utils import timezone
 
-from operations.export.models import ExportFile, ExportJob
+from operations.export.models import CompartmentLink, ExportFile, ExportJob
 from operations.export.services import export_job_claim, export_storage
 from operations.export.worker import run_once, worker_thread_start, worker_thread_stop
 
 # cohort: the fixture, used by name
-from tests.operations.test_export import cohort, kick_off, manifest, raw, run_jobs  # noqa: F401
+from tests.operations.test_export import (  # noqa: F401
+    cohort,
+    create,
+    kick_off,
+    manifest,
+    observation,
+    raw,
+    run_jobs,
+)
 from tests.support import run_threads
 
 
@@ -115,3 +125,16 @@ def test_the_server_process_worker_thread_runs_jobs_and_stops(live_api, settings
         assert [e["count"] for e in manifest(live_api, status)["output"]] == [3]
     finally:
         worker_thread_stop()
+
+
+def test_the_migrations_index_resources_stored_before_the_app(live_api, cohort):  # noqa: F811
+    first, second = cohort["patients"][:2]
+    shared = create(live_api, {**observation(first), "performer": [{"reference": second}]})
+    expected = sorted(CompartmentLink.objects.values_list("key", "shared"))
+    CompartmentLink.objects.all().delete()
+    index = importlib.import_module("operations.export.migrations.0002_index_existing_resources")
+    flag = importlib.import_module("operations.export.migrations.0003_compartment_link_shared")
+    index.index_existing(apps, None)
+    flag.mark_shared(apps, None)
+    assert sorted(CompartmentLink.objects.values_list("key", "shared")) == expected
+    assert CompartmentLink.objects.get(key=f"{shared}>{second.split('/')[1]}").shared
