@@ -239,6 +239,16 @@ def test_include_subject(api, world) -> None:
     assert bundle["total"] == 2  # includes are not counted
 
 
+def test_include_leaves_out_deleted_resources_and_counts(api, world) -> None:
+    assert api.delete(f"/Patient/{world['anna']}").status == 204
+    bundle = search(api, "/Observation?code=2339-0&_include=Observation:subject")
+    assert len(entries(bundle, "match")) == 2
+    assert entries(bundle, "include") == [f"Patient/{world['peter']}"]
+    counted = search(api, "/Observation?code=2339-0&_include=Observation:subject&_summary=count")
+    assert counted["total"] == 2
+    assert "entry" not in counted
+
+
 def test_include_dedupes(api, world) -> None:
     # Two of Peter's Observations: Peter once.
     bundle = search(api, "/Observation?subject:Patient.name=peter&_include=Observation:subject")
@@ -312,6 +322,17 @@ def test_group_member_include_and_revinclude(api, world) -> None:
     )
     assert outcome_issues(bundle) == []
     bundle = search(api, f"/Patient?_id={world['anna']}&_revinclude=Group:member")
+    assert entries(bundle, "include") == [f"Group/{world['cohort']}"]
+
+
+def test_group_member_includes_with_inline_rosters(api, settings) -> None:
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "GROUP_ROSTER_STORAGE": "inline"}
+    world = build_world(api)
+    bundle = search(api, f"/Group?_id={world['cohort']}&_include=Group:member")
+    assert entries(bundle, "include") == sorted(
+        [f"Patient/{world['peter']}", f"Patient/{world['anna']}"]
+    )
+    bundle = search(api, f"/Patient?_id={world['peter']}&_revinclude=Group:member")
     assert entries(bundle, "include") == [f"Group/{world['cohort']}"]
 
 
