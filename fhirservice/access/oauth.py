@@ -111,12 +111,6 @@ class FhirOAuth2Validator(OAuth2Validator):
         allowance = ScopeSet.parse(" ".join(_allowance(client)))
         return bool(allowance.scopes) and allowance.covers(ScopeSet.parse(" ".join(scopes)))
 
-    def client_authentication_required(self, request: Any, *args: Any, **kwargs: Any) -> bool:
-        """Always for a request with a client assertion (revocation asks; tokens always do)."""
-        if _sends_assertion(request):
-            return True
-        return super().client_authentication_required(request, *args, **kwargs)
-
     def authenticate_client(self, request: Any, *args: Any, **kwargs: Any) -> bool:
         """A signed client assertion when one is sent, else the secret (Basic or body).
 

@@ -819,3 +819,13 @@ def test_a_key_client_exports_a_group_and_downloads_with_another_of_its_tokens(
     other = {"Authorization": f"Bearer {stranger.token}"}
     assert raw(stranger, "GET", status, **other).status_code == 404
     assert raw(stranger, "GET", body["output"][0]["url"], **other).status_code == 404
+
+
+def test_an_assertion_without_its_type_is_refused(key: KeyPair, tmp_path: Path, db: None) -> None:
+    client_id = register(tmp_path, key)
+    response = Client().post(
+        "/oauth/token/",
+        {"grant_type": "client_credentials", "client_assertion": key.sign(claims(client_id))},
+    )
+    assert_refused(response, assertions.MSG_ASSERTION_TYPE)
+    assert tokens_of(client_id) == 0
