@@ -26,6 +26,7 @@ DOCTYPE at all is refused (FHIR forbids them).
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -56,7 +57,7 @@ MSG_TEXT_CONTENT = "Element '{path}' must not contain text; FHIR primitives use 
 MSG_NO_VALUE = "Element '{path}' has neither a value nor extensions"
 MSG_ONE_RESOURCE = "Element '{path}' must hold exactly one resource"
 
-_PARSER = etree.XMLParser(
+_PARSER_OPTIONS: dict[str, Any] = dict(
     resolve_entities=False,
     no_network=True,
     load_dtd=False,
@@ -68,6 +69,7 @@ _PARSER = etree.XMLParser(
     remove_pis=True,
     collect_ids=False,
 )
+_PARSER = etree.XMLParser(**_PARSER_OPTIONS)
 
 # --- element order -----------------------------------------------------------------------------
 _ORDER: dict[int, tuple[_Structure, dict[str, float]]] = {}
@@ -398,21 +400,49 @@ def parse_resource_xml(data: bytes) -> dict[str, Any]:
     """An XML document as the JSON form of its resource (400 if not FHIR XML).
 
     Values are converted by their element's type; whether the result is a valid resource is
-    left to the same validation as JSON bodies.
+    left to the same validation as JSON bodies. The document is read incrementally: each
+    child of the root is converted and dropped once parsed, so a Group's 10^6 members are
+    never all in the XML tree at once.
     """
     if _DOCTYPE.match(data):
         raise BadRequest(MSG_DOCTYPE, detail_code="MSG_XML_DOCTYPE")
+    root: Any = None
+    result: dict[str, Any] = {}
+    repeated: set[str] = set()
+    structure = path = None
     try:
-        root = etree.fromstring(data, _PARSER)
+        for event, element in etree.iterparse(
+            io.BytesIO(data), events=("start", "end"), **_PARSER_OPTIONS
+        ):
+            if root is None:
+                root = element
+                docinfo = root.getroottree().docinfo
+                if docinfo.doctype or docinfo.internalDTD is not None:
+                    raise BadRequest(MSG_DOCTYPE, detail_code="MSG_XML_DOCTYPE")
+                namespace, path = _split(root.tag)
+                if namespace != FHIR_NS or path not in R4_RESOURCE_TYPES:
+                    raise BadRequest(
+                        MSG_NOT_FHIR.format(tag=path or root.tag), detail_code="MSG_XML_ROOT"
+                    )
+                _check_attributes(root, (), path)
+                structure = _structure_of_type(path)
+                result["resourceType"] = path
+            elif event == "end" and element.getparent() is root:
+                _read_child(element, structure, result, path, repeated)
+                # What is read is dropped (with the comments and whitespace before it).
+                element.clear(keep_tail=True)
+                while element.getprevious() is not None:
+                    if root[0].tail is not None and root[0].tail.strip():
+                        raise _fail(MSG_TEXT_CONTENT.format(path=path))
+                    del root[0]
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise BadRequest(MSG_MALFORMED_XML.format(error=exc), detail_code="MSG_XML_PARSE") from exc
-    docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None:
-        raise BadRequest(MSG_DOCTYPE, detail_code="MSG_XML_DOCTYPE")
-    namespace, local = _split(root.tag)
-    if namespace != FHIR_NS or local not in R4_RESOURCE_TYPES:
-        raise BadRequest(MSG_NOT_FHIR.format(tag=local or root.tag), detail_code="MSG_XML_ROOT")
-    return _read_resource(root, local)
+    if (root.text is not None and root.text.strip()) or any(
+        child.tail is not None and child.tail.strip() for child in root
+    ):
+        raise _fail(MSG_TEXT_CONTENT.format(path=path))
+    _drop_null_arrays(result, repeated)
+    return result
 
 
 def _fail(message: str) -> BadRequest:
@@ -441,50 +471,60 @@ def _check_attributes(element: Any, allowed: tuple[str, ...], path: str) -> None
 def _read_children(element: Any, structure: _Structure, result: dict[str, Any], path: str) -> None:
     if element.text is not None and element.text.strip():
         raise _fail(MSG_TEXT_CONTENT.format(path=path))
-    elements = structure.elements
-    repeated_primitives = set()
+    repeated: set[str] = set()
     for child in element:
-        if not isinstance(child.tag, str):
-            continue  # a comment
-        namespace, name = _split(child.tag)
-        child_path = f"{path}.{name}"
         if child.tail is not None and child.tail.strip():
             raise _fail(MSG_TEXT_CONTENT.format(path=path))
-        spec = elements.get(name)
-        if spec is None or namespace != (XHTML_NS if spec.type == "xhtml" else FHIR_NS):
-            raise _fail(MSG_UNKNOWN_ELEMENT.format(path=child_path if name else path))
-        if spec.kind == _PRIMITIVE:
-            value, sibling = _read_primitive(child, spec.type, child_path)
-            if spec.many:
-                repeated_primitives.add(name)
-                values = result.setdefault(name, [])
-                siblings = result.get("_" + name)
-                if sibling is not None and siblings is None:
-                    siblings = result["_" + name] = [None] * len(values)
-                values.append(value)
-                if siblings is not None:
-                    siblings.append(sibling)
-            else:
-                if value is not None:
-                    result[name] = value
-                if sibling is not None:
-                    result["_" + name] = sibling
-            continue
-        if spec.kind == _COMPLEX:
-            value = _read_complex(child, spec.target or spec.structure(), child_path)
-        else:
-            _check_attributes(child, (), child_path)
-            inner = [c for c in child if isinstance(c.tag, str)]
-            if len(inner) != 1 or (child.text is not None and child.text.strip()):
-                raise _fail(MSG_ONE_RESOURCE.format(path=child_path))
-            if _split(inner[0].tag)[0] != FHIR_NS:
-                raise _fail(MSG_NOT_FHIR.format(tag=inner[0].tag))
-            value = _read_resource(inner[0], child_path)
+        _read_child(child, structure, result, path, repeated)
+    _drop_null_arrays(result, repeated)
+
+
+def _read_child(
+    child: Any, structure: _Structure, result: dict[str, Any], path: str, repeated: set[str]
+) -> None:
+    """Add one child element to ``result``; ``repeated`` collects the repeating primitives."""
+    if not isinstance(child.tag, str):
+        return  # a comment
+    namespace, name = _split(child.tag)
+    child_path = f"{path}.{name}"
+    spec = structure.elements.get(name)
+    if spec is None or namespace != (XHTML_NS if spec.type == "xhtml" else FHIR_NS):
+        raise _fail(MSG_UNKNOWN_ELEMENT.format(path=child_path if name else path))
+    if spec.kind == _PRIMITIVE:
+        value, sibling = _read_primitive(child, spec.type, child_path)
         if spec.many:
-            result.setdefault(name, []).append(value)
+            repeated.add(name)
+            values = result.setdefault(name, [])
+            siblings = result.get("_" + name)
+            if sibling is not None and siblings is None:
+                siblings = result["_" + name] = [None] * len(values)
+            values.append(value)
+            if siblings is not None:
+                siblings.append(sibling)
         else:
-            result[name] = value
-    for name in repeated_primitives:
+            if value is not None:
+                result[name] = value
+            if sibling is not None:
+                result["_" + name] = sibling
+        return
+    if spec.kind == _COMPLEX:
+        value = _read_complex(child, spec.target or spec.structure(), child_path)
+    else:
+        _check_attributes(child, (), child_path)
+        inner = [c for c in child if isinstance(c.tag, str)]
+        if len(inner) != 1 or (child.text is not None and child.text.strip()):
+            raise _fail(MSG_ONE_RESOURCE.format(path=child_path))
+        if _split(inner[0].tag)[0] != FHIR_NS:
+            raise _fail(MSG_NOT_FHIR.format(tag=inner[0].tag))
+        value = _read_resource(inner[0], child_path)
+    if spec.many:
+        result.setdefault(name, []).append(value)
+    else:
+        result[name] = value
+
+
+def _drop_null_arrays(result: dict[str, Any], repeated: set[str]) -> None:
+    for name in repeated:
         # JSON leaves out a value array that would hold only nulls (extensions only).
         if all(value is None for value in result[name]):
             del result[name]

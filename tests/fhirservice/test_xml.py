@@ -320,6 +320,14 @@ def test_every_error_is_an_xml_outcome_when_xml_is_asked(xml_api, api):
             "MSG_XML_STRUCTURE",
         ),
         ("POST", "/Patient", b"<Observation/>", FHIR_XML, 400, "MSG_XML_ROOT"),
+        (
+            "POST",
+            "/Patient",
+            b'<Patient xmlns="http://hl7.org/fhir"><active value="true"/>text</Patient>',
+            FHIR_XML,
+            400,
+            "MSG_XML_STRUCTURE",
+        ),
     ]
     for method, path, body, content_type, status, code in cases:
         response = xml_api.request(method, path, body, content_type=content_type)
@@ -450,3 +458,37 @@ def test_group_roster_streams_as_xml(xml_api, api):
 def test_capability_statement_lists_xml():
     statement = capability_statement("http://example.org/4_0_0", "2026-01-01T00:00:00Z")
     assert {"application/fhir+xml", "xml"} <= set(statement["format"])
+
+
+def test_resources_built_in_code_are_served_as_xml(xml_api, api):
+    """Answers the server composes itself (operation outputs, definitions, the audit trail,
+    write outcomes) convert like stored resources."""
+    pid = api.post("/Patient", patient(family="Built")).body["id"]
+    members = [{"entity": {"reference": f"Patient/{pid}"}}]
+    gid = api.post(
+        "/Group", {"resourceType": "Group", "type": "person", "actual": True, "member": members}
+    ).body["id"]
+    for path in (
+        "/OperationDefinition/Group-add-member",
+        "/OperationDefinition?code=add-member",
+        f"/Group/{gid}/$members",
+        f"/Patient/{pid}/$group-memberships",
+        "/AuditEvent?_count=5",
+        "/metadata",
+    ):
+        as_json = api.get(path)
+        response = xml_api.request("GET", path)
+        assert response.status_code == as_json.status, (path, response.body_bytes[:300])
+        converted = xml_of(response)
+        if converted["resourceType"] == "Bundle" or path == "/metadata":
+            converted.pop("link", None), as_json.body.pop("link", None)
+            converted.pop("date", None), as_json.body.pop("date", None)
+        assert converted == as_json.body, path
+    outcome = xml_api.request(
+        "POST",
+        "/Patient",
+        resource_to_xml(patient()),
+        headers={"Prefer": "return=OperationOutcome"},
+    )
+    assert outcome.status_code == 201
+    assert xml_of(outcome)["issue"][0]["severity"] == "information"
