@@ -25,6 +25,7 @@ became ``resolve_types`` there, applied here to the reference's type.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from fhirservice.fhir.definitions import search_parameters
 from fhirservice.models import SearchToken
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
+logger = logging.getLogger(__name__)
 # Ranges open at one end reach the smallest or largest instant the databases all store.
 EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
 LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
@@ -61,6 +63,7 @@ LOCAL_DEFINITIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 _FIRST_ELEMENT = re.compile(r"^\(?\s*[A-Z][A-Za-z]*\.([a-z][A-Za-z0-9]*)")
 _FIRST_RELATIVE = re.compile(r"^\(?\s*([a-z][A-Za-z0-9]*)")
+_AS_OPERATOR = re.compile(r"\(\s*([A-Za-z][\w.]*(?:\([^()]*\)[\w.]*)*)\s+as\s+([A-Za-z]+)\s*\)")
 _OPTIONS = {"returnRawData": True}
 
 
@@ -104,7 +107,7 @@ def _part(resource_type: str, raw: dict[str, Any]) -> Part:
     # match to a concrete resource; FHIRPath's ``DateTime`` type is spelled ``dateTime``.
     if expression.startswith("Resource."):
         expression = resource_type + expression[len("Resource") :]
-    expression = expression.replace("as(DateTime)", "as(dateTime)")
+    expression = _lenient_casts(expression)
     match = _FIRST_ELEMENT.match(expression)
     resolve = raw.get("resolve_types")
     return Part(
@@ -114,8 +117,20 @@ def _part(resource_type: str, raw: dict[str, Any]) -> Part:
     )
 
 
+def _lenient_casts(expression: str) -> str:
+    """``x as T`` and ``x.as(T)`` rewritten as ``x.ofType(T)``.
+
+    The engine follows FHIRPath in refusing ``as`` on a collection of several items
+    (``Group.characteristic.value as Quantity`` on a Group of three characteristics), where
+    the definitions mean "the values of type T" (which ``ofType`` is); FHIRPath spells the
+    type ``dateTime``, one definition ``DateTime``.
+    """
+    expression = _AS_OPERATOR.sub(r"\1.ofType(\2)", expression).replace(".as(", ".ofType(")
+    return expression.replace("ofType(DateTime)", "ofType(dateTime)")
+
+
 def _component(kind: str, expression: str) -> Component:
-    expression = expression.replace("as(DateTime)", "as(dateTime)")
+    expression = _lenient_casts(expression)
     match = _FIRST_RELATIVE.match(expression)
     first = match.group(1) if match and "|" not in expression else None
     return Component(type=kind, expression=expression, first=first)
@@ -168,7 +183,13 @@ def _present(body: dict[str, Any], first: str) -> bool:
 
 
 def _nodes(body: Any, expression: str) -> list[Any]:
-    return _compiled(expression)(body)
+    try:
+        return _compiled(expression)(body)
+    except Exception:  # noqa: BLE001 - one unusable expression must not fail the write
+        # The value is left out of the index (the resource is valid, the engine or the
+        # definition is at fault); the log names the expression so it can be fixed.
+        logger.warning("search extraction failed for %r", expression, exc_info=True)
+        return []
 
 
 def _type_name(node: Any) -> str:

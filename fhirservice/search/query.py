@@ -289,10 +289,12 @@ def _number_q(name: str, raw: str) -> Q:
     half = float(Decimal(5).scaleb(int(exponent) - 1))  # type: ignore[arg-type]
     value = float(number)
     low, high = value - half, value + half
+    # The value itself too: past 15 significant digits the range is below a float's step.
+    equal = Q(number__gte=low, number__lt=high) | Q(number=value)
     if prefix == "eq":
-        return Q(number__gte=low, number__lt=high)
+        return equal
     if prefix == "ne":
-        return ~Q(number__gte=low, number__lt=high)
+        return ~equal
     if prefix in ("gt", "sa"):
         return Q(number__gt=value)
     if prefix in ("lt", "eb"):
