@@ -162,6 +162,14 @@ class HttpApi:
 
     # -- the rows' requests ---------------------------------------------------------
 
+    def get(self, path: str) -> bytes:
+        """``GET`` a path below the base (200 expected): the body."""
+        return self._send("GET", path)[1]
+
+    def post(self, path: str, body: bytes) -> None:
+        """``POST`` a resource (201 expected, ``return=minimal``)."""
+        self._send("POST", path, body, expected=(201,), content_type=FHIR_JSON, minimal=True)
+
     def create_group(self, body: bytes) -> str:
         """POST a Group (``Prefer: return=minimal``); its id."""
         return self._create("Group", body)

@@ -107,6 +107,8 @@ def requirement_for(view: Any, request: Request) -> Requirement:
         level = "instance" if resource_id else ("type" if resource_type else "system")
         found = find_operation(kwargs["code"], resource_type, level)
         return _operation_requirement(resource_type, kwargs["code"], found and found.definition)
+    if rule == "search":  # POST [type]/_search reads like GET [type]
+        return Requirement("search", resource_type, "s")
     if rule == "audit":
         if method == "GET":
             return Requirement("search", "AuditEvent", "s")

@@ -27,6 +27,7 @@ urlpatterns = [
     re_path(r"^AuditEvent$", AuditEventView.as_view()),
     re_path(r"^AuditEvent/(?P<resource_id>[^/$_][^/]*)$", AuditEventInstanceView.as_view()),
     re_path(rf"^{TYPE}$", views.TypeView.as_view()),
+    re_path(rf"^{TYPE}/_search$", views.TypeSearchView.as_view()),
     re_path(rf"^{TYPE}/_history$", views.HistoryView.as_view()),
     re_path(rf"^{TYPE}/{ID}$", views.InstanceView.as_view()),
     re_path(rf"^{TYPE}/{ID}/_history$", views.HistoryView.as_view()),

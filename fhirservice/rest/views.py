@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from django.http import HttpResponse
 from rest_framework.request import Request
@@ -11,8 +11,21 @@ from rest_framework.request import Request
 from fhirservice.bundles import process_bundle
 from fhirservice.capability import capability_statement
 from fhirservice.conf import fhir_settings
-from fhirservice.errors import NotFound, information_outcome, operation_outcome
-from fhirservice.rest.base import FhirView, base_url, fhir_http_response, version_headers
+from fhirservice.errors import (
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    information_outcome,
+    operation_outcome,
+)
+from fhirservice.rest.base import (
+    MSG_BODY_TOO_LARGE,
+    FhirView,
+    base_url,
+    fhir_http_response,
+    version_headers,
+)
+from fhirservice.rest.limits import check_query_string
 from fhirservice.rest.rendering import bundle_body, render_resource
 from fhirservice.rest.subsetting import subset
 from fhirservice.search.include import MSG_INCLUDES_CAPPED, include_page
@@ -38,6 +51,8 @@ from fhirservice.store.services import (
 )
 
 MSG_UNKNOWN_ROUTE = "No FHIR endpoint at {path}"
+MSG_SEARCH_FORM = "POST _search takes a form body: Content-Type {found}, expected {expected}"
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 MSG_DELETED_MATCHES = "Deleted {count} matching resource(s): {keys}"
 METHOD_OF = {"POST": "POST", "PUT": "PUT", "PATCH": "PATCH", "DELETE": "DELETE"}
 
@@ -58,8 +73,12 @@ class TypeView(FhirView):
     def get(self, request: Request, resource_type: str) -> HttpResponse:
         """Search: a searchset Bundle, keyset-paged."""
         check_type(resource_type)
-        pairs = list(request.query_params.lists())
-        flat = [(k, v) for k, values in pairs for v in values]
+        return self.search(request, resource_type, query_pairs(request))
+
+    def search(
+        self, request: Request, resource_type: str, flat: list[tuple[str, str]]
+    ) -> HttpResponse:
+        """A searchset Bundle for the parameters ``flat`` (from the query or a form body)."""
         spec = parse_search(resource_type, flat, strict=self.strict())
         page = run_search(spec)
         included = include_page(spec.includes, page.rows)
@@ -188,6 +207,40 @@ class TypeView(FhirView):
             text = MSG_DELETED_MATCHES.format(count=len(results), keys=deleted or "none")
             return fhir_http_response(render_json(information_outcome(text)), headers=headers)
         return fhir_http_response(None, status=204, headers=headers)
+
+
+class TypeSearchView(TypeView):
+    """``POST [base]/[type]/_search``: search with parameters in a form body.
+
+    The body's parameters follow the query's; the Bundle is the GET search's, its links GET
+    URLs (a client pages with GET).
+    """
+
+    access_rule = "search"
+    http_method_names = ["post"]
+
+    def post(self, request: Request, resource_type: str) -> HttpResponse:  # type: ignore[override]
+        """Search: a searchset Bundle for the query's and the form body's parameters."""
+        check_type(resource_type)
+        media = (request.content_type or "").split(";")[0].strip().lower()
+        if media != FORM_MEDIA_TYPE:
+            raise UnsupportedMediaType(
+                MSG_SEARCH_FORM.format(found=media or "none", expected=FORM_MEDIA_TYPE)
+            )
+        body = request._request.body
+        if len(body) > fhir_settings.MAX_BODY_BYTES:
+            raise PayloadTooLarge(
+                MSG_BODY_TOO_LARGE.format(size=len(body), limit=fhir_settings.MAX_BODY_BYTES)
+            )
+        text = body.decode("utf-8", errors="replace")
+        check_query_string(text)
+        form = parse_qsl(text, keep_blank_values=True)
+        return self.search(request, resource_type, query_pairs(request) + form)
+
+
+def query_pairs(request: Request) -> list[tuple[str, str]]:
+    """The query string's parameters, in order, repeated names kept."""
+    return [(k, v) for k, values in request.query_params.lists() for v in values]
 
 
 def flat_cursor(flat: list[tuple[str, str]]) -> str | None:

@@ -35,11 +35,13 @@ from functools import cache
 from typing import Any
 
 import fhirpathpy
+from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models as fhirpath_models
 
 from fhirservice.conf import fhir_settings
 from fhirservice.fhir.definitions import search_parameters
 from fhirservice.models import SearchToken
+from fhirservice.search.paths import Found, plan, walk
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
 logger = logging.getLogger(__name__)
@@ -407,11 +409,13 @@ class _Evaluator:
     """FHIRPath results for one resource, each expression evaluated once per node.
 
     Parameters share expressions (``Observation.code`` feeds ``code``, ``combo-code`` and
-    four composites), and a resource lacking an expression's first element skips the engine.
+    four composites); a resource lacking an expression's first element skips evaluation, and
+    plain member paths are walked without the engine (``fhirservice.search.paths``).
     """
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = body
+        self.root = Found(body["resourceType"], body, body["resourceType"])
         self.cache: dict[tuple[int, str], list[Any]] = {}
 
     def nodes(self, node: Any, expression: str, first: str | None) -> list[Any]:
@@ -421,15 +425,26 @@ class _Evaluator:
         key = (id(node), expression)
         found = self.cache.get(key)
         if found is None:
-            found = self.cache[key] = _nodes(node, expression)
+            found = self.cache[key] = self._evaluate(node, expression)
         return found
+
+    def _evaluate(self, node: Any, expression: str) -> list[Any]:
+        plain = plan(expression)
+        if isinstance(node, Found):
+            if plain is not None:
+                walked = walk(node, plain)
+                if walked is not None:
+                    return walked
+            node = (
+                node.data if node is self.root else ResourceNode.create_node(node.data, node.model)
+            )
+        return _nodes(node, expression)
 
 
 def _param_rows(evaluator: _Evaluator, param: Param) -> Iterator[Row]:
-    body = evaluator.body
     occurrence = 0
     for part in param.parts:
-        nodes = evaluator.nodes(body, part.expression, part.first)
+        nodes = evaluator.nodes(evaluator.root, part.expression, part.first)
         if param.type != "composite":
             for node in nodes:
                 yield from typed_rows(param.type, node, param.name, part)
