@@ -94,12 +94,30 @@ class SearchToken(models.Model):
     part = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
+        # Each index ends with resource_key, so a search reads the keys from the index alone
+        # (PostgreSQL's index-only scans), already in key order for the first page's merge.
         indexes = [
-            models.Index(fields=["resource_type", "param", "value"], name="tok_type_param_value"),
-            models.Index(fields=["resource_type", "param", "low"], name="tok_type_param_low"),
-            models.Index(fields=["resource_type", "param", "text"], name="tok_type_param_text"),
-            models.Index(fields=["resource_type", "param", "number"], name="tok_type_param_number"),
-            models.Index(fields=["resource_key"], name="tok_resource"),
+            models.Index(
+                fields=["resource_type", "param", "value", "system", "resource_key"],
+                name="tok_type_param_value",
+            ),
+            models.Index(
+                fields=["resource_type", "param", "low", "high", "resource_key"],
+                name="tok_type_param_low",
+            ),
+            models.Index(
+                fields=["resource_type", "param", "high", "resource_key"],
+                name="tok_type_param_high",
+            ),
+            models.Index(
+                fields=["resource_type", "param", "text", "resource_key"],
+                name="tok_type_param_text",
+            ),
+            models.Index(
+                fields=["resource_type", "param", "number", "resource_key"],
+                name="tok_type_param_number",
+            ),
+            models.Index(fields=["resource_key", "param"], name="tok_resource"),
             models.Index(fields=["group"], name="tok_group"),
         ]
 

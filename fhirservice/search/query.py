@@ -682,12 +682,44 @@ def _is_date_sort(spec: SearchSpec, name: str) -> bool:
     return name == "_lastUpdated" or (param is not None and param.type == "date")
 
 
+def _index_keys(condition: Q) -> QuerySet[SearchToken] | None:
+    """The SearchToken rows of a filter that is exactly ``key IN (index rows)``, else None."""
+    if condition.negated or len(condition.children) != 1:
+        return None
+    child = condition.children[0]
+    if (
+        isinstance(child, tuple)
+        and child[0] == "key__in"
+        and isinstance(child[1], QuerySet)
+        and child[1].model is SearchToken
+    ):
+        return child[1]
+    return None
+
+
+def _count(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> int:
+    """The total of a search.
+
+    Index rows exist only for the current version of live resources (a delete removes
+    them), so when every filter is a set of index rows and the caller sees every
+    organization's data, the total is counted on the index alone: 10^5 matches without
+    visiting 10^5 StoredResource rows.
+    """
+    sets = [_index_keys(condition) for condition in spec.filters]
+    if not sets or None in sets or visible_q() != Q():
+        return queryset.count()
+    keys = sets[0]
+    for other in sets[1:]:
+        keys = keys.filter(resource_key__in=other)
+    return keys.distinct().count()
+
+
 def run_search(spec: SearchSpec) -> SearchPage:
     """Execute a SearchSpec: one page of rows, the total, and the next page's cursor."""
     queryset = _base_queryset(spec)
     total = None
     if spec.total != "none" or spec.summary == "count":
-        total = queryset.count()
+        total = _count(spec, queryset)
     if spec.summary == "count" or spec.count == 0:
         return SearchPage(rows=[], total=total, next_cursor=None)
     paged, columns = _sorted(spec, queryset)

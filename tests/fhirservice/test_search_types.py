@@ -361,3 +361,10 @@ def test_post_search_takes_a_form_body(api, stored):
         "/Observation/_search", raw=b"date=xx1", content_type="application/x-www-form-urlencoded"
     )
     assert_outcome(bad, 400, "MSG_PARAM_INVALID")
+
+
+def test_totals_leave_out_deleted_resources(api, stored):
+    assert api.delete(f"/Observation/{stored['hr']}").status == 204
+    assert api.get(f"/Observation?code={LOINC}|&_total=accurate").body["total"] == 2
+    assert api.get(f"/Observation?code={LOINC}|&status=final").body["total"] == 1
+    assert api.get("/Observation?subject=Patient/p1").body["total"] == 0
