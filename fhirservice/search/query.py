@@ -610,9 +610,22 @@ def _base_queryset(spec: SearchSpec) -> QuerySet[StoredResource]:
     queryset = StoredResource.objects.filter(
         visible_q(), resource_type=spec.resource_type, deleted=False
     )
+    index_sets = [keys for c in spec.filters if (keys := _index_keys(c)) is not None]
+    if len(index_sets) > 1:
+        # Several sets of index rows are intersected among themselves first (small index
+        # scans joined on resource_key) rather than each joined to StoredResource.
+        queryset = queryset.filter(key__in=_intersection(index_sets))
     for condition in spec.filters:
-        queryset = queryset.filter(condition)
+        if len(index_sets) <= 1 or _index_keys(condition) is None:
+            queryset = queryset.filter(condition)
     return queryset
+
+
+def _intersection(index_sets: list[QuerySet[SearchToken]]) -> QuerySet[SearchToken]:
+    keys = index_sets[0]
+    for other in index_sets[1:]:
+        keys = keys.filter(resource_key__in=other)
+    return keys
 
 
 def _sort_column(resource_type: str, name: str, descending: bool) -> tuple[str, Any]:
@@ -708,10 +721,7 @@ def _count(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> int:
     sets = [_index_keys(condition) for condition in spec.filters]
     if not sets or None in sets or visible_q() != Q():
         return queryset.count()
-    keys = sets[0]
-    for other in sets[1:]:
-        keys = keys.filter(resource_key__in=other)
-    return keys.distinct().count()
+    return _intersection(sets).distinct().count()
 
 
 def run_search(spec: SearchSpec) -> SearchPage:
