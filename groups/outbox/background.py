@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # The last_error of a batch a stopping process queued and could not ship in time: the relays
 # ship batches with an error at their next round.
 MSG_LEFT_AT_EXIT = "Left pending when its server process stopped"
-LOG_SHIPPING_FAILED = "Shipping member events of %s failed"
+LOG_SHIPPING_FAILED = "Shipping member events of %d rosters failed"
 LOG_RELAY_FAILED = "Outbox relay round failed"
 LOG_DRAINED = "Stopping: every member event batch this process queued is shipped (%.1f s)"
 LOG_LEFT = (
@@ -73,8 +73,8 @@ def _log_failure(message: str, exc: Exception, *args: object) -> None:
 
 
 class BackgroundShipper:
-    """One daemon thread per process that ships queued (roster, batch keys) pairs; a
-    roster's keys queued meanwhile go out in one call."""
+    """One daemon thread per process that ships queued (roster, batch keys) pairs; what
+    was queued meanwhile, on any roster, goes out in one call."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -116,11 +116,9 @@ class BackgroundShipper:
                 self._busy = True
                 self._round = work
             try:
-                for roster, keys in work.items():
-                    try:
-                        ship.written_batches_ship(roster, keys)
-                    except Exception as exc:  # a failed round must not end the thread
-                        _log_failure(LOG_SHIPPING_FAILED, exc, roster)
+                ship.written_batches_ship(work)
+            except Exception as exc:  # a failed round must not end the thread
+                _log_failure(LOG_SHIPPING_FAILED, exc, len(work))
             finally:
                 # The thread's own metadata connection: closed between rounds so an idle
                 # process holds none and a restarted database is reconnected.
@@ -295,7 +293,7 @@ def after_commit(
         or not getattr(_local, "serving", False)
         or events >= fhir_settings.MEMBER_BATCH_SIZE
     ):
-        ship.written_batches_ship(roster, keys, known=known)
+        ship.written_batches_ship({roster: keys}, known=known)
         return
     global _shipper
     with _shipper_lock:

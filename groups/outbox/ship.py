@@ -38,9 +38,11 @@ LEFT_BEHIND_AFTER = timedelta(seconds=30)
 
 
 def written_batches_ship(
-    roster: str, keys: list[str], known: dict[str, list[list[Any]]] | None = None
+    written: dict[str, list[str]], known: dict[str, list[list[Any]]] | None = None
 ) -> None:
-    """Ship a write's own batches, and what earlier writes of its roster left behind.
+    """Ship writes' own batches (their keys by roster), and what earlier writes of those
+    rosters left behind, together: a round of the background shipper covering many rosters
+    is then one ClickHouse insert (up to MEMBER_BATCH_SIZE events), not one per roster.
 
     Left behind: its shipping failed (ClickHouse was down), or it is older than
     LEFT_BEHIND_AFTER (its writer died before shipping). Batches other writers committed a
@@ -48,9 +50,10 @@ def written_batches_ship(
     roster, concurrent writers inserted each other's batches again and again, each insert
     then waiting for the metadata store's write lock to mark the batch shipped.
     """
+    keys = [key for roster_keys in written.values() for key in roster_keys]
     cutoff = timezone.now() - LEFT_BEHIND_AFTER
     left_behind = (
-        MemberOutbox.objects.filter(roster_key=roster, shipped_at__isnull=True)
+        MemberOutbox.objects.filter(roster_key__in=list(written), shipped_at__isnull=True)
         .filter(Q(last_error__gt="") | Q(recorded_at__lte=cutoff))
         .exclude(key__in=keys)
         .values_list("key", flat=True)

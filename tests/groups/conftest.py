@@ -244,8 +244,8 @@ def no_shipping(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     skipped: list[dict[str, Any]] = []
 
-    def crashed(roster: str, keys: list[str], **kwargs: Any) -> None:
-        skipped.append({"roster": roster, "keys": keys})
+    def crashed(written: dict[str, list[str]], **kwargs: Any) -> None:
+        skipped.extend({"roster": roster, "keys": keys} for roster, keys in written.items())
         raise RuntimeError("simulated crash between commit and shipping")
 
     # The writes' own shipping only: the relay and the commands ship as they would after a

@@ -39,8 +39,9 @@ def after_commit(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """``background.after_commit`` with the shipping of each roster done by a Recorder."""
     recorders: dict[str, Recorder] = {}
 
-    def route(roster: str, keys: list[str], known: object = None) -> None:
-        recorders[roster](roster, keys)
+    def route(written: dict[str, list[str]], known: object = None) -> None:
+        for roster, keys in written.items():
+            recorders[roster](roster, keys)
 
     monkeypatch.setattr(ship_module, "written_batches_ship", route)
 
@@ -79,6 +80,28 @@ def test_writes_queued_while_the_shipper_is_busy_go_out_together(after_commit):
     gate.set()
     assert shipping.flush()
     assert ship.calls == [("r/4", ["a", "b", "c"], "member-event-shipper")]
+
+
+def test_writes_of_many_rosters_queued_meanwhile_go_out_in_one_call(monkeypatch):
+    gate = threading.Event()
+    calls: list[dict[str, list[str]]] = []
+
+    def record(written: dict[str, list[str]], known: object = None) -> None:
+        if not calls:
+            assert gate.wait(10)  # the first round holds the shipper while others queue
+        calls.append({roster: list(keys) for roster, keys in written.items()})
+
+    monkeypatch.setattr(ship_module, "written_batches_ship", record)
+    with shipping.serving_request():
+        shipping.after_commit("r/8", ["first"], events=1)
+        time.sleep(0.2)  # the shipper is now inside the first round
+        for roster, key in (("r/9", "a"), ("r/10", "b"), ("r/9", "c")):
+            shipping.after_commit(roster, [key], events=1)
+    gate.set()
+    assert shipping.flush()
+    # One ClickHouse insert for the round, not one per roster (a backlog of 100 rosters
+    # took a round of 100 inserts).
+    assert calls == [{"r/8": ["first"]}, {"r/9": ["a", "c"], "r/10": ["b"]}]
 
 
 def test_a_write_of_a_whole_batch_ships_before_the_answer(after_commit):
