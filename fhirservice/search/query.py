@@ -240,7 +240,9 @@ def _range_q(prefix: str, low: datetime, high: datetime, lo: str = "low", hi: st
     gt/lt — the row's range reaches above/below the search range; ge/le — gt/lt or eq;
     sa/eb — the row's range starts after/ends before it; ap — the two ranges overlap.
     """
-    inside = Q(**{f"{lo}__gte": low, f"{hi}__lte": high})
+    # A range inside [low, high) also starts before ``high``: the bound keeps index scans
+    # on ``lo`` short.
+    inside = Q(**{f"{lo}__gte": low, f"{lo}__lt": high, f"{hi}__lte": high})
     if prefix == "eq":
         return inside
     if prefix == "ap":
