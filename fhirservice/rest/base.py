@@ -156,8 +156,10 @@ class FhirView(AccessControlledView, APIView):
         return None
 
     def strict(self) -> bool:
-        """``Prefer: handling=strict``: unknown search parameters are errors."""
-        return self.prefer("handling") == "strict"
+        """Unknown or unsupported search parameters are errors (400) unless the client asks
+        for ``Prefer: handling=lenient`` (then they are ignored, and left out of the ``self``
+        link)."""
+        return self.prefer("handling") != "lenient"
 
     def summary_params(self) -> tuple[str | None, list[str] | None]:
         """The ``_summary`` and ``_elements`` query parameters."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus
 
 from django.http import HttpRequest, HttpResponse
 from rest_framework.negotiation import BaseContentNegotiation
@@ -99,12 +100,28 @@ def _accept_ranges(header: str) -> list[tuple[float, int, str]]:
     return [(q, s, m) for q, s, _, m in ranges]
 
 
+def _format_params(query_string: str) -> dict[str, str]:
+    """``_format`` and ``_pretty`` from the raw query string (the first of each).
+
+    Not ``request.GET``: this middleware runs before the query limits
+    (``fhirservice.middleware.RequestLimitsMiddleware``), and Django's QueryDict raises on
+    more fields than DATA_UPLOAD_MAX_NUMBER_FIELDS, which would turn their clear
+    OperationOutcome into a generic 400.
+    """
+    found: dict[str, str] = {}
+    for pair in query_string.split("&"):
+        name, _, value = pair.partition("=")
+        if name in ("_format", "_pretty") and name not in found:
+            found[name] = unquote_plus(value)
+    return found
+
+
 def negotiate(request: HttpRequest) -> OutputFormat:
     """The output format a request asks for; NotAcceptable if it accepts none we write."""
     if getattr(request, "fhir_bundle_entry", False):
         # A batch/transaction entry: its answer is assembled into the Bundle as JSON.
         return DEFAULT_FORMAT
-    query = request.GET
+    query = _format_params(request.META.get("QUERY_STRING", ""))
     pretty = query.get("_pretty", "").lower() == "true"
     wanted = query.get("_format")
     if wanted is not None:
