@@ -26,6 +26,13 @@ PATCH_JSON = "application/json-patch+json"
 
 # For a test that touches no store and costs seconds (the official examples through a
 # converter or checker): the embedded pass runs it, the servers pass would only repeat it.
+# For a test of the service's processes (a served gunicorn, its start and stop) rather than of
+# the member store: the cluster pass would only repeat it, and its served subprocesses are
+# not set up for the cluster.
+not_in_cluster_pass = pytest.mark.skipif(
+    os.environ.get("FHIR_TEST_PASS") == "cluster",
+    reason="a served-process test: the embedded and servers passes run it",
+)
 backend_independent = pytest.mark.skipif(
     os.environ.get("FHIR_TEST_PASS") == "servers",
     reason="backend-independent: the embedded pass runs it",

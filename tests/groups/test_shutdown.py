@@ -23,7 +23,7 @@ from django.test import override_settings
 from groups.models import MemberOutbox
 from groups.outbox import background
 from tests.served import serve
-from tests.support import FhirClient, run_threads
+from tests.support import FhirClient, not_in_cluster_pass, run_threads
 
 WRITERS = 8
 WRITES_EACH = 20
@@ -48,6 +48,7 @@ def group(*refs: str) -> dict[str, Any]:
     return {"resourceType": "Group", "type": "person", "actual": True, "member": members}
 
 
+@not_in_cluster_pass
 def test_a_stopped_server_ships_what_it_queued_before_it_exits(tmp_path: Path) -> None:
     with serve(tmp_path, LOG_LEVEL="INFO") as server:
         ids = [

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.served import serve
+from tests.support import not_in_cluster_pass
 
 ASYNC = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
 
@@ -27,6 +28,7 @@ def call(url: str, *, method: str = "GET", body: dict | None = None, headers: di
         return error.code, error.headers, error.read()
 
 
+@not_in_cluster_pass
 def test_the_served_process_runs_an_export_alone(tmp_path: Path) -> None:
     with serve(tmp_path) as server:
         patient = {"resourceType": "Patient", "name": [{"family": "Served"}]}
