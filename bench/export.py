@@ -15,27 +15,47 @@ resources/s (wall clock, and per CPU second of this process: on a loaded machine
 clock says more about the neighbours; with embedded stores the CPU includes SQLite's and
 chdb's work, with servers it does not) and the worker's RSS growth. ``--members 100000``
 is the issue's full size.
+
+With access control on (``FHIR_AUTH``, the default) the bench is a SMART Backend Services
+client as the README describes one: it makes an EC P-384 key pair, registers its public key
+with ``manage.py create_fhir_client --public-key`` (organization ``bench``), signs an ES384
+client assertion and takes a token at the token endpoint (``client_credentials``); the
+seeded rows belong to that organization, and the export runs within its boundary. With
+``FHIR_AUTH=off`` it sends no token.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import pstats
+import re
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+import jwt
 import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench.env import member_backend, metadata_backend, setup
+from bench.env import load_average, member_backend, metadata_backend, setup
 from bench.measure import RssWatch
 
 OBSERVATIONS = 10
 BATCH = 2000
 HEADERS = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
+ORGANIZATION = "bench"
+# What the bench does: read every type (the export) and create its Group.
+SCOPES = "system/*.rs system/Group.c"
+# The site root as django.test.Client reaches it: the assertion's audience is its token URL.
+SITE_ROOT = "http://testserver"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,12 +69,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _meta(moment: str) -> dict[str, str]:
-    return {"versionId": "1", "lastUpdated": moment}
+def authorize(client: Any) -> str:
+    """With access control on: register a key-set client with ``create_fhir_client``, take a
+    token with a signed assertion and send it on every request of ``client``; the
+    organization the seeded rows belong to ("" with access control off)."""
+    from django.core.management import call_command
+
+    from fhirservice.access.assertions import JWT_BEARER
+    from fhirservice.access.smart import token_url
+    from fhirservice.conf import fhir_settings
+
+    if not fhir_settings.AUTH:
+        return ""
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    out = io.StringIO()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bench.pem"
+        path.write_bytes(pem)
+        call_command(
+            "create_fhir_client",
+            "--name",
+            f"bench-export-{uuid.uuid4().hex[:8]}",
+            "--organization",
+            ORGANIZATION,
+            "--scopes",
+            SCOPES,
+            "--public-key",
+            str(path),
+            "--base-url",
+            SITE_ROOT,
+            stdout=out,
+        )
+    printed = out.getvalue()
+    client_id = re.search(r"client_id:\s+(\S+)", printed).group(1)
+    kid = re.search(r"kid=(\S+)", printed).group(1)
+    audience = token_url(SITE_ROOT)
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "exp": int(time.time()) + 240,
+        "jti": uuid.uuid4().hex,
+    }
+    assertion = jwt.encode(claims, key, algorithm="ES384", headers={"kid": kid})
+    response = client.post(
+        audience.removeprefix(SITE_ROOT),
+        {
+            "grant_type": "client_credentials",
+            "client_assertion_type": JWT_BEARER,
+            "client_assertion": assertion,
+        },
+    )
+    assert response.status_code == 200, response.content[:300]
+    token = orjson.loads(response.content)["access_token"]
+    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    return ORGANIZATION
 
 
-def seed(members: int, run: str) -> list[str]:
-    """Patients and their Observations as stored rows; the Patient references."""
+def _meta(moment: str, organization: str) -> dict[str, Any]:
+    from fhirservice.access.boundaries import with_organization
+
+    return with_organization({"versionId": "1", "lastUpdated": moment}, organization)
+
+
+def seed(members: int, run: str, organization: str) -> list[str]:
+    """Patients and their Observations as stored rows of ``organization``; the Patient
+    references."""
     from fhirservice.models import ResourceVersion, StoredResource
     from operations.export.models import CompartmentLink
 
@@ -73,6 +156,7 @@ def seed(members: int, run: str) -> list[str]:
                     version_id=1,
                     last_updated=now,
                     body=body.decode(),
+                    organization=organization,
                 )
                 for t, i, body in rows
             ]
@@ -87,6 +171,7 @@ def seed(members: int, run: str) -> list[str]:
                     last_updated=now,
                     method="POST",
                     body=body.decode(),
+                    organization=organization,
                 )
                 for t, i, body in rows
             ]
@@ -111,7 +196,7 @@ def seed(members: int, run: str) -> list[str]:
         body = {
             "resourceType": "Patient",
             "id": patient_id,
-            "meta": _meta(stamp),
+            "meta": _meta(stamp, organization),
             "name": [{"family": f"Bench{index}", "given": ["Export"]}],
             "gender": "unknown",
         }
@@ -121,7 +206,7 @@ def seed(members: int, run: str) -> list[str]:
             body = {
                 "resourceType": "Observation",
                 "id": observation_id,
-                "meta": _meta(stamp),
+                "meta": _meta(stamp, organization),
                 "status": "final",
                 "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
                 "subject": {"reference": f"Patient/{patient_id}"},
@@ -132,6 +217,13 @@ def seed(members: int, run: str) -> list[str]:
             flush()
     flush()
     return refs
+
+
+def access_control(organization: str) -> str:
+    """How the bench authenticates, for its header."""
+    if not organization:
+        return "off (FHIR_AUTH=off): no token"
+    return f"SMART Backend Services client of organization {organization!r} ({SCOPES})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     run = f"bx{uuid.uuid4().hex[:8]}"
     print(f"metadata store: {metadata_backend()}", file=sys.stderr)
     print(f"member store:   {member_backend()}", file=sys.stderr)
-    started = time.perf_counter()
-    refs = seed(args.members, run)
-    seeded = time.perf_counter() - started
     client = Client()
+    organization = authorize(client)
+    print(f"access control: {access_control(organization)}", file=sys.stderr)
+    started = time.perf_counter()
+    refs = seed(args.members, run, organization)
+    seeded = time.perf_counter() - started
     group = {
         "resourceType": "Group",
         "type": "person",
@@ -188,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
+    load_before = load_average()
     began, cpu = time.perf_counter(), time.process_time()
     while ExportJob.objects.get(pk=job_id).state != ExportJob.State.COMPLETED:
         if not run_once(worker="bench"):
@@ -205,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(f.size for f in files)
     print(
         "| members | resources | kick-off | export | resources/s | worker CPU | resources/CPU-s "
-        "| files | MB | RSS growth |"
+        "| files | MB | RSS growth | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {args.members:,} | {job.resources:,} | {kick_off * 1000:.0f} ms | {elapsed:.1f} s "
         f"| {job.resources / elapsed:,.0f} | {cpu:.1f} s | {job.resources / cpu:,.0f} "
         f"| {files.count()} | {size / 1e6:.0f} "
-        f"| {growth / 2**20:.0f} MB |"
+        f"| {growth / 2**20:.0f} MB | {load_before:.1f}-{load_average():.1f} |"
     )
     return 0
 

@@ -102,3 +102,20 @@ def test_compare_runs_the_scenario_against_a_base_url(
     for row in ("4 | GET Group of 104 members", "4 |   server RSS, peak", "7 | read plain"):
         assert row in out, out
     assert "members received" not in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
+def test_export_bench_runs_as_a_client_would(
+    auth: bool, settings, transactional_db: None, capsys
+) -> None:
+    # With access control on (the default) the bench registers a key-set client with
+    # create_fhir_client and takes its token with a signed assertion, as a client would.
+    from bench.export import main as export_main
+
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "AUTH": auth}
+    ch_migrations.apply(get_clickhouse())
+    assert export_main(["--members", "5", "--no-migrate"]) == 0
+    captured = capsys.readouterr()
+    assert "| 5 | 55 |" in captured.out, captured
+    assert ("SMART Backend Services client" in captured.err) is auth, captured.err
