@@ -8,7 +8,8 @@ then (from its history), one deleted later is still written, one created later i
 - A system export walks each type's rows in id order, a chunk at a time.
 - A Patient or Group export walks the Patients a chunk at a time (a Group: its roster as of
   the Group version current at kick-off, read from the member store page by page, never
-  whole; a Patient export: every Patient; either cut down by ``patient``), writes those
+  whole, or from that version's body when it holds its roster, ``GROUP_ROSTER_STORAGE=
+  inline``; a Patient export: every Patient; either cut down by ``patient``), writes those
   Patients, then the resources in their compartments (``CompartmentLink``).
 
 ``_since`` keeps resources changed since then, except on a Group export for members who
@@ -41,7 +42,7 @@ from fhirservice.rest.rendering import render_resource
 from fhirservice.search.query import search_keys
 from fhirservice.store.json import dumps
 from fhirservice.store.selectors import resource_vread
-from groups.storage import roster_storage
+from groups.storage import inline_roster, roster_storage
 from operations.export.models import CompartmentLink, ExportFile, ExportJob
 from operations.export.parameters import ExportRequest
 from operations.export.services import (
@@ -363,26 +364,19 @@ class Export:
         )
         earlier = self._members_at_since(group)
         previous = next(earlier, None) if earlier is not None else None
-        after = ""
-        while True:
-            page = roster_storage().page(
-                group, after=after, count=self.chunk, as_of=group.version_id, active=True
-            )
-            if not page:
-                return
-            after = page[-1].ref
+        for page in self._roster_pages(group):
             chunk: list[tuple[str, bool]] = []
-            for state in page:
-                if not state.ref.startswith("Patient/"):
+            for ref in page:
+                if not ref.startswith("Patient/"):
                     continue
-                patient_id = state.ref.removeprefix("Patient/")
+                patient_id = ref.removeprefix("Patient/")
                 if wanted is not None and patient_id not in wanted:
                     continue
                 new = True
                 if earlier is not None:
-                    while previous is not None and previous < state.ref:
+                    while previous is not None and previous < ref:
                         previous = next(earlier, None)
-                    new = previous != state.ref
+                    new = previous != ref
                 elif self.request.since is None:
                     new = False
                 chunk.append((patient_id, new))
@@ -407,18 +401,31 @@ class Export:
         )
         if then is None or then.deleted:
             return iter(())
-        return self._roster_refs(then)
+        return (ref for page in self._roster_pages(then) for ref in page)
 
-    def _roster_refs(self, version: ResourceVersion) -> Iterator[str]:
+    def _roster_pages(self, version: ResourceVersion) -> Iterator[list[str]]:
+        """The active member references of a Group version, a page at a time in reference
+        order: from the version's body when it holds its roster (``GROUP_ROSTER_STORAGE=
+        inline``, or written so and not backfilled yet), else from ClickHouse as of that
+        version. With inline storage, a version without ``member`` has no members."""
+        storage = roster_storage()
+        roster = inline_roster(version)
+        if roster is None and storage.external_element is None:
+            roster = {}
+        if roster is not None:
+            # The body is in memory already: its roster is sorted once, then paged.
+            refs = sorted(ref for ref, member in roster.items() if not member.inactive)
+            for start in range(0, len(refs), self.chunk):
+                yield refs[start : start + self.chunk]
+            return
         after = ""
         while True:
-            page = roster_storage().page(
+            page = storage.page(
                 version, after=after, count=self.chunk, as_of=version.version_id, active=True
             )
             if not page:
                 return
-            for state in page:
-                yield state.ref
+            yield [state.ref for state in page]
             after = page[-1].ref
 
 

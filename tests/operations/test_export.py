@@ -374,6 +374,28 @@ def test_since_gives_all_data_of_members_who_joined_after_it(live_api, cohort):
     assert [b["entry"][0]["request"] for b in bundles] == [{"method": "DELETE", "url": deleted}]
 
 
+def test_group_export_of_an_inline_roster(live_api, settings):
+    # GROUP_ROSTER_STORAGE=inline: the roster is in the Group version's body, read as of the
+    # kick-off and as of _since like a ClickHouse roster.
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "GROUP_ROSTER_STORAGE": "inline"}
+    first, second, third, fourth = (create(live_api, patient(family=f"I{i}")) for i in range(4))
+    observations = {p: create(live_api, observation(p)) for p in (first, second, third)}
+    group_id = group(live_api, [first, second])
+    since = (timezone.now() + timedelta(seconds=1)).replace(microsecond=0)
+    time.sleep(max(0.0, (since - timezone.now()).total_seconds()) + 0.05)
+    group(live_api, [first, second, third], group_id=group_id)  # third joins after _since
+    stamp = since.isoformat().replace("+00:00", "Z")
+    whole = kick_off(live_api, f"/Group/{group_id}/$export")
+    changes = kick_off(live_api, f"/Group/{group_id}/$export?_since={stamp}")
+    group(live_api, [first, second, third, fourth], group_id=group_id)  # after the kick-off
+    run_jobs()
+    files = exported(live_api, manifest(live_api, whole))
+    assert sorted(files["Patient"]) == sorted([first, second, third])
+    assert sorted(files["Observation"]) == sorted(observations.values())
+    files = exported(live_api, manifest(live_api, changes))
+    assert files == {"Patient": [third], "Observation": [observations[third]]}
+
+
 def test_cancel_then_404(live_api, cohort):
     status = kick_off(live_api, "/Patient/$export")
     response = raw(live_api, "DELETE", status)
