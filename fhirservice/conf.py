@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_FAILURES_PER_MINUTE": 20,
     # Retry-After (seconds) of a 503: a backing store is down, stopped or locked.
     "UNAVAILABLE_RETRY_AFTER": 5,
+    # Seconds between two log lines of 503 answers (fhirservice.errorlog): an outage under
+    # load logs its first 503 at once, then one line per interval with a count; 0: every one.
+    "UNAVAILABLE_LOG_INTERVAL": 10.0,
     # _include/_revinclude (fhirservice.search.include): most included resources per search
     # page (more are cut, with a warning entry), and rounds of :iterate after the first.
     "INCLUDE_MAX": 1000,
@@ -105,6 +108,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "AUTH": lambda v: isinstance(v, bool),
     "TOKEN_FAILURES_PER_MINUTE": lambda v: type(v) is int and v >= 0,
     "UNAVAILABLE_RETRY_AFTER": lambda v: type(v) is int and v >= 0,
+    "UNAVAILABLE_LOG_INTERVAL": lambda v: type(v) in (int, float) and v >= 0,
     "INCLUDE_MAX": lambda v: type(v) is int and v >= 0,
     "INCLUDE_ITERATE_DEPTH": lambda v: type(v) is int and 0 <= v <= 10,
     "REQUIRED_BINDINGS": lambda v: isinstance(v, bool),

@@ -9,6 +9,7 @@ Store, group and operation code never asks which backend runs; it calls these:
 - :func:`serializable`: PostgreSQL's ``SERIALIZABLE`` isolation (SQLite serializes writers
   with ``BEGIN IMMEDIATE``, see settings; MongoDB runs snapshot transactions);
 - :func:`is_transient`: the backend errors that mean "lost a race, run it again";
+- :func:`is_conflict`: PostgreSQL's "lost a race" errors that escaped every retry (409);
 - :func:`is_unavailable`: the backend errors that mean "the store cannot serve now" (503);
 - :func:`run_retrying`: the one retry loop of writes and operation regions.
 """
@@ -98,6 +99,17 @@ def is_transient(exc: DatabaseError) -> bool:
     )
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a PostgreSQL serialization failure or deadlock (SQLSTATE 40001,
+    40P01) that no retry loop caught, or whose retries were used up: the transaction lost a
+    race with concurrent writers. The store is up; a request then answers 409 Conflict
+    (``fhirservice.errors.store_error``), never 503 "store unavailable"."""
+    return (
+        isinstance(exc, DatabaseError)
+        and getattr(exc.__cause__, "sqlstate", None) in TRANSIENT_SQLSTATES
+    )
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the metadata store cannot serve right now rather than that the
     query is wrong: PostgreSQL stopped, refusing or gone mid-session, SQLite's file locked
@@ -114,8 +126,10 @@ def is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc.__cause__, sqlite3.Error) and code is not None:
         return code & 0xFF in SQLITE_UNAVAILABLE_CODES
     # PostgreSQL: the driver's OperationalError is the server or the connection failing (a
-    # wrong statement is a ProgrammingError), its InterfaceError a connection already closed.
-    return True
+    # wrong statement is a ProgrammingError), its InterfaceError a connection already closed;
+    # except a lost race, which is an OperationalError too (psycopg's SerializationFailure and
+    # DeadlockDetected) and says the server works.
+    return not is_conflict(exc)
 
 
 def _lock_waited_out(exc: OperationalError, seconds: float) -> bool:

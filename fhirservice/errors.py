@@ -4,9 +4,11 @@ Every 4xx/5xx answer is an OperationOutcome. Each error class declares its HTTP 
 FHIR issue code and a stable detail code (``MSG_*``) that clients and tests can rely on; the
 human text goes into ``diagnostics``. A backing store that cannot serve (the metadata store
 stopped, unreachable or locked beyond its timeout; ClickHouse unreachable) is a 503
-``transient`` with ``Retry-After``, logged in one line (:func:`store_unavailable`). Other
-unknown exceptions are logged with their traceback and answered with a bare 500 outcome that
-leaks nothing.
+``transient`` with ``Retry-After``, logged in one rate-limited line (:func:`store_unavailable`,
+:func:`exception_handler`). A transaction the metadata store aborted as a lost race that no
+retry won is a 409 ``conflict`` (:func:`store_conflict`): the store is up. Other unknown
+exceptions are logged with their traceback and answered with a bare 500 outcome that leaks
+nothing.
 """
 
 from __future__ import annotations
@@ -38,8 +40,16 @@ MSG_TOKEN_INVALID = "The bearer token is not known, was revoked or has expired" 
 MSG_INSUFFICIENT_SCOPE = "The token's scopes do not allow {interaction} on {target}; needs {scope}"
 MSG_METADATA_STORE_DOWN = "The metadata store is unavailable; try again later"
 MSG_CLICKHOUSE_DOWN = "The member store (ClickHouse) is unavailable; try again later"
-# The one log line of a request that met a store down (no traceback: nothing to debug).
+MSG_STORE_CONFLICT = (
+    "The request conflicted with concurrent changes to the same data (the metadata store "
+    "aborted its transaction) and changed nothing; read the current state and try again"
+)
+# What a request that met a store down says in its log line (no traceback: nothing to
+# debug): the answer's diagnostics, the exception's class and text.
 LOG_STORE_DOWN = "%s (%s: %s)"
+# The attribute of a (Django) request answered 503 that carries LOG_STORE_DOWN's text to the
+# request's log line (fhirservice.errorlog.StoreErrorLogFilter, which rate-limits them).
+STORE_ERROR_ATTR = "fhir_store_error"
 
 
 class FhirError(Exception):
@@ -249,6 +259,23 @@ class ServiceUnavailable(FhirError):
         self.headers.setdefault("Retry-After", str(fhir_settings.UNAVAILABLE_RETRY_AFTER))
 
 
+def store_conflict(exc: BaseException) -> Conflict | None:
+    """The 409 of a transaction the metadata store aborted because it lost a race with
+    concurrent ones (``fhirservice.db.is_conflict``: a serialization failure or deadlock that
+    no retry won), else None. The store is up: a 503 "unavailable" would send operators
+    looking for an outage. FHIR's answer to a concurrent modification is 409 Conflict (issue
+    ``conflict``: "an edit conflict"), as when a write's own retries run out."""
+    if db.is_conflict(exc):
+        return Conflict(MSG_STORE_CONFLICT, detail_code="MSG_CONCURRENT_WRITE")
+    return None
+
+
+def store_error(exc: BaseException) -> FhirError | None:
+    """The answer to an exception from a backing store that is not a bug: a lost race (409,
+    :func:`store_conflict`) or a store that cannot serve (503, :func:`store_unavailable`)."""
+    return store_conflict(exc) or store_unavailable(exc)
+
+
 def store_unavailable(exc: BaseException) -> ServiceUnavailable | None:
     """The 503 of an exception that says a backing store cannot serve now (see
     ``fhirservice.db.is_unavailable`` and ``ClickHouseUnavailable``), else None."""
@@ -282,8 +309,10 @@ _DRF_MAP: dict[type[Exception], type[FhirError]] = {
 
 
 def as_fhir_error(exc: Exception) -> FhirError:
-    """Turn any exception into a FhirError: a store that cannot serve into a 503 (logged in
-    one line), other unknown ones into a bare 500 (logged with their traceback)."""
+    """Turn any exception into a FhirError: a transaction the store aborted as a lost race
+    into a 409, a store that cannot serve into a 503 (logged by the request's line, see
+    :func:`exception_handler`), other unknown ones into a bare 500 (logged with their
+    traceback)."""
     if isinstance(exc, FhirError):
         return exc
     if isinstance(exc, Http404):
@@ -295,17 +324,18 @@ def as_fhir_error(exc: Exception) -> FhirError:
         error = FhirError(str(exc.detail))
         error.status = exc.status_code
         return error
+    conflict = store_conflict(exc)
+    if conflict is not None:
+        return conflict
     unavailable = store_unavailable(exc)
     if unavailable is not None:
-        logger.warning(LOG_STORE_DOWN, unavailable.diagnostics, type(exc).__name__, exc)
         return unavailable
     logger.exception("Unhandled error", exc_info=exc)
     return FhirError()
 
 
-def error_response(exc: Exception) -> Response:
+def error_response(error: FhirError) -> Response:
     """The DRF response for an error."""
-    error = as_fhir_error(exc)
     response = Response(error.outcome(), status=error.status)
     for name, value in error.headers.items():
         response[name] = value
@@ -313,5 +343,20 @@ def error_response(exc: Exception) -> Response:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
-    """DRF's exception handler hook: every error becomes an OperationOutcome."""
-    return error_response(exc)
+    """DRF's exception handler hook: every error becomes an OperationOutcome.
+
+    A 503 (a store that cannot serve) leaves what the request met on the request
+    (``STORE_ERROR_ATTR``): Django logs every 5xx answer in a line of its own, and the
+    ``django.request`` logger's filter (``fhirservice.errorlog``) names the cause there and
+    rate-limits those lines, so that an outage under load does not flood the log.
+    """
+    error = as_fhir_error(exc)
+    request = context.get("request")
+    request = getattr(request, "_request", request)  # DRF's Request wraps Django's
+    if isinstance(error, ServiceUnavailable) and request is not None:
+        cause = exc.__cause__ if isinstance(exc, FhirError) else exc
+        text = error.diagnostics
+        if cause is not None:
+            text = LOG_STORE_DOWN % (text, type(cause).__name__, cause)
+        setattr(request, STORE_ERROR_ATTR, text)
+    return error_response(error)

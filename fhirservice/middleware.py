@@ -16,7 +16,7 @@ import orjson
 from django.http import HttpRequest, HttpResponse
 
 from fhirservice.conf import fhir_settings
-from fhirservice.errors import FhirError, PayloadTooLarge, store_unavailable
+from fhirservice.errors import FhirError, PayloadTooLarge
 from fhirservice.metrics import route_of
 from fhirservice.rest.limits import LengthRequired, check_query_string
 from fhirservice.store.json import dumps
@@ -128,21 +128,6 @@ class NoTracebackFilter(logging.Filter):
         record.exc_info = None
         record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-class StoreDownFilter(logging.Filter):
-    """Drops the traceback of a record whose exception says a store cannot serve (Django's
-    log of a request that failed outside the views, answered 503 by the 500 handler) and
-    names the exception in the line instead. Other records pass unchanged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Strip a store-down record; never drop one."""
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and store_unavailable(exc) is not None:
-            record.msg = f"{record.msg} ({type(exc).__name__}: {str(exc).replace('%', '%%')})"
-            record.exc_info = None
-            record.exc_text = None
         return True
 
 

@@ -256,6 +256,7 @@ FHIR_SERVICE = {
         "AUTH": _on_off(env.str("FHIR_AUTH", default=None)),
         "TOKEN_FAILURES_PER_MINUTE": env.int("FHIR_TOKEN_FAILURES_PER_MINUTE", default=None),
         "UNAVAILABLE_RETRY_AFTER": env.int("FHIR_UNAVAILABLE_RETRY_AFTER", default=None),
+        "UNAVAILABLE_LOG_INTERVAL": env.float("FHIR_UNAVAILABLE_LOG_INTERVAL", default=None),
         "REQUIRED_BINDINGS": _on_off(env.str("FHIR_REQUIRED_BINDINGS", default=None)),
         "JWKS_CACHE_SECONDS": env.int("FHIR_JWKS_CACHE_SECONDS", default=None),
         "JWKS_FETCH_TIMEOUT": env.float("FHIR_JWKS_FETCH_TIMEOUT", default=None),
@@ -275,7 +276,7 @@ LOGGING = {
     },
     "filters": {
         "no_traceback": {"()": "fhirservice.middleware.NoTracebackFilter"},
-        "store_down": {"()": "fhirservice.middleware.StoreDownFilter"},
+        "store_errors": {"()": "fhirservice.errorlog.StoreErrorLogFilter"},
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain"},
@@ -292,7 +293,8 @@ LOGGING = {
         },
         # A client's bad Host header: one line, no traceback (the answer is a 400 outcome).
         "django.security.DisallowedHost": {"filters": ["no_traceback"]},
-        # A request that met a store down outside the views: one line (the answer is a 503).
-        "django.request": {"filters": ["store_down"]},
+        # A request that met a store down: one line naming it, no traceback, and during an
+        # outage at most one such line per FHIR_UNAVAILABLE_LOG_INTERVAL (with a count).
+        "django.request": {"filters": ["store_errors"]},
     },
 }

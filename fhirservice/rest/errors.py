@@ -4,7 +4,8 @@ every path).
 
 The 500 handler sees what failed outside the REST views' own error handling: in a middleware
 (a session, a throttle's shared cache), in a plain Django view (``/metrics``, the token
-endpoint, the admin). A store that is down there is a 503 too, as in the views.
+endpoint, the admin). A store that is down there is a 503 too, as in the views, and a
+transaction the store aborted as a lost race a 409.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views import defaults
 
 from fhirservice.conf import fhir_settings
-from fhirservice.errors import BadRequest, FhirError, NotFound, store_unavailable
+from fhirservice.errors import BadRequest, FhirError, NotFound, store_error
 from fhirservice.rest.base import fhir_http_response
 from fhirservice.store.json import dumps
 
@@ -49,13 +50,14 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    """500 handler: never a stack trace; a 503 when a store cannot serve (Django calls it
-    while handling the exception)."""
+    """500 handler: never a stack trace; a 503 when a store cannot serve, a 409 when the
+    store aborted a lost race (Django calls it while handling the exception)."""
     exc = sys.exc_info()[1]
-    unavailable = store_unavailable(exc) if exc is not None else None
-    if unavailable is not None:
-        body = dumps(unavailable.outcome())
-        return fhir_http_response(body, status=unavailable.status, headers=unavailable.headers)
+    error = store_error(exc) if exc is not None else None
+    if error is not None:
+        return fhir_http_response(
+            dumps(error.outcome()), status=error.status, headers=error.headers
+        )
     if _is_fhir(request):
         return fhir_http_response(dumps(FhirError().outcome()), status=500)
     return defaults.server_error(request)

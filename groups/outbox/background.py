@@ -39,7 +39,7 @@ from typing import Any
 from django.db import DatabaseError, connections
 
 from fhirservice.conf import fhir_settings
-from fhirservice.db import is_unavailable
+from fhirservice.db import is_conflict, is_unavailable
 from groups.models import MemberOutbox
 from groups.outbox import ship
 from groups.outbox.pending import outbox_backlog
@@ -65,8 +65,9 @@ LOG_LEFT_UNKNOWN = (
 
 def _log_failure(message: str, exc: Exception, *args: object) -> None:
     """Log a failed shipping round: one line when the metadata store is down (a relay
-    retrying every few seconds would print a traceback each time), else with the traceback."""
-    if is_unavailable(exc):
+    retrying every few seconds would print a traceback each time) or aborted the round as a
+    lost race (the next round ships it), else with the traceback."""
+    if is_unavailable(exc) or is_conflict(exc):
         logger.warning(f"{message} (%s: %s)", *args, type(exc).__name__, exc)
     else:
         logger.exception(message, *args)

@@ -1,5 +1,6 @@
 """A backing store that cannot serve answers 503 ``transient`` with ``Retry-After`` on every
-route, logged in one line without a traceback; a wrong query stays a bug.
+route, logged in one line without a traceback, and an outage under load in one line per
+``UNAVAILABLE_LOG_INTERVAL``; a wrong query stays a bug.
 
 The metadata store is made unreachable for real: the request thread's connection is replaced
 by one whose settings point where nothing answers (PostgreSQL: a loopback port where nothing
@@ -21,9 +22,10 @@ from typing import Any
 import orjson
 import pytest
 from django.db import DatabaseError, connection, connections, transaction
-from django.test import Client
+from django.test import Client, override_settings
 
 from fhirservice.db import is_unavailable
+from fhirservice.errorlog import StoreErrorLogFilter
 from fhirservice.errors import MSG_CLICKHOUSE_DOWN, MSG_METADATA_STORE_DOWN
 from tests.fhirservice.conftest import closed_port
 from tests.fhirservice.test_operability import group_of
@@ -47,6 +49,25 @@ def replaced_connection(**changes: Any) -> Iterator[None]:
     finally:
         connections["default"] = original
         replacement.close()
+
+
+@pytest.fixture(autouse=True)
+def store_error_log() -> Iterator[StoreErrorLogFilter]:
+    """A fresh rate limit of 503 log lines for each test (the process's one remembers the
+    503s of earlier tests)."""
+    logger = logging.getLogger("django.request")
+    configured = [f for f in logger.filters if isinstance(f, StoreErrorLogFilter)]
+    assert configured, "settings.LOGGING puts the filter on django.request"
+    for log_filter in configured:
+        logger.removeFilter(log_filter)
+    fresh = StoreErrorLogFilter()
+    logger.addFilter(fresh)
+    try:
+        yield fresh
+    finally:
+        logger.removeFilter(fresh)
+        for log_filter in configured:
+            logger.addFilter(log_filter)
 
 
 @pytest.fixture
@@ -119,6 +140,39 @@ def test_the_metadata_store_down_answers_503_transient_with_retry_after(
     assert any("OperationalError" in record.getMessage() for record in caplog.records)
 
 
+def warnings_and_errors(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    """The records of WARNING and above (the request log's INFO lines left out)."""
+    return [record for record in records if record.levelno >= logging.WARNING]
+
+
+def test_an_outage_logs_its_first_503_at_error_then_one_line_per_interval(
+    metadata_store_down, caplog
+):
+    with override_settings(FHIR_SERVICE={"UNAVAILABLE_LOG_INTERVAL": 3600}):
+        with caplog.at_level(logging.WARNING):
+            for _ in range(5):
+                assert send("GET", f"{BASE}/Patient/p1").status_code == 503
+        # Before: ten lines (Django's ERROR and a WARNING of fhirservice.errors per request).
+        [first] = warnings_and_errors(caplog.records)
+        assert first.levelno == logging.ERROR
+        assert first.name == "django.request"
+        message = first.getMessage()
+        assert message.startswith(f"Service Unavailable: {BASE}/Patient/p1 (")
+        assert MSG_METADATA_STORE_DOWN in message
+        assert "OperationalError" in message
+        assert "not logged" not in message
+        assert no_traceback_logged(caplog.records)
+    caplog.clear()
+    # The interval has passed (here: is 0): the next line counts the four left out.
+    with override_settings(FHIR_SERVICE={"UNAVAILABLE_LOG_INTERVAL": 0}):
+        with caplog.at_level(logging.WARNING):
+            send("POST", f"{BASE}/Patient", patient())
+    [summary] = warnings_and_errors(caplog.records)
+    assert summary.levelno == logging.ERROR
+    assert "OperationalError" in summary.getMessage()
+    assert "; 4 more 503 answers in the last " in summary.getMessage()
+
+
 def test_readiness_reports_the_metadata_store_down(metadata_store_down):
     response = send("GET", "/readyz")
     assert response.status_code == 503
@@ -159,9 +213,12 @@ def test_a_wrong_query_is_not_an_unavailable_store(db):
 
 
 def test_a_roster_read_with_clickhouse_down_is_a_503_with_retry_after(
-    api: FhirClient, clickhouse_unreachable
+    api: FhirClient, clickhouse_unreachable, caplog
 ):
     created = api.post("/Group", group_of("Patient/a"))
-    with clickhouse_unreachable:
+    with clickhouse_unreachable, caplog.at_level(logging.WARNING):
         response = send("GET", f"{BASE}/Group/{created.body['id']}/$members")
     assert_unavailable(response, "MSG_MEMBER_STORE_DOWN", MSG_CLICKHOUSE_DOWN)
+    [line] = warnings_and_errors(caplog.records)
+    assert f"({MSG_CLICKHOUSE_DOWN} (ClickHouseUnavailable: " in line.getMessage()
+    assert no_traceback_logged(caplog.records)
