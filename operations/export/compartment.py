@@ -6,10 +6,13 @@ Patient/x's compartment when one of the type's listed search parameters referenc
 Patient/x. Each parameter's element paths come from its official SearchParameter expression.
 :func:`patient_compartment` is the one lookup; :func:`patient_links` applies it to a body.
 
-Two types of the definition are left out of ``$export``'s compartment walk: ``Patient``
-itself (a Patient export writes the member Patients, not the Patients that link to them)
-and ``Group`` (a roster is not a member's data; rosters of millions are what this service
-keeps outside the resource body).
+``Patient`` is in the definition through ``link`` (``Patient.link.other``): a Patient whose
+``link`` names Patient/x (another record of the same person: ``replaces``, ``replaced-by``,
+``refer``, ``seealso``) is in x's compartment, and is indexed like any other member of it;
+the export writes such linked Patients beside the Patients it exports (not the resources of
+their own compartments: membership is not transitive). ``Group`` is left out of the walk
+(:data:`EXCLUDED_TYPES`): a roster is not a member's data, and rosters of millions are what
+this service keeps outside the resource body.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from fhirservice.fhir.definitions import compartments, search_parameters
 from fhirservice.store.handlers import VersionWrite
 from operations.export.models import CompartmentLink
 
-EXCLUDED_TYPES = frozenset({"Patient", "Group"})
+EXCLUDED_TYPES = frozenset({"Group"})
 PATH_RE = re.compile(r"[a-z][A-Za-z0-9]*(\.[a-z][A-Za-z0-9]*)*")
 PATIENT_REF_RE = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
@@ -32,7 +35,8 @@ PATIENT_REF_RE = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/
 def patient_compartment() -> dict[str, tuple[tuple[str, ...], ...]]:
     """Resource type → the element paths whose Patient references make a resource of that
     type a member of the Patient's compartment (``Observation`` → ``subject``,
-    ``performer``). Types in :data:`EXCLUDED_TYPES` are left out."""
+    ``performer``; ``Patient`` → ``link.other``). Types in :data:`EXCLUDED_TYPES` are left
+    out."""
     definitions = search_parameters()
     common = definitions.get("Resource", {})
     out: dict[str, tuple[tuple[str, ...], ...]] = {}
@@ -95,6 +99,8 @@ def on_resource_saved(sender: Any, write: VersionWrite, **kwargs: Any) -> None:
     if write.deleted or write.body is None or write.resource_type not in patient_compartment():
         return
     patients = patient_links(write.resource_type, write.body)
+    if not patients and write.resource_type == "Patient" and not _had_links(write):
+        return  # nearly every Patient write: no link before or now, so no index rows to read
     existing = set(
         CompartmentLink.objects.filter(resource_key=write.key).values_list("patient_id", flat=True)
     )
@@ -103,3 +109,10 @@ def on_resource_saved(sender: Any, write: VersionWrite, **kwargs: Any) -> None:
     # Rewritten whole: every row's shared flag depends on how many rows there are.
     CompartmentLink.objects.filter(resource_key=write.key).delete()
     CompartmentLink.objects.bulk_create(link_rows(write.key, write.resource_type, patients))
+
+
+def _had_links(write: VersionWrite) -> bool:
+    """Whether the version a Patient write replaces may have index rows: its body names
+    ``link``, or it is a tombstone (a delete keeps the last live version's rows)."""
+    previous = write.previous
+    return previous is not None and (previous.deleted or '"link"' in previous.body)

@@ -10,7 +10,10 @@ then (from its history), one deleted later is still written, one created later i
   the Group version current at kick-off, read from the member store page by page, never
   whole, or from that version's body when it holds its roster, ``GROUP_ROSTER_STORAGE=
   inline``; a Patient export: every Patient; either cut down by ``patient``), writes those
-  Patients, then the resources in their compartments (``CompartmentLink``).
+  Patients, then the resources in their compartments (``CompartmentLink``), and last the
+  Patients whose ``link`` names one of them (in their compartments too) that are not
+  exported Patients themselves; a Patient export without ``patient`` writes every Patient
+  anyway.
 
 ``_since`` keeps resources changed since then, except on a Group export for members who
 joined the Group after ``_since`` (not in the roster of the Group version current at
@@ -300,6 +303,13 @@ class Export:
     def _patients(self) -> None:
         types = self.request.types or []
         compartment_types = [t for t in types if t != "Patient"]
+        # Patients linked to exported ones (Patient.link puts them in their compartments):
+        # key → all of its data. Not needed when every Patient is exported anyway.
+        linked: dict[str, bool] | None = None
+        if "Patient" in types and (
+            self.job.level == ExportJob.Level.GROUP or self.request.patients is not None
+        ):
+            linked = {}
         done = 0
         for chunk in self._patient_chunks():
             ids = [patient_id for patient_id, _ in chunk]
@@ -309,6 +319,8 @@ class Export:
                     Q(resource_type="Patient", resource_id__in=ids), order="resource_id"
                 )
                 self._emit(rows, all_data={f"Patient/{i}" for i in joined})
+            if linked is not None:
+                self._collect_linked(ids, joined, linked)
             links = CompartmentLink.objects.filter(
                 patient_id__in=ids, resource_type__in=compartment_types
             ).values_list("resource_type", "resource_key", "patient_id", "shared")
@@ -328,6 +340,32 @@ class Export:
                     self._emit(rows, all_data={k for k in batch if by_type[resource_type][k]})
             done += len(ids)
             self.writer.report(f"{done} patients, {self.writer.written} resources written")
+        if linked:
+            self._linked_patients(linked)
+
+    def _collect_linked(self, ids: list[str], joined: set[str], linked: dict[str, bool]) -> None:
+        """Add the Patients whose ``link`` names one of ``ids`` (but are not among them)."""
+        members = {f"Patient/{i}" for i in ids}
+        rows = CompartmentLink.objects.filter(patient_id__in=ids, resource_type="Patient")
+        for key, patient_id in rows.values_list("resource_key", "patient_id"):
+            if key not in members:
+                linked[key] = linked.get(key, False) or patient_id in joined
+
+    def _linked_patients(self, linked: dict[str, bool]) -> None:
+        """Write the linked Patients that are not exported Patients themselves (found by a
+        second walk of the Patients exported: the first keeps no list of them)."""
+        for chunk in self._patient_chunks():
+            for patient_id, _ in chunk:
+                linked.pop(f"Patient/{patient_id}", None)
+            if not linked:
+                return
+            self.writer.report(f"linked Patients: {self.writer.written} resources written")
+        keys = sorted(linked)
+        for start in range(0, len(keys), self.chunk):
+            batch = keys[start : start + self.chunk]
+            rows = self._rows(Q(key__in=batch), order="key")
+            self._emit(rows, all_data={key for key in batch if linked[key]})
+        self.writer.report(f"linked Patients: {self.writer.written} resources written")
 
     def _patient_chunks(self) -> Iterator[list[tuple[str, bool]]]:
         """The Patients to export, a chunk at a time: (id, all of its data)."""

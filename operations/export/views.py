@@ -191,7 +191,7 @@ def _types(
         if wanted is None:
             return None if readable is None else sorted(readable)
     else:
-        offered = ["Patient", *sorted(patient_compartment())]
+        offered = sorted({"Patient", *patient_compartment()})
         wanted = request.types if request.types is not None else offered
         outside = [t for t in wanted if t not in offered]
         if outside and not lenient:

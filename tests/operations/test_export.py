@@ -491,6 +491,42 @@ def test_compartment_index_follows_the_body(live_api, cohort):
     assert links() == [second.split("/")[1]]
 
 
+def linking(target: str, kind: str = "replaces", family: str = "Linked") -> dict[str, Any]:
+    """A Patient whose link names ``target`` (which puts it in the target's compartment)."""
+    return {**patient(family=family), "link": [{"other": {"reference": target}, "type": kind}]}
+
+
+def test_patients_linked_to_exported_patients_are_written_once(live_api, settings):
+    # Patient.link.other puts the linking Patient in the linked one's compartment (R4 Patient
+    # CompartmentDefinition); not transitively, and a member that links is written once.
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "EXPORT_CHUNK": 1}
+    first = create(live_api, patient(family="First"))
+    old = create(live_api, linking(first))
+    older = create(live_api, linking(old, "seealso"))  # in old's compartment, not first's
+    second = create(live_api, linking(first, "seealso"))  # a member itself
+    mine = create(live_api, observation(first))
+    create(live_api, observation(old))  # old's data: not in first's compartment
+    group_id = group(live_api, [first, second])
+    whole = kick_off(live_api, f"/Group/{group_id}/$export")
+    late = create(live_api, linking(first))  # after the kick-off
+    one = kick_off(live_api, f"/Patient/$export?patient={first}")
+    every = kick_off(live_api, "/Patient/$export?_type=Patient")
+    run_jobs()
+    files = exported(live_api, manifest(live_api, whole))
+    assert sorted(files["Patient"]) == sorted([first, second, old])
+    assert files["Observation"] == [mine]
+    files = exported(live_api, manifest(live_api, one))
+    assert sorted(files["Patient"]) == sorted([first, old, second, late])
+    files = exported(live_api, manifest(live_api, every))
+    assert sorted(files["Patient"]) == sorted([first, old, older, second, late])
+    # The index follows the body: without its link, old is no longer in first's compartment.
+    live_api.put(f"/{old}", {**patient(family="Unlinked"), "id": old.split("/")[1]})
+    status = kick_off(live_api, f"/Group/{group_id}/$export?_type=Patient")
+    run_jobs()
+    files = exported(live_api, manifest(live_api, status))
+    assert sorted(files["Patient"]) == sorted([first, second, late])
+
+
 def test_export_operations_are_declared_with_their_canonical_urls(live_api):
     statement = live_api.get("/metadata").body
     rest = statement["rest"][0]

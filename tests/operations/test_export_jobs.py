@@ -27,7 +27,7 @@ from tests.operations.test_export import (  # noqa: F401
     raw,
     run_jobs,
 )
-from tests.support import run_threads
+from tests.support import patient, run_threads
 
 
 @pytest.mark.usefixtures("cohort")
@@ -138,3 +138,16 @@ def test_the_migrations_index_resources_stored_before_the_app(live_api, cohort):
     flag.mark_shared(apps, None)
     assert sorted(CompartmentLink.objects.values_list("key", "shared")) == expected
     assert CompartmentLink.objects.get(key=f"{shared}>{second.split('/')[1]}").shared
+
+
+def test_the_migration_indexes_patients_linked_before(live_api, cohort):  # noqa: F811
+    first = cohort["patients"][0]
+    body = {**patient(family="Old"), "link": [{"other": {"reference": first}, "type": "replaces"}]}
+    old = create(live_api, body)
+    expected = sorted(CompartmentLink.objects.values_list("key", "shared"))
+    assert (f"{old}>{first.split('/')[1]}", False) in expected
+    CompartmentLink.objects.filter(resource_type="Patient").delete()
+    index = importlib.import_module("operations.export.migrations.0004_index_patient_links")
+    index.index_patient_links(apps, None)
+    index.index_patient_links(apps, None)  # again: resources with rows are skipped
+    assert sorted(CompartmentLink.objects.values_list("key", "shared")) == expected
