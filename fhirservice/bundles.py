@@ -4,11 +4,15 @@ Each entry runs as a sub-request through the same middleware and views as a plai
 so validation, If-Match, Prefer and per-request state (such as the Group members-written flag)
 behave exactly as they would for a single request. A transaction runs all of its entries in
 one metadata transaction: the first failing entry rolls everything back and its
-OperationOutcome is the answer. Before a transaction runs, ``urn:uuid`` full URLs get server
-ids (a conditional create or update: the id of its match, or the one it will create) and
-conditional references (``Patient?identifier=…``) are resolved, and every reference in the
-Bundle is rewritten to the ids the server assigned. Conditional update, patch and delete
-entries (``PUT Patient?identifier=…``) run through the same views as their REST calls.
+OperationOutcome is the answer. That transaction runs as the single conditional interactions
+do (``fhirservice.store.services.run_conditional``): serializable, and run again as a whole
+(from the Bundle as posted) when it loses a race, so two transactions that both find no
+match for the same conditional create make one resource, not two. Before a transaction runs,
+``urn:uuid`` full URLs get server ids (a conditional create or update: the id of its match,
+or the one it will create) and conditional references (``Patient?identifier=…``) are
+resolved, and every reference in the Bundle is rewritten to the ids the server assigned.
+Conditional update, patch and delete entries (``PUT Patient?identifier=…``) run through the
+same views as their REST calls.
 """
 
 from __future__ import annotations
@@ -22,20 +26,22 @@ from urllib.parse import urlsplit
 import orjson
 from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import WSGIRequest
+from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse
 
 from fhirservice import access, db
 from fhirservice.access.policy import require_permission
 from fhirservice.conf import fhir_settings
-from fhirservice.errors import BadRequest, FhirError, PreconditionFailed
+from fhirservice.errors import BadRequest, Conflict, FhirError, PreconditionFailed
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.search.query import search_keys
-from fhirservice.store.services import MSG_CONDITIONAL_MULTIPLE
+from fhirservice.store.services import MSG_CONDITIONAL_MULTIPLE, WriteRace
 
 MSG_NOT_A_BUNDLE = "The body must be a Bundle of type batch or transaction"
 MSG_ENTRY_INVALID = "Entry {index}: {problem}"
 MSG_ENTRY_FAILED = "Transaction failed at entry {index} ({method} {url}): {diagnostics}"
 MSG_CONDITIONAL_REF = "Conditional reference {reference!r} matches {count} resources"
+MSG_TRANSACTION_RETRIES = "The transaction kept conflicting with concurrent writes; try again"
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -282,6 +288,76 @@ class EntryFailed(Exception):
         self.response = response
 
 
+class TransactionRace(Exception):
+    """An entry failed because the transaction lost a race: run the whole Bundle again."""
+
+
+class _RaceWatch:
+    """Notes a lost race in any statement of the transaction's entries.
+
+    The entries run as sub-requests, whose views turn every error into a response (a
+    serialization failure into a 503), so the Bundle sees only a failed entry; this
+    database-level hook tells a lost race from an entry that is wrong. (A race the store
+    services see themselves, such as a duplicate key, comes back as a WriteRace 409.)
+    """
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        try:
+            return execute(sql, params, many, context)
+        except DatabaseError as exc:
+            self.lost = self.lost or db.is_transient(exc)
+            raise
+
+
+def _run_transaction(request: HttpRequest, bundle: Any) -> dict[int, Any]:
+    """The entries' results of a transaction; EntryFailed when an entry fails."""
+    # PostgreSQL accepts SET TRANSACTION only as a transaction's first statement: inside a
+    # caller's atomic block (a test case's) the Bundle runs at that block's level.
+    outermost = not db.in_transaction()
+
+    def attempt() -> dict[int, Any]:
+        if outermost:
+            db.serializable()
+        # Parsed again on each attempt: preparing rewrites the entries' references to the ids
+        # this attempt found or assigned.
+        _, entries = _parse_entries(bundle)
+        results: dict[int, Any] = {}
+        watch = _RaceWatch()
+        with connection.execute_wrapper(watch):
+            _prepare_transaction(entries)
+            for entry in sorted(entries, key=lambda e: (ORDER[e.method], e.index)):
+                response = _sub_request(request, entry)
+                if response.status_code >= 400:
+                    if watch.lost or _lost_race(response):
+                        raise TransactionRace
+                    raise EntryFailed(entry, response)
+                results[entry.index] = _entry_response(entry, response)
+        return results
+
+    return db.run_retrying(
+        attempt,
+        races=(TransactionRace,),
+        retries=fhir_settings.WRITE_RETRIES,
+        exhausted=Conflict(MSG_TRANSACTION_RETRIES, detail_code=WriteRace.detail_code),
+    )
+
+
+def _lost_race(response: HttpResponse) -> bool:
+    """Whether a failed entry's outcome is a race lost inside the transaction (WriteRace)."""
+    if response.status_code != Conflict.status:
+        return False
+    outcome = orjson.loads(response.content or b"{}")
+    codes = [
+        coding.get("code")
+        for issue in outcome.get("issue", [])
+        for coding in (issue.get("details") or {}).get("coding", [])
+    ]
+    return WriteRace.detail_code in codes
+
+
 def process_bundle(request: HttpRequest, bundle: Any) -> tuple[dict[str, Any], list]:
     """Run a batch or transaction; returns (response Bundle header, entries in input order)."""
     kind, entries = _parse_entries(bundle)
@@ -297,13 +373,7 @@ def process_bundle(request: HttpRequest, bundle: Any) -> tuple[dict[str, Any], l
                 )
     else:
         try:
-            with db.atomic():
-                _prepare_transaction(entries)
-                for entry in sorted(entries, key=lambda e: (ORDER[e.method], e.index)):
-                    response = _sub_request(request, entry)
-                    if response.status_code >= 400:
-                        raise EntryFailed(entry, response)
-                    results[entry.index] = _entry_response(entry, response)
+            results = _run_transaction(request, bundle)
         except EntryFailed as failed:
             content = failed.response.content
             outcome = orjson.loads(content) if content else {}

@@ -616,3 +616,27 @@ def test_concurrent_conditional_creates_with_the_same_criteria_make_one_resource
     statuses = run_threads(work, THREADS)
     assert sorted(statuses) == [200] * (THREADS - 1) + [201]
     assert len(matching(value)) == 1
+
+
+@pytest.mark.parametrize("interaction", ["conditional-update", "if-none-exist"])
+def test_concurrent_transactions_with_the_same_conditional_create_make_one_resource(
+    live_api, interaction
+):
+    # A transaction Bundle runs serializable and is retried as a whole after a lost race,
+    # as the single conditional interactions are (at READ COMMITTED each saw no match).
+    value = new_value()
+
+    def work(index: int) -> str:
+        body = patient(identifier=[ident(value)])
+        if interaction == "conditional-update":
+            request = {"method": "PUT", "url": f"Patient?{condition(value)}"}
+        else:
+            request = {"method": "POST", "url": "Patient", "ifNoneExist": condition(value)}
+        entry = {"resource": body, "request": request}
+        response = FhirClient().post("", bundle("transaction", entry))
+        assert response.status == 200, response
+        return response.body["entry"][0]["response"]["status"]
+
+    statuses = run_threads(work, THREADS)
+    assert sorted(s.split()[0] for s in statuses) == ["200"] * (THREADS - 1) + ["201"]
+    assert len(matching(value)) == 1
