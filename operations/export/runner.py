@@ -15,6 +15,13 @@ then (from its history), one deleted later is still written, one created later i
   exported Patients themselves; a Patient export without ``patient`` writes every Patient
   anyway.
 
+``_typeFilter`` runs the service's search, which reads the current search index: for a
+resource unchanged since the kick-off that is its state then, so the filter applies as of
+transactionTime. A resource changed or deleted after the kick-off is written in its version
+then, but its filter ran on its current state (a deleted one matches nothing); each such
+resource gets a warning OperationOutcome in the manifest's ``error`` files
+(:data:`MSG_TYPE_FILTER_CURRENT`), so the client knows which lines to check.
+
 ``_since`` keeps resources changed since then, except on a Group export for members who
 joined the Group after ``_since`` (not in the roster of the Group version current at
 ``_since``): all of their data is written, as if they were new to the client. Deletions
@@ -54,6 +61,13 @@ from operations.export.services import (
     export_job_report,
     export_storage,
 )
+
+MSG_TYPE_FILTER_CURRENT = (
+    "{key} changed after the kick-off: _typeFilter was evaluated on its current state, "
+    "not on the version as of transactionTime ({outcome})"
+)
+MSG_TYPE_FILTER_WRITTEN = "written in its version then"
+MSG_TYPE_FILTER_LEFT_OUT = "left out"
 
 
 class Row(NamedTuple):
@@ -114,7 +128,9 @@ class Part:
         if self.file is None:
             return
         self.number += 1
-        prefix = "deleted." if self.kind == ExportFile.Kind.DELETED else ""
+        prefix = {ExportFile.Kind.DELETED: "deleted.", ExportFile.Kind.ERROR: "error."}.get(
+            self.kind, ""
+        )
         name = f"{prefix}{self.resource_type}.{self.number}.ndjson"
         self.file.seek(0)
         export_storage().save(export_file_name(job=self.job, name=name), File(self.file))
@@ -162,6 +178,14 @@ class Writer:
             "entry": [{"request": {"method": "DELETE", "url": url}}],
         }
         self._part(ExportFile.Kind.DELETED, "Bundle").write(dumps(bundle))
+
+    def warning(self, text: str) -> None:
+        """Write one warning (an OperationOutcome line of the manifest's ``error`` files)."""
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "warning", "code": "informational", "diagnostics": text}],
+        }
+        self._part(ExportFile.Kind.ERROR, "OperationOutcome").write(dumps(outcome))
 
     def report(self, progress: str) -> None:
         """Renew the lease (raises JobLost when the job is no longer this attempt's, and
@@ -249,7 +273,9 @@ class Export:
             self.writer.resource(row)
 
     def _filtered(self, rows: list[Row]) -> list[Row]:
-        """The rows that match any of their type's ``_typeFilter`` queries (all, without)."""
+        """The rows that match any of their type's ``_typeFilter`` queries (all, without).
+        Rows read from the history (changed since the kick-off) are matched on their
+        current state, and a warning says so."""
         if not rows:
             return rows
         queries = self.request.type_filters.get(rows[0].resource_type)
@@ -262,7 +288,15 @@ class Export:
             matched.update(
                 search_keys(rows[0].resource_type, f"{query}&_id={ids}", limit=len(rows))
             )
-        return [row for row in rows if f"{row.resource_type}/{row.resource_id}" in matched]
+        kept: list[Row] = []
+        for row in rows:
+            key = f"{row.resource_type}/{row.resource_id}"
+            if key in matched:
+                kept.append(row)
+            if not row.current:
+                outcome = MSG_TYPE_FILTER_WRITTEN if key in matched else MSG_TYPE_FILTER_LEFT_OUT
+                self.writer.warning(MSG_TYPE_FILTER_CURRENT.format(key=key, outcome=outcome))
+        return kept
 
     def _rows(self, base: Q, *, order: str, limit: int | None = None) -> list[Row]:
         """The rows of a batch query: visible to the client; live ones, plus tombstones

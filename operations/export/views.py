@@ -117,6 +117,11 @@ MSG_JOB_PARAM = "Give the export with _jobId"
 MSG_IN_PROGRESS = "Export {state}"
 MSG_CANCELLED = "Export {id} cancelled"
 MSG_QUEUED = "Export queued: poll {location}"
+MSG_TYPE_FILTER_AS_OF = (
+    "_typeFilter reads the current search index: resources are written as of "
+    "transactionTime, and one changed after it is filtered on its current state; the "
+    "manifest's error files list each such resource"
+)
 
 
 class ExportBaseView(FhirView):
@@ -173,8 +178,11 @@ class KickOffView(ExportBaseView):
             group_version=group_version,
         )
         location = f"{base_url(self.request)}/$export-poll-status?_jobId={job.pk}"
+        outcome = information_outcome(MSG_QUEUED.format(location=location))
+        if request.type_filters:
+            outcome["issue"].append(information_outcome(MSG_TYPE_FILTER_AS_OF)["issue"][0])
         return fhir_http_response(
-            dumps(information_outcome(MSG_QUEUED.format(location=location))),
+            dumps(outcome),
             status=202,
             headers={"Content-Location": location},
         )

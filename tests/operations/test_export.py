@@ -311,6 +311,43 @@ def test_type_filter_on_a_compartment_type(live_api, cohort):
     assert files == {"Observation": [heart]}
 
 
+def test_type_filter_on_resources_changed_after_the_kick_off_is_reported(live_api, cohort):
+    # _typeFilter runs on the current search index: a resource changed after the kick-off is
+    # written as of transactionTime but filtered on its current state, and a warning per
+    # such resource in the manifest's error files says so.
+    first = cohort["patients"][0]
+    unchanged = create(live_api, observation(first, "1234-5"))
+    was_other = cohort["observations"][first][0]
+    was_heart = create(live_api, observation(first, "1234-5"))
+    query = "_typeFilter=Observation%3Fcode%3Dhttp://loinc.org|1234-5"
+    response = live_api.get(
+        f"/Group/{cohort['group']}/$export?_type=Observation&{query}", headers=ASYNC
+    )
+    assert response.status == 202, response
+    texts = [issue["diagnostics"] for issue in response.body["issue"]]
+    assert texts[1] == views.MSG_TYPE_FILTER_AS_OF
+    status = response.headers["Content-Location"].removeprefix("http://testserver" + BASE)
+    for key, code in ((was_other, "1234-5"), (was_heart, "9999-9")):
+        live_api.put(f"/{key}", {**observation(first, code), "id": key.split("/")[1]})
+    run_jobs()
+    body = manifest(live_api, status)
+    resources = [r for e in body["output"] for r in lines(live_api, e["url"])]
+    # was_other matches now and is written in its version then (code 8867-4); was_heart
+    # matched then but not now: left out.
+    assert sorted(f"Observation/{r['id']}" for r in resources) == sorted([unchanged, was_other])
+    assert [e["type"] for e in body["error"]] == ["OperationOutcome"]
+    warnings = [o["issue"][0] for o in lines(live_api, body["error"][0]["url"])]
+    assert {w["severity"] for w in warnings} == {"warning"}
+    expected = [
+        export_runner.MSG_TYPE_FILTER_CURRENT.format(key=key, outcome=outcome)
+        for key, outcome in (
+            (was_other, export_runner.MSG_TYPE_FILTER_WRITTEN),
+            (was_heart, export_runner.MSG_TYPE_FILTER_LEFT_OUT),
+        )
+    ]
+    assert sorted(w["diagnostics"] for w in warnings) == sorted(expected)
+
+
 def test_group_roster_is_read_as_of_the_kick_off(live_api, cohort):
     status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_type=Patient")
     group(live_api, cohort["patients"], group_id=cohort["group"])  # adds the third
