@@ -209,6 +209,8 @@ class MemberEventRepository:
 
     def __init__(self, client: ClickHouseClient | None = None) -> None:
         self.client = client or get_clickhouse()
+        # (replicated table, its largest mutation id before ours): see _mutate.
+        self._unseen_mutations: list[tuple[str, str]] = []
 
     def _in_order(self) -> dict[str, Any]:
         # Lets current ClickHouse stream a GROUP BY on the sort key instead of hashing the
@@ -692,17 +694,41 @@ class MemberEventRepository:
         if min_seq is not None:
             conditions.append("seq >= %(s)s")
             params["s"] = min_seq
-        self.client.command(
-            f"ALTER TABLE {local_table(EVENTS)} DELETE WHERE {' AND '.join(conditions)}", params
-        )
+        self._mutate(EVENTS, " AND ".join(conditions), params)
 
     def delete_roster(self, roster_key: str) -> None:
         """Start removing every row of a roster key from the log and both state tables."""
         for table in MEMBER_TABLES:
-            self.client.command(
-                f"ALTER TABLE {local_table(table)} DELETE WHERE roster_key = %(k)s",
-                {"k": roster_key},
-            )
+            self.delete_rows(table, roster_key)
+
+    def delete_rows(self, table: str, roster_key: str) -> None:
+        """Start removing a roster key's rows from one member table; async."""
+        self._mutate(table, "roster_key = %(k)s", {"k": roster_key})
+
+    def _mutate(self, table: str, where: str, params: dict[str, Any]) -> None:
+        """``ALTER TABLE … DELETE WHERE``, tracked until this replica knows the mutation.
+
+        On a single node the mutation is in ``system.mutations`` when the statement returns.
+        A replicated table's mutation is created in ZooKeeper, and each replica loads it
+        into its ``system.mutations`` moments later: until then "no mutation pending" would
+        be read as "done". Replicated mutation ids are zero-padded sequence numbers, so the
+        replica knows ours once its largest id is past the one it had before.
+        """
+        local = local_table(table)
+        replicated = local != table
+        if replicated:
+            before = self._last_mutation_id(local)
+        self.client.command(f"ALTER TABLE {local} DELETE WHERE {where}", params)
+        if replicated:
+            self._unseen_mutations.append((local, before))
+
+    def _last_mutation_id(self, local: str) -> str:
+        rows = self.client.execute(
+            "SELECT max(mutation_id) FROM system.mutations "
+            "WHERE database = currentDatabase() AND table = %(t)s",
+            {"t": local},
+        )
+        return str(rows[0][0])
 
     def rebuild_state(self, roster_key: str) -> None:
         """Replace a roster's rows in both state tables with states derived from its log.
@@ -713,9 +739,7 @@ class MemberEventRepository:
         """
         params = {"k": roster_key}
         for table in (STATE, REVERSE):
-            self.client.command(
-                f"ALTER TABLE {local_table(table)} DELETE WHERE roster_key = %(k)s", params
-            )
+            self.delete_rows(table, roster_key)
         self.client.command(
             f"INSERT INTO {STATE} (roster_key, member_ref, pos, present, member_type, "
             f"period_start, period_end, inactive, extra) SELECT roster_key, member_ref, "
@@ -736,13 +760,19 @@ class MemberEventRepository:
         )
 
     def pending_mutations(self) -> int:
-        """Mutations of the member tables that have not finished yet."""
+        """Mutations of the member tables that have not finished yet (on this replica,
+        counting those of this repository it has not loaded yet; see :meth:`_mutate`)."""
+        self._unseen_mutations = [
+            (local, before)
+            for local, before in self._unseen_mutations
+            if self._last_mutation_id(local) <= before
+        ]
         rows = self.client.execute(
             "SELECT count() FROM system.mutations WHERE database = currentDatabase() "
             "AND table IN %(tables)s AND is_done = 0",
             {"tables": tuple(local_table(table) for table in MEMBER_TABLES)},
         )
-        return int(rows[0][0])
+        return int(rows[0][0]) + len(self._unseen_mutations)
 
 
 def event_row(

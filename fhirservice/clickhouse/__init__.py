@@ -266,6 +266,14 @@ class ConnectionPool(Generic[T]):
         if not keep:
             self._destroy(connection)
 
+    def discard(self, connection: T) -> None:
+        """Close a lent connection instead of giving it back (it must not be reused)."""
+        with self._lock:
+            if connection not in self._all:
+                return  # close() already destroyed it
+            self._all.remove(connection)
+        self._destroy(connection)
+
     @contextmanager
     def connection(self) -> Iterator[T]:
         """Lend a connection for the ``with`` block."""

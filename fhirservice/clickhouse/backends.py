@@ -7,6 +7,7 @@ where each backend needs help to get there.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -35,6 +36,8 @@ from . import (
     quote_identifier,
     setting_literal,
 )
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------
 # ClickHouse server (clickhouse-driver, native protocol)
@@ -126,20 +129,25 @@ class DriverClient(ClickHouseClient):
                 "insert_deduplicate": 0,
             },
         }
-        if alt_hosts:
-            # Failover: a new connection tries host:port, then these in order.
-            self._client_kwargs["alt_hosts"] = alt_hosts
+        # Failover: a new connection tries this process's replica, then the others in order
+        # (host:port first, then alt_hosts). See _connection for why a process keeps to one.
+        self._replicas = [(host, port)] + [
+            (alt.rpartition(":")[0], int(alt.rpartition(":")[2]))
+            for alt in alt_hosts.split(",")
+            if alt
+        ]
+        self._replica = self._replicas[0]
+        self._replica_lock = threading.Lock()
         self._datetime_indexes: dict[
             tuple[str, tuple[str, ...]], tuple[tuple[int, ...], tuple[int, ...]]
         ] = {}
         self._bootstrap()
         self._pool: ConnectionPool[Client] = ConnectionPool(
-            lambda: Client(database=database, **self._client_kwargs),
-            lambda client: client.disconnect(),
+            self._new_client, lambda client: client.disconnect()
         )
 
     def _bootstrap(self) -> None:
-        client = Client(database="default", **self._client_kwargs)
+        client = self._new_client(database="default")
         try:
             with self._reachable():
                 exists = client.execute(
@@ -150,6 +158,8 @@ class DriverClient(ClickHouseClient):
                     database = quote_identifier(self.database)
                     client.execute(f"CREATE DATABASE IF NOT EXISTS {database}")
                 info = client.connection.server_info
+                # The first replica that answered is this process's (see _connection).
+                self._replica = (client.connection.host, client.connection.port)
         finally:
             client.disconnect()
         self._version = info.version_tuple()
@@ -163,6 +173,62 @@ class DriverClient(ClickHouseClient):
             revision >= defines.DBMS_MIN_REVISION_WITH_SETTINGS_SERIALIZED_AS_STRINGS
         )
         self._context = escape_context(self.timezone)
+
+    def _new_client(self, database: str | None = None) -> Client:
+        """A client that connects to this process's replica first, then to the others."""
+        start = self._replicas.index(self._replica)
+        order = self._replicas[start:] + self._replicas[:start]
+        (host, port), others = order[0], order[1:]
+        alt_hosts = ",".join(f"{alt_host}:{alt_port}" for alt_host, alt_port in others)
+        kwargs = dict(self._client_kwargs, host=host, port=port)
+        client = Client(database=database or self.database, alt_hosts=alt_hosts or None, **kwargs)
+        client.fhir_replica = (host, port)  # type: ignore[attr-defined]
+        return client
+
+    @contextmanager
+    def _connection(self) -> Iterator[Client]:
+        """Lend a pooled client that talks to this process's replica.
+
+        On a cluster an insert lands on the replica it is sent to and reaches the others
+        moments later; a read sees it at once only on that replica. So every connection of a
+        process uses one replica (reads see the process's writes, and a mutation
+        ``wait_for_mutations`` saw finish), and the process moves to another replica only
+        when a connection fails over to it because its replica cannot be reached. Idle
+        connections still on the old replica are then closed rather than reused.
+        """
+        client = self._pool.acquire()
+        if len(self._replicas) > 1:
+            while client.fhir_replica != self._replica:
+                self._pool.discard(client)
+                client = self._pool.acquire()
+        try:
+            yield client
+        except BaseException:
+            self._give_back(client)
+            raise
+        self._give_back(client)
+
+    def _give_back(self, client: Client) -> None:
+        connection = client.connection
+        if len(self._replicas) > 1 and connection.connected:
+            reached = (connection.host, connection.port)
+            if reached != client.fhir_replica:
+                # The client's replica did not answer and it failed over: the process follows.
+                with self._replica_lock:
+                    if self._replica == client.fhir_replica:
+                        logger.warning(
+                            "ClickHouse replica %s:%s cannot be reached; this process now "
+                            "uses %s:%s",
+                            *client.fhir_replica,
+                            *reached,
+                        )
+                        self._replica = reached
+                self._pool.discard(client)
+                return
+            if reached != self._replica:
+                self._pool.discard(client)
+                return
+        self._pool.release(client)
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -203,7 +269,7 @@ class DriverClient(ClickHouseClient):
     ) -> list[tuple]:
         """Run a query; see ``ClickHouseClient.execute``."""
         query = self.bind(sql, params)
-        with self._reachable(), self._pool.connection() as client:
+        with self._reachable(), self._connection() as client:
             rows, columns = client.execute(query, with_column_types=True, settings=settings)
         converters = self._converters(columns)
         if not converters:
@@ -222,7 +288,10 @@ class DriverClient(ClickHouseClient):
         return self._stream(query, {"max_block_size": ITER_BLOCK_ROWS, **(settings or {})})
 
     def _stream(self, query: str, settings: dict[str, Any]) -> Iterator[tuple]:
-        client = self._pool.acquire()
+        with self._connection() as client:
+            yield from self._stream_on(client, query, settings)
+
+    def _stream_on(self, client: Client, query: str, settings: dict[str, Any]) -> Iterator[tuple]:
         finished = False
         try:
             with self._reachable():
@@ -240,7 +309,6 @@ class DriverClient(ClickHouseClient):
                 # The server is still sending the abandoned result: drop the connection
                 # rather than read it to the end.
                 client.disconnect()
-            self._pool.release(client)
 
     def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
         """Insert through the native protocol in blocks; see ``ClickHouseClient.insert``."""
@@ -248,7 +316,7 @@ class DriverClient(ClickHouseClient):
             f"INSERT INTO {quote_identifier(table)} "
             f"({', '.join(quote_identifier(column) for column in columns)}) VALUES"
         )
-        with self._reachable(), self._pool.connection() as client:
+        with self._reachable(), self._connection() as client:
             seconds, fix = self._datetime_columns(client, table, columns)
             data: Iterable[Sequence[Any]] = rows  # the driver takes lists, tuples or generators
             if seconds or fix:
@@ -288,7 +356,7 @@ class DriverClient(ClickHouseClient):
         query = self.bind(sql, params)
         # DDL may change column types that insert() has looked up.
         self._datetime_indexes.clear()
-        with self._reachable(), self._pool.connection() as client:
+        with self._reachable(), self._connection() as client:
             client.execute(query)
 
     def close(self) -> None:

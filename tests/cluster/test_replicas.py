@@ -14,10 +14,13 @@ documented recovery (``ship_member_events``) and the replica's restart.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
 import uuid
+from contextlib import suppress
+from datetime import UTC, datetime
 from io import StringIO
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from fhirservice.clickhouse import connect, get_clickhouse, reset_clickhouse
 from fhirservice.clickhouse.migrations import RECORD_TABLE, local_table
 from fhirservice.management.commands.migrate_clickhouse import MSG_NOTHING
 from groups.clickhouse_migrations import EVENTS, REVERSE, STATE
+from groups.repository import EVENT_COLUMNS
 from tests.groups.conftest import add, create_group, current_key, group, read, refs_of
 from tests.support import FhirClient, FhirResponse
 
@@ -291,3 +295,99 @@ def assert_everywhere(
             [(len(members), events, reverse) for members, events, reverse in states],
         )
         time.sleep(0.5)
+
+
+class SwitchableProxy:
+    """A loopback TCP forwarder to one replica that can go away (connections cut, new ones
+    refused) and come back on the same port, so a replica "fails" without a restart."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.sockets: list[socket.socket] = []
+        self.restore()
+
+    def restore(self) -> None:
+        """Listen (again) on the proxy's port."""
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                downstream, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [downstream, upstream]
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Refuse new connections and cut the forwarded ones."""
+        # shutdown() wakes the accepting thread; close() alone would leave it listening.
+        with suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for sock in self.sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.sockets = []
+
+
+def test_a_process_keeps_reading_its_writes_after_failing_over_and_back():
+    """Every connection of a process uses one replica: after its replica was unreachable
+    and it moved to another, a connection opened once the first replica is back must not
+    read there (where the process's new writes are not, replication being stopped here)."""
+    (first, other) = replicas()[:2]
+    database = get_clickhouse().database
+    proxy = SwitchableProxy(first)
+    events = local_table(EVENTS)
+    fetches = "SYSTEM {} FETCHES " + events
+    with connect(f"clickhouse://default@{first[0]}:{first[1]}/{database}") as admin:
+        admin.command(fetches.format("STOP"))
+    client = connect(
+        f"clickhouse://default@127.0.0.1:{proxy.port}/{database}"
+        f"?alt_hosts={other[0]}:{other[1]}&connect_timeout=1"
+    )
+    try:
+        # Two pooled connections on the first replica (through the proxy).
+        held = [client._pool.acquire() for _ in range(2)]
+        for pooled in held:
+            pooled.execute("SELECT 1")
+        for pooled in held:
+            client._pool.release(pooled)
+        proxy.cut()
+        # A pooled connection finds its socket dead, is refused reconnecting, and fails over.
+        client.execute("SELECT 1")
+        proxy.restore()
+        key = f"failover-{uuid.uuid4().hex}/1"
+        params = {"k": key}
+        now = datetime.now(UTC)
+        for seq in range(5):
+            row = (key, f"Patient/f{seq}", "Patient", "added", 1, seq, "", "", 0, "", now)
+            client.insert(EVENTS, EVENT_COLUMNS, [row + ("r", "test", "")])
+            # Three reads open at once: every pooled connection is used, the old ones too.
+            streams = [
+                client.iter_rows(f"SELECT count() FROM {EVENTS} WHERE roster_key = %(k)s", params)
+                for _ in range(3)
+            ]
+            counts = [next(stream) for stream in streams]
+            for stream in streams:
+                assert list(stream) == []
+            assert counts == [(seq + 1,)] * 3
+    finally:
+        client.close()
+        proxy.cut()
+        with connect(f"clickhouse://default@{first[0]}:{first[1]}/{database}") as admin:
+            admin.command(fetches.format("START"))

@@ -20,11 +20,10 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from fhirservice.clickhouse.migrations import local_table
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.services import resource_patch
-from groups.clickhouse_migrations import EVENTS
+from groups.maintenance.common import wait_for_mutations
 from groups.maintenance.repair import roster_rebuild
 from groups.models import MemberOutbox
 from groups.repository import MemberEventRepository
@@ -464,10 +463,10 @@ def test_as_of_merges_batches_not_yet_shipped(admin_client, live_api):
     patched(live_api, gid, [add("Patient/m2")])
     patched(live_api, gid, [remove_ref("Patient/m1")])
     MemberOutbox.objects.filter(group_id=gid, version__gte=2).update(shipped_at=None)
-    MemberEventRepository().client.command(
-        f"ALTER TABLE {local_table(EVENTS)} DELETE WHERE roster_key = %(k)s AND version >= 2",
-        {"k": current_key(gid)},
-    )
+    repository = MemberEventRepository()
+    for version in (2, 3):
+        repository.delete_events(current_key(gid), version=version)
+    wait_for_mutations(repository)
     roster_rebuild(roster_key=current_key(gid))
     assert roster_refs(html(admin_client.get(page_url(gid, "?as_of=2")))) == [
         "Patient/m1",

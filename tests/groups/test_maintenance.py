@@ -21,10 +21,8 @@ import orjson
 import pytest
 from django.test import override_settings
 
-from fhirservice.clickhouse.migrations import local_table
 from fhirservice.models import ResourceVersion, StoredResource
 from fhirservice.store.handlers import WriteContext
-from groups.clickhouse_migrations import EVENTS
 from groups.maintenance.backfill import (
     backfill_candidates,
     group_roster_backfill,
@@ -119,10 +117,7 @@ def bogus_reverse(key: str, ref: str) -> None:
 def lose_version(key: str, version: int) -> None:
     """Delete a committed version's events from the log only (a lost ClickHouse part)."""
     repository = MemberEventRepository()
-    repository.client.command(
-        f"ALTER TABLE {local_table(EVENTS)} DELETE WHERE roster_key = %(k)s AND version = %(v)s",
-        {"k": key, "v": version},
-    )
+    repository.delete_events(key, version=version)
     wait_for_mutations(repository)
 
 

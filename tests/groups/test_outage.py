@@ -15,7 +15,6 @@ right after its commit would.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -468,22 +467,9 @@ def test_a_crash_between_insert_and_mark_ships_nothing_twice(live_api):
     assert snapshot(live_api, gid) == before
 
 
-# On the cluster, a DELETE mutation of one state table reaches the second replica later than
-# wait_for_mutations (which watches the replica it is connected to) returns, and a read may go
-# to either replica: the one-table cases are then not deterministic there (seen in CI).
-_REPLICA_LAG = pytest.mark.skipif(
-    os.environ.get("FHIR_TEST_PASS") == "cluster",
-    reason="mutation replication lag across replicas; the servers pass runs this case",
-)
-
-
 @pytest.mark.parametrize(
     "lost",
-    [
-        (STATE, REVERSE),
-        pytest.param((STATE,), marks=_REPLICA_LAG),
-        pytest.param((REVERSE,), marks=_REPLICA_LAG),
-    ],
+    [(STATE, REVERSE), (STATE,), (REVERSE,)],
 )
 def test_a_batch_the_state_tables_lack_is_not_taken_as_shipped(
     live_api, no_shipping, monkeypatch, lost
@@ -496,10 +482,7 @@ def test_a_batch_the_state_tables_lack_is_not_taken_as_shipped(
     repository = MemberEventRepository()
     repository.insert_events(batch_event_rows(batch, orjson.loads(batch.events)))
     for table in lost:
-        repository.client.command(
-            f"ALTER TABLE {ch_migrations.local_table(table)} DELETE WHERE roster_key = %(k)s",
-            {"k": key},
-        )
+        repository.delete_rows(table, key)
     wait_for_mutations(repository)
     assert clickhouse_raw_count(key) == 3
     out = call_command_output("ship_member_events", min_age=0)
