@@ -237,13 +237,13 @@ class Export:
         moment = job.transaction_time
         until = self.request.until
         self.until = min(until, moment) if until else moment
+        organization = job.organization if job.restricted else None
+        self.access = Access(client_id=job.client_id, organization=organization, actor=job.actor)
+        self._sees = self.access.sees
 
     def run(self) -> int:
         """Write the whole export; the number of resources written."""
-        job = self.job
-        organization = job.organization if job.restricted else None
-        access = Access(client_id=job.client_id, organization=organization, actor=job.actor)
-        with acting_as(access):
+        with acting_as(self.access):
             if self.job.level == ExportJob.Level.SYSTEM:
                 self._system()
             else:
@@ -298,16 +298,28 @@ class Export:
                 self.writer.warning(MSG_TYPE_FILTER_CURRENT.format(key=key, outcome=outcome))
         return kept
 
-    def _rows(self, base: Q, *, order: str, limit: int | None = None) -> list[Row]:
-        """The rows of a batch query: visible to the client; live ones, plus tombstones
-        where they matter (deleted since ``_since``, or after transactionTime)."""
-        rows = StoredResource.objects.filter(visible_q()).filter(base)
+    def _fetch(self, base: Q, *, order: str, limit: int | None = None) -> list[tuple[Row, str]]:
+        """The rows of a batch query with their organizations, inside the client's boundary
+        or not: live ones, plus tombstones where they matter (deleted since ``_since``, or
+        after transactionTime).
+
+        The boundary is applied by the caller, in Python, not in SQL: beside ``key IN``
+        (1000 keys), ``organization IN`` made SQLite's planner pick the organization index,
+        which holds every row when one organization owns the data: 2.7 s per chunk instead
+        of 8 ms (1.1·10^6 rows, bench.export with access control on)."""
+        rows = StoredResource.objects.filter(base)
         if self.request.since is None:
             rows = rows.filter(Q(deleted=False) | Q(last_updated__gt=self.job.transaction_time))
-        values = rows.order_by(order).values_list(*COLUMNS)
+        values = rows.order_by(order).values_list(*COLUMNS, "organization")
         if limit is not None:
             values = values[:limit]
-        return [Row(*columns, current=True) for columns in values]
+        return [(Row(*columns[:-1], current=True), columns[-1]) for columns in values]
+
+    def _rows(self, base: Q, *, order: str) -> list[Row]:
+        """The rows of a batch query the client may see (see :meth:`_fetch`)."""
+        return [
+            row for row, organization in self._fetch(base, order=order) if self._sees(organization)
+        ]
 
     # --- system level ----------------------------------------------------------------------
 
@@ -325,11 +337,11 @@ class Export:
                 query = Q(resource_type=resource_type, resource_id__gt=after)
                 if since is not None:
                     query &= Q(last_updated__gte=since)
-                rows = self._rows(query, order="resource_id", limit=self.chunk)
-                if not rows:
+                fetched = self._fetch(query, order="resource_id", limit=self.chunk)
+                if not fetched:
                     break
-                self._emit(rows)
-                after = rows[-1].resource_id
+                self._emit([row for row, organization in fetched if self._sees(organization)])
+                after = fetched[-1][0].resource_id
                 self.writer.report(f"{resource_type}: {self.writer.written} resources written")
 
     # --- Patient and Group level -----------------------------------------------------------
@@ -413,17 +425,18 @@ class Export:
         else:
             after = ""
             while True:
-                ids = list(
-                    StoredResource.objects.filter(
-                        visible_q(), resource_type="Patient", resource_id__gt=after
-                    )
+                # The boundary in Python, as in _fetch (the same planner trap).
+                page = list(
+                    StoredResource.objects.filter(resource_type="Patient", resource_id__gt=after)
                     .order_by("resource_id")
-                    .values_list("resource_id", flat=True)[: self.chunk]
+                    .values_list("resource_id", "organization")[: self.chunk]
                 )
-                if not ids:
+                if not page:
                     return
-                yield [(i, False) for i in ids]
-                after = ids[-1]
+                ids = [i for i, organization in page if self._sees(organization)]
+                if ids:
+                    yield [(i, False) for i in ids]
+                after = page[-1][0]
 
     def _roster_chunks(self, wanted: set[str] | None) -> Iterator[list[tuple[str, bool]]]:
         """The Group's active Patient members as of its kick-off version, in reference

@@ -83,13 +83,19 @@ def test_status_and_files_answer_only_the_client_that_asked(clients, data):
     assert raw(owner, "GET", url, **bearer(owner)).status_code == 200
 
 
-def test_an_export_holds_nothing_of_another_organization(clients, data):
+@pytest.mark.parametrize("level", ["/$export", "/Patient/$export", "/Group/{group}/$export"])
+def test_an_export_holds_nothing_of_another_organization(clients, data, settings, level):
+    # One row per chunk: pages holding only the other organization's rows are passed over
+    # (the boundary is applied to each page read, not in its query).
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "EXPORT_CHUNK": 1}
     client = clients["b"]
-    status = kick_off(client, "/$export")
+    both = group(client, [data["a"]["patient"], data["b"]["patient"]])
+    status = kick_off(client, level.format(group=both))
     run_jobs()
     files = exported(client, manifest(client, status, **bearer(client)), **bearer(client))
     everything = {key for keys in files.values() for key in keys}
-    assert everything == {data["b"]["patient"], data["b"]["observation"]}
+    mine = {data["b"]["patient"], data["b"]["observation"]}
+    assert everything == (mine | {f"Group/{both}"} if level == "/$export" else mine)
 
 
 def test_another_organizations_group_is_not_found(clients, data):
