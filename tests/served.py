@@ -45,6 +45,8 @@ class Served:
     root: str
     log_path: Path
     process: subprocess.Popen
+    # The environment of the server's commands (for more commands against its stores).
+    environment: dict[str, str]
 
     @property
     def base(self) -> str:
@@ -126,7 +128,9 @@ def serve(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    served = Served(root=f"http://127.0.0.1:{port}", log_path=log_path, process=process)
+    served = Served(
+        root=f"http://127.0.0.1:{port}", log_path=log_path, process=process, environment=env
+    )
     try:
         _wait_until_up(served)
         yield served

@@ -1,15 +1,19 @@
 """``$export`` as ``make run`` serves it: the server process's own worker thread runs the job,
-with nothing else started (the embedded default works alone)."""
+with nothing else started (the embedded default works alone), and a separate worker command
+refuses the embedded store the server holds."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.served import serve
+from operations.export.management.commands.run_export_worker import MSG_CHDB_BUSY
+from tests.served import ROOT, serve
 from tests.support import not_in_cluster_pass
 
 ASYNC = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
@@ -48,3 +52,16 @@ def test_the_served_process_runs_an_export_alone(tmp_path: Path) -> None:
         status, _, ndjson = call(manifest["output"][0]["url"])
         assert status == 200
         assert json.loads(ndjson.splitlines()[0])["name"] == [{"family": "Served"}]
+        # A separate worker cannot open the chdb path the server holds: it says so and
+        # exits, instead of claiming jobs whose rosters it could not read.
+        worker = subprocess.run(
+            [sys.executable, "manage.py", "run_export_worker", "--once"],
+            cwd=ROOT,
+            env=server.environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert worker.returncode != 0, worker.stdout
+        chdb = f"chdb:///{server.environment['FHIR_VAR_DIR']}/chdb"
+        assert MSG_CHDB_BUSY.format(url=chdb) in worker.stderr, worker.stderr

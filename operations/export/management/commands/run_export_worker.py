@@ -1,16 +1,30 @@
-"""``manage.py run_export_worker``: run export jobs (FHIR Bulk Data ``$export``)."""
+"""``manage.py run_export_worker``: run export jobs (FHIR Bulk Data ``$export``).
+
+With the embedded member store (chdb) the command opens the data path first: chdb lets one
+process use a path, so while the server runs (and holds it) the command refuses with
+:data:`MSG_CHDB_BUSY` instead of claiming jobs whose rosters it could not read; the server's
+own worker thread runs them.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import close_old_connections
 
+from fhirservice.clickhouse import ClickHouseUnavailable, get_clickhouse
 from fhirservice.conf import fhir_settings
 from operations.export.worker import run_once, worker_name
+
+MSG_CHDB_BUSY = (
+    "The embedded member store ({url}) is open in another process, most likely the "
+    "server, and chdb lets one process use a data path: exports run in that server's own "
+    "worker thread (EXPORT_WORKER_THREAD), and separate workers need a ClickHouse server."
+)
 
 
 class Command(BaseCommand):
@@ -29,6 +43,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         """Loop until SIGTERM or SIGINT (or one round with ``--once``); a job running then
         goes back to the queue after the chunk in hand."""
+        url = fhir_settings.CLICKHOUSE_URL
+        if urlsplit(url).scheme == "chdb":
+            try:
+                get_clickhouse()
+            except ClickHouseUnavailable as exc:
+                raise CommandError(MSG_CHDB_BUSY.format(url=url)) from exc
         name = worker_name()
         stopping = threading.Event()
         previous = {
