@@ -26,11 +26,17 @@ def observation(subject: str, code: str) -> dict:
     }
 
 
-def reindex(*args: str) -> str:
-    """Run the command quietly; its stdout."""
+def reindex(*args: str, workers: int = 1) -> str:
+    """Run the command quietly (extracting in this process unless ``workers`` > 1)."""
     out = StringIO()
-    call_command("reindex_search", *args, "--verbosity", "0", stdout=out, stderr=StringIO())
+    options = ("--workers", str(workers), "--verbosity", "0")
+    call_command("reindex_search", *options, *args, stdout=out, stderr=StringIO())
     return out.getvalue()
+
+
+def index_rows() -> list[tuple]:
+    """Every SearchToken row's values, in key order."""
+    return list(SearchToken.objects.order_by("key").values_list())
 
 
 def ids(api, query: str) -> set[str]:
@@ -77,7 +83,21 @@ def test_type_limits_the_run(api, stored):
     assert ids(api, "/Observation?code=1000-0") == set()
 
 
-@pytest.mark.parametrize("args", [("--type", "Nonsense"), ("--batch-size", "0"), ("--limit", "-1")])
+def test_worker_processes_write_the_rows_one_process_writes(api, stored):
+    """Extraction in two worker processes (batches of 2: several in flight) gives the very
+    rows extraction in the command's own process gives."""
+    assert "5 resources" in reindex("--batch-size", "2")
+    alone = index_rows()
+    SearchToken.objects.all().delete()
+    assert "5 resources" in reindex("--batch-size", "2", workers=2)
+    assert index_rows() == alone
+    assert len(ids(api, "/Patient?family=family")) == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--type", "Nonsense"), ("--batch-size", "0"), ("--limit", "-1"), ("--workers", "0")],
+)
 def test_bad_arguments_are_refused(db, args):
     with pytest.raises(CommandError):
         reindex(*args)

@@ -7,6 +7,7 @@ an interrupted run continues after it; ``--restart`` starts over.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -21,6 +22,8 @@ from fhirservice.search.reindex import (
 )
 
 MSG_UNKNOWN_TYPE = "--type {type!r} is not an R4 resource type"
+# Extraction scales with cores; beyond a few the database's writes are the limit.
+MAX_DEFAULT_WORKERS = 4
 MSG_POSITIVE = "--{name} must be a positive whole number, not {value}"
 
 
@@ -44,6 +47,13 @@ class Command(BaseCommand):
             "--limit", type=int, default=None, help="Stop after this many resources."
         )
         parser.add_argument(
+            "--workers",
+            type=int,
+            default=min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS),
+            help="Processes extracting values while this one writes rows (default: one per "
+            f"core, at most {MAX_DEFAULT_WORKERS}); 1 extracts in this process.",
+        )
+        parser.add_argument(
             "--restart", action="store_true", help="Forget the checkpoint; start over."
         )
         parser.add_argument(
@@ -55,7 +65,7 @@ class Command(BaseCommand):
         resource_type = options["resource_type"]
         if resource_type is not None and not is_resource_type(resource_type):
             raise CommandError(MSG_UNKNOWN_TYPE.format(type=resource_type))
-        for name in ("batch_size", "limit"):
+        for name in ("batch_size", "limit", "workers"):
             if options[name] is not None and options[name] <= 0:
                 raise CommandError(
                     MSG_POSITIVE.format(name=name.replace("_", "-"), value=options[name])
@@ -88,6 +98,7 @@ class Command(BaseCommand):
                 resource_type=resource_type,
                 batch_size=options["batch_size"],
                 limit=options["limit"],
+                workers=options["workers"],
                 progress=lambda n, **counts: (bar.update(n), bar.set_postfix(counts)),
             )
         finally:
