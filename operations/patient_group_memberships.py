@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhirservice.access.boundaries import visible_q
+from fhirservice.access.boundaries import is_visible
 from fhirservice.fhir.operation_definition import OperationDef, ParamDef
 from fhirservice.models import StoredResource
 from fhirservice.store.handlers import WriteContext
@@ -33,6 +33,6 @@ def handle(
     """The Group rows; the view renders them as a searchset Bundle."""
     patient = resource_read(resource_type="Patient", resource_id=resource_id)
     keys = roster_storage().groups_with([patient.key], active_only=True)
-    return list(
-        StoredResource.objects.filter(visible_q(), key__in=keys, deleted=False).order_by("key")
-    )
+    # The boundary in Python, as visible_keys does (SQLite's planner and organization IN).
+    rows = StoredResource.objects.filter(key__in=keys, deleted=False).order_by("key")
+    return [row for row in rows if is_visible(row)]

@@ -39,12 +39,16 @@ def is_visible(row: Any) -> bool:
 
 
 def visible_keys(keys: list[str]) -> list[str]:
-    """The subset of ``Type/id`` keys of current resources the caller sees, order kept."""
-    if not current().restricted or not keys:
+    """The subset of ``Type/id`` keys of current resources the caller sees, order kept.
+
+    The boundary is checked in Python on the rows of the keys, not in SQL: beside ``key IN``
+    (10 keys or more), ``organization IN`` made SQLite's planner walk the organization index,
+    every row of the table when one organization owns the data."""
+    access = current()
+    if not access.restricted or not keys:
         return keys
-    seen = set(
-        StoredResource.objects.filter(visible_q(), key__in=list(keys)).values_list("key", flat=True)
-    )
+    rows = StoredResource.objects.filter(key__in=list(keys)).values_list("key", "organization")
+    seen = {key for key, organization in rows if access.sees(organization)}
     return [key for key in keys if key in seen]
 
 
