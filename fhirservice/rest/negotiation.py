@@ -1,4 +1,7 @@
-"""Content negotiation: FHIR JSON or FHIR XML, chosen by ``_format``, then ``Accept``.
+"""Content negotiation: FHIR JSON or FHIR XML, chosen by ``_format``, then ``Accept``, then
+the request body's format (http://hl7.org/fhir/R4/http.html#mime-type: a request that names
+no format is answered in the format it was sent in; an ``Accept`` of only ``*/*``, which many
+HTTP clients send by default, names none).
 
 The choice is made once per request by :class:`FormatMiddleware` (outermost, so refusals of
 other middleware and Django's error handlers are answered in the same format) and held in a
@@ -116,6 +119,11 @@ def _format_params(query_string: str) -> dict[str, str]:
     return found
 
 
+def _body_media_type(request: HttpRequest) -> str:
+    """The media type of the request body (lower case, without parameters); empty if none."""
+    return request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+
+
 def negotiate(request: HttpRequest) -> OutputFormat:
     """The output format a request asks for; NotAcceptable if it accepts none we write."""
     if getattr(request, "fhir_bundle_entry", False):
@@ -130,7 +138,9 @@ def negotiate(request: HttpRequest) -> OutputFormat:
         if media_type is None:
             raise NotAcceptable(MSG_FORMAT_UNSUPPORTED.format(value=wanted))
         return OutputFormat(media_type, pretty)
-    header = request.META.get("HTTP_ACCEPT", "") or "*/*"
+    header = request.META.get("HTTP_ACCEPT", "").strip() or "*/*"
+    if header == "*/*" and _body_media_type(request) in XML_BODY_TYPES:
+        return OutputFormat(FHIR_XML, pretty)
     ranges = _accept_ranges(header)
     for _, _, media in ranges:
         media_type = ACCEPT_VALUES.get(media)

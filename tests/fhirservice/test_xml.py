@@ -227,7 +227,8 @@ def test_xml_body_spellings(xml_api, content_type):
         "POST", "/Patient", body, content_type=f"{content_type}; charset=utf-8", accept=None
     )
     assert response.status_code == 201
-    assert response["Content-Type"] == JSON_CT
+    # No Accept: answered in the format the body was sent in (R4 http.html#mime-type).
+    assert response["Content-Type"] == XML_CT
 
 
 @pytest.mark.parametrize(
@@ -250,6 +251,33 @@ def test_accept_negotiation(xml_api, api, accept, expected):
     response = xml_api.request("GET", path, accept=accept)
     assert response.status_code == 200
     assert response["Content-Type"] == expected
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accept", "expected"),
+    [
+        (FHIR_XML, None, XML_CT),
+        (FHIR_XML, "*/*", XML_CT),
+        (FHIR_XML, "application/fhir+json", JSON_CT),
+        (FHIR_XML, "*/*, application/fhir+json", JSON_CT),
+        ("application/fhir+json", None, JSON_CT),
+        ("application/fhir+json", "*/*", JSON_CT),
+    ],
+)
+def test_a_request_naming_no_format_is_answered_in_its_body_format(
+    xml_api, content_type, accept, expected
+):
+    body = patient(family="Echo")
+    data = resource_to_xml(body) if content_type == FHIR_XML else orjson.dumps(body)
+    created = xml_api.request("POST", "/Patient", data, content_type=content_type, accept=accept)
+    assert created.status_code == 201, created.body_bytes
+    assert created["Content-Type"] == expected
+    # Errors too: an invalid resource's OperationOutcome comes back in the body's format.
+    bad = {**body, "gender": "banana"}
+    data = resource_to_xml(bad) if content_type == FHIR_XML else orjson.dumps(bad)
+    refused = xml_api.request("POST", "/Patient", data, content_type=content_type, accept=accept)
+    assert refused.status_code == 400, refused.body_bytes
+    assert refused["Content-Type"] == expected
 
 
 @pytest.mark.parametrize(
