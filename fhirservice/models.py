@@ -88,6 +88,9 @@ class SearchToken(models.Model):
     # Date, dateTime, instant and Period values are stored as the instant range they cover.
     low = models.DateTimeField(null=True, blank=True)
     high = models.DateTimeField(null=True, blank=True)
+    # Date rows: the width class of [low, high) when the row is its parameter's only value
+    # in the resource, else SEVERAL (fhirservice.search.dates); null for other rows.
+    span = models.PositiveSmallIntegerField(null=True, blank=True)
     number = models.FloatField(null=True, blank=True)
     # Composite parameters: the occurrence ("Type/id#param#n") and the component's position.
     group = models.CharField(max_length=255, blank=True, default="")
@@ -101,9 +104,11 @@ class SearchToken(models.Model):
                 fields=["resource_type", "param", "value", "system", "resource_key"],
                 name="tok_type_param_value",
             ),
+            # Per width class, a search's bound on ``high`` bounds ``low`` too: date ranges
+            # read a short range of this index (fhirservice.search.dates).
             models.Index(
-                fields=["resource_type", "param", "low", "high", "resource_key"],
-                name="tok_type_param_low",
+                fields=["resource_type", "param", "span", "low", "high", "resource_key"],
+                name="tok_type_param_span_low",
             ),
             models.Index(
                 fields=["resource_type", "param", "high", "resource_key"],

@@ -14,8 +14,9 @@ value is indexed by that type into the columns of ``SearchToken``:
   URL for an absolute one; ``text`` the id alone; ``system`` the target type. Canonical
   references: ``value`` the URL without ``|version``, ``system`` the version;
 - uri: ``value``; date: the instant range ``[low, high)`` a date, dateTime, instant or
-  Period covers; number: ``number``; quantity: ``number``, ``system`` and ``value`` the
-  unit's code (``text`` the unit as written);
+  Period covers, and ``span`` its width class when it is the parameter's only value
+  (``fhirservice.search.dates``); number: ``number``; quantity: ``number``, ``system``
+  and ``value`` the unit's code (``text`` the unit as written);
 - composite: one row per component, rows of one occurrence sharing ``group``, ``part``
   numbering the component.
 
@@ -41,6 +42,7 @@ from fhirpathpy.models import models as fhirpath_models
 from fhirservice.conf import fhir_settings
 from fhirservice.fhir.definitions import search_parameters
 from fhirservice.models import SearchToken
+from fhirservice.search.dates import mark_spans
 from fhirservice.search.paths import Found, plan, walk
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
@@ -487,6 +489,7 @@ def extract_tokens(resource_key: str, body: dict[str, Any]) -> list[SearchToken]
                     **row,
                 )
             )
+    mark_spans(tokens)
     return tokens
 
 
@@ -501,6 +504,7 @@ def token_signature(tokens: list[SearchToken]) -> list[tuple[Any, ...]]:
             t.text,
             t.low,
             t.high,
+            t.span,
             t.number,
             t.group,
             t.part,

@@ -34,6 +34,7 @@ from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import SearchToken, StoredResource
 from fhirservice.plugins import search_param
 from fhirservice.search.chain import chain_filter, is_chain
+from fhirservice.search.dates import Box, boxes_q, date_rows, prefix_boxes
 from fhirservice.search.extract import (
     EARLIEST,
     UNSUPPORTED_PARAMS,
@@ -233,35 +234,6 @@ def _parse_date(name: str, raw: str) -> tuple[str, datetime, datetime]:
     return prefix, covered[0], covered[1]
 
 
-def _range_q(prefix: str, low: datetime, high: datetime, lo: str = "low", hi: str = "high") -> Q:
-    """Rows whose range ``[lo, hi)`` relates to the search range ``[low, high)`` by prefix.
-
-    The spec's definitions: eq — the search range contains the row's; ne — it does not;
-    gt/lt — the row's range reaches above/below the search range; ge/le — gt/lt or eq;
-    sa/eb — the row's range starts after/ends before it; ap — the two ranges overlap.
-    """
-    # A range inside [low, high) also starts before ``high``: the bound keeps index scans
-    # on ``lo`` short.
-    inside = Q(**{f"{lo}__gte": low, f"{lo}__lt": high, f"{hi}__lte": high})
-    if prefix == "eq":
-        return inside
-    if prefix == "ap":
-        return Q(**{f"{lo}__lt": high, f"{hi}__gt": low})
-    if prefix == "ne":
-        return ~inside
-    if prefix == "gt":
-        return Q(**{f"{hi}__gt": high})
-    if prefix == "lt":
-        return Q(**{f"{lo}__lt": low})
-    if prefix == "ge":
-        return Q(**{f"{hi}__gt": high}) | inside
-    if prefix == "le":
-        return Q(**{f"{lo}__lt": low}) | inside
-    if prefix == "sa":
-        return Q(**{f"{lo}__gte": high})
-    return Q(**{f"{hi}__lte": low})  # eb
-
-
 def _last_updated_q(prefix: str, low: datetime, high: datetime) -> Q:
     """``_lastUpdated`` is an instant: the search range either holds it or not."""
     inside = Q(last_updated__gte=low, last_updated__lt=high)
@@ -342,7 +314,7 @@ def _typed_q(name: str, kind: str, value: str, modifier: str) -> Q:
     if kind == "reference":
         return _reference_q(name, value, modifier)
     if kind == "date":
-        return _range_q(*_parse_date(name, _unescape(value)))
+        return boxes_q(prefix_boxes(*_parse_date(name, _unescape(value))))
     if kind == "number":
         return _number_q(name, _unescape(value))
     if kind == "quantity":
@@ -434,6 +406,24 @@ def _last_updated_filter(raw: str, modifier: str) -> Q:
     return alternatives
 
 
+def _date_condition(name: str, raw: str) -> list[Box]:
+    """One date parameter's comma-separated values: the union of their boxes."""
+    boxes = []
+    for value in _split(raw, ","):
+        if not value:
+            raise _bad(name, raw)
+        boxes.extend(prefix_boxes(*_parse_date(name, _unescape(value))))
+    return boxes
+
+
+def _is_date_param(resource_type: str, name: str, modifier: str) -> bool:
+    """Whether ``name`` is a plain date search of the index (repeats of it are merged)."""
+    if modifier or name in COLUMN_SORTS or search_param(resource_type, name) is not None:
+        return False
+    param = known_param(resource_type, name)
+    return param is not None and param.type == "date" and name not in UNSUPPORTED_PARAMS
+
+
 def known_param(resource_type: str, name: str) -> Param | None:
     """The definition of a search parameter of ``resource_type``, if it has one."""
     return search_params(resource_type).get(name)
@@ -477,6 +467,8 @@ def param_filter(resource_type: str, name: str, modifier: str, raw: str) -> Q:
     _check_modifier(resource_type, param, modifier)
     if modifier == "missing":
         return _missing_q(resource_type, name, raw)
+    if param.type == "date":
+        return Q(key__in=date_rows(resource_type, name, [_date_condition(name, raw)]))
     rows = SearchToken.objects.filter(resource_type=resource_type, param=name)
     if param.type == "composite":
         condition = Q(pk__in=[])
@@ -532,8 +524,14 @@ def decode_cursor(raw: str) -> list[Any]:
 def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bool) -> SearchSpec:
     """Turn query pairs into a SearchSpec; unknown parameters are ignored or (strict) 400."""
     spec = SearchSpec(resource_type=resource_type, count=fhir_settings.DEFAULT_COUNT)
+    # Repeats of a date parameter are searched together (fhirservice.search.dates).
+    dated: dict[str, list[list[Box]]] = {}
     for name_mod, raw in pairs:
         name, _, modifier = name_mod.partition(":")
+        if _is_date_param(resource_type, name, modifier):
+            dated.setdefault(name, []).append(_date_condition(name, raw))
+            spec.used.append((name_mod, raw))
+            continue
         # --- chains, _has, _include/_revinclude (fhirservice.search.chain, .include) ---
         if name in INCLUDE_PARAMS:
             include = parse_include(name, modifier, raw, strict=strict)
@@ -563,6 +561,8 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bo
             spec.ignored.append(name_mod)
             continue
         spec.used.append((name_mod, raw))
+    for name, conditions in dated.items():
+        spec.filters.append(Q(key__in=date_rows(resource_type, name, conditions)))
     return spec
 
 
@@ -712,18 +712,48 @@ def _index_keys(condition: Q) -> QuerySet[SearchToken] | None:
     return None
 
 
-def _count(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> int:
-    """The total of a search.
+def _index_sets(spec: SearchSpec) -> list[QuerySet[SearchToken]] | None:
+    """The filters' sets of index rows when they alone decide the matches: every filter is
+    one, and the caller sees every organization's data.
 
     Index rows exist only for the current version of live resources (a delete removes
-    them), so when every filter is a set of index rows and the caller sees every
-    organization's data, the total is counted on the index alone: 10^5 matches without
-    visiting 10^5 StoredResource rows.
+    them), so such a search needs StoredResource only for the rows it serves.
     """
     sets = [_index_keys(condition) for condition in spec.filters]
     if not sets or None in sets or visible_q() != Q():
+        return None
+    return sets  # type: ignore[return-value]
+
+
+def _count(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> int:
+    """The total of a search: counted on the index alone where it decides the matches (10^5
+    matches without visiting 10^5 StoredResource rows)."""
+    sets = _index_sets(spec)
+    if sets is None:
         return queryset.count()
     return _intersection(sets).distinct().count()
+
+
+def _page_by_index(spec: SearchSpec, sets: list[QuerySet[SearchToken]]) -> list[StoredResource]:
+    """A page in ``_id`` order read from the index: the first ``count + 1`` distinct keys
+    after the cursor, then those rows. A date range's matches come from the index in date
+    order; joining all of them to StoredResource to keep 51 cost more than the search."""
+    descending = spec.sort[0][1]
+    keys = (
+        _intersection(sets)
+        .order_by("-resource_key" if descending else "resource_key")
+        .values_list("resource_key", flat=True)
+        .distinct()
+    )
+    if spec.cursor is not None:
+        if len(spec.cursor) != 1 or not isinstance(spec.cursor[0], str):
+            raise BadRequest(MSG_BAD_CURSOR, detail_code="MSG_PARAM_INVALID")
+        keys = keys.filter(**{f"resource_key__{'lt' if descending else 'gt'}": spec.cursor[0]})
+    page = list(keys[: spec.count + 1])
+    found = StoredResource.objects.filter(
+        key__in=page, resource_type=spec.resource_type, deleted=False
+    ).in_bulk()
+    return [found[key] for key in page if key in found]
 
 
 def run_search(spec: SearchSpec) -> SearchPage:
@@ -735,9 +765,13 @@ def run_search(spec: SearchSpec) -> SearchPage:
     if spec.summary == "count" or spec.count == 0:
         return SearchPage(rows=[], total=total, next_cursor=None)
     paged, columns = _sorted(spec, queryset)
-    if spec.cursor is not None:
-        paged = paged.filter(_after_cursor(spec, columns, spec.cursor))
-    rows = list(paged[: spec.count + 1])
+    sets = _index_sets(spec) if [name for name, _ in spec.sort] == ["_id"] else None
+    if sets is not None:
+        rows = _page_by_index(spec, sets)
+    else:
+        if spec.cursor is not None:
+            paged = paged.filter(_after_cursor(spec, columns, spec.cursor))
+        rows = list(paged[: spec.count + 1])
     next_cursor = None
     if len(rows) > spec.count:
         rows = rows[: spec.count]
