@@ -24,7 +24,7 @@ from fhirservice.errors import (
 from fhirservice.models import ResourceVersion, StoredResource
 from fhirservice.search.query import decode_cursor, encode_cursor
 from fhirservice.search.values import date_range
-from fhirservice.store.services import check_id, check_type
+from fhirservice.store.services import check_id, check_type, current_row
 
 MSG_BAD_SINCE = "_since must be an instant, e.g. 2026-01-01T00:00:00Z: {value!r}"
 
@@ -33,7 +33,7 @@ def resource_read(*, resource_type: str, resource_id: str) -> StoredResource:
     """The current version; 404 when unknown, 410 when deleted."""
     check_type(resource_type)
     check_id(resource_id)
-    row = StoredResource.objects.filter(key=f"{resource_type}/{resource_id}").first()
+    row = current_row(f"{resource_type}/{resource_id}")
     if row is None or not is_visible(row):
         raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
     if row.deleted:
