@@ -147,6 +147,26 @@ def in_chunks(values: Iterable[str], max_bytes: int = IN_LIST_BYTES) -> Iterator
         yield tuple(chunk)
 
 
+def _pair_chunks(
+    pairs: Iterable[tuple[str, Any]], *, reverse: bool = False, max_bytes: int = IN_LIST_BYTES
+) -> Iterator[tuple[tuple[Any, Any], ...]]:
+    """Split (roster key, value) pairs into tuples for a tuple ``IN`` whose SQL literals stay
+    under ``max_bytes`` (as :func:`in_chunks`); ``reverse``: each pair as (value, roster key),
+    the order of the reverse table's sort key."""
+    chunk: list[tuple[Any, Any]] = []
+    size = 0
+    for first, second in pairs:
+        texts = [value for value in (first, second) if isinstance(value, str)]
+        cost = sum(len(t.encode()) * (2 if _ESCAPED.intersection(t) else 1) for t in texts) + 28
+        if chunk and size + cost > max_bytes:
+            yield tuple(chunk)
+            chunk, size = [], 0
+        chunk.append((second, first) if reverse else (first, second))
+        size += cost
+    if chunk:
+        yield tuple(chunk)
+
+
 # The tables one roster lives in: repair's deletes and mutation checks cover all three.
 MEMBER_TABLES = (EVENTS, STATE, REVERSE)
 # Columns of the admin's member timeline.
@@ -231,44 +251,72 @@ class MemberEventRepository:
         )
         return int(rows[0][0])
 
-    def holds_batch(self, roster_key: str, version: int, events: list[list[Any]]) -> bool:
-        """Whether every table that serves reads holds one outbox batch (its ``events``):
-        the log each event, the state and reverse tables each member at a position at least
-        as new as the batch's.
+    def held_batches(self, batches: list[tuple[str, int, list[list[Any]]]]) -> list[bool]:
+        """Whether every table that serves reads holds each of some outbox batches (roster
+        key, version, its ``events``): the log each event, the state and reverse tables each
+        member at a position at least as new as the batch's.
 
         Each table is checked on its own: an insert is the log's part first and then one part
         per materialized view, so a server that dies in between leaves a log that holds the
         batch and state tables that do not (issue 16, D1). A newer position in a state table
         means re-inserting the batch could not change what it answers there.
+
+        One query per table for all the batches (in IN lists of at most IN_LIST_BYTES), not
+        three per batch: after an outage the relay checks thousands. The log is read per
+        version: a version's batches (its chunks) are held when the log's seqs of that version
+        are exactly theirs. A version some of whose chunks were shipped before counts as not
+        held, and is inserted again: harmless, as every read collapses duplicates.
         """
-        seqs = {event[2] for event in events}
-        # A batch's seqs are a contiguous range (numbered in write order, cut into
-        # consecutive chunks): a range keeps the query small where an IN list of 50,000
-        # seqs would exceed max_query_size.
-        low, high = min(seqs), max(seqs)
-        if high - low + 1 != len(seqs):
-            return False
-        rows = self.client.execute(
-            f"SELECT uniqExact(seq) FROM {EVENTS} WHERE roster_key = %(k)s "
-            f"AND version = %(v)s AND seq >= %(low)s AND seq <= %(high)s",
-            {"k": roster_key, "v": version, "low": low, "high": high},
-        )
-        if int(rows[0][0]) != len(seqs):
-            return False
-        newest: dict[str, int] = {}
-        for event in events:
-            newest[event[0]] = max(newest.get(event[0], 0), (version << 32) | event[2])
+        held = [False] * len(batches)
+        versions: dict[tuple[str, int], list[int]] = {}
+        for index, (roster_key, version, _) in enumerate(batches):
+            versions.setdefault((roster_key, version), []).append(index)
+        logged: dict[tuple[str, int], tuple[int, int, int]] = {}
+        for chunk in _pair_chunks(versions):
+            rows = self.client.execute(
+                f"SELECT roster_key, version, min(seq), max(seq), uniqExact(seq) FROM {EVENTS} "
+                f"WHERE (roster_key, version) IN %(pairs)s GROUP BY roster_key, version",
+                {"pairs": chunk},
+            )
+            logged.update(((k, int(v)), (int(lo), int(hi), int(n))) for k, v, lo, hi, n in rows)
+        candidates = []
+        for pair, indexes in versions.items():
+            seqs = {event[2] for index in indexes for event in batches[index][2]}
+            low, high = min(seqs), max(seqs)
+            if logged.get(pair) == (low, high, len(seqs)) and high - low + 1 == len(seqs):
+                candidates.extend(indexes)
+        if not candidates:
+            return held
+        # The newest position of each member each candidate names, then what both state
+        # tables hold for those (roster key, member) pairs.
+        newest: dict[int, dict[str, int]] = {}
+        wanted: set[tuple[str, str]] = set()
+        for index in candidates:
+            roster_key, version, events = batches[index]
+            positions: dict[str, int] = {}
+            for event in events:
+                positions[event[0]] = max(positions.get(event[0], 0), (version << 32) | event[2])
+            newest[index] = positions
+            wanted.update((roster_key, ref) for ref in positions)
+        states = []
         for table, key in ((STATE, "roster_key, member_ref"), (REVERSE, "member_ref, roster_key")):
-            for chunk in in_chunks(newest):
+            positions = {}
+            for chunk in _pair_chunks(wanted, reverse=table == REVERSE):
                 rows = self.client.execute(
-                    f"SELECT member_ref, maxMerge(pos) FROM {table} WHERE roster_key = %(k)s "
-                    f"AND member_ref IN %(refs)s GROUP BY {key}",
-                    {"k": roster_key, "refs": chunk},
+                    f"SELECT roster_key, member_ref, maxMerge(pos) FROM {table} "
+                    f"WHERE ({key}) IN %(pairs)s GROUP BY {key}",
+                    {"pairs": chunk},
                 )
-                held = {ref: int(pos) for ref, pos in rows}
-                if any(held.get(ref, -1) < newest[ref] for ref in chunk):
-                    return False
-        return True
+                positions.update(((k, ref), int(pos)) for k, ref, pos in rows)
+            states.append(positions)
+        for index in candidates:
+            roster_key = batches[index][0]
+            held[index] = all(
+                state.get((roster_key, ref), -1) >= pos
+                for state in states
+                for ref, pos in newest[index].items()
+            )
+        return held
 
     def activity_history(
         self, roster_key: str, refs: list[str], *, below_version: int

@@ -114,25 +114,8 @@ def member_batches_ship(
     batches = list(pending)
     try:
         repository = MemberEventRepository()
-        # Consecutive small batches (a burst of PATCHes) go to ClickHouse in one insert:
-        # every insert runs both materialized views, tens of milliseconds even for one row.
-        group: list[tuple[MemberOutbox, list[list[Any]]]] = []
-        size = 0
-        for batch in batches:
-            events = known.get(batch.key)
-            if events is None:
-                events = orjson.loads(batch.events)
-            if check_existing and repository.holds_batch(batch.roster_key, batch.version, events):
-                report.skipped += 1
-                _batches_mark_shipped(repository, [(batch, events)], report, insert=False)
-                continue
-            group.append((batch, events))
-            size += len(events)
-            if size >= fhir_settings.MEMBER_BATCH_SIZE:
-                _batches_mark_shipped(repository, group, report)
-                group, size = [], 0
-        if group:
-            _batches_mark_shipped(repository, group, report)
+        for window in _windows(batches, fhir_settings.MEMBER_BATCH_SIZE):
+            _window_ship(repository, window, known, report, check_existing=check_existing)
         for roster in sorted({batch.roster_key for batch in batches if batch.recount}):
             roster_quantities_recount(roster=roster, repository=repository)
             report.recounted.append(roster.rpartition("/")[0])
@@ -144,6 +127,52 @@ def member_batches_ship(
             last_error=str(exc)[:500]
         )
     return report
+
+
+def _windows(batches: list[MemberOutbox], size: int) -> Iterator[list[MemberOutbox]]:
+    """Consecutive batches, cut where their events (``event_count``, known before they are
+    decoded) would pass ``size``: one window is checked, inserted and marked at once, and no
+    more than one window's events are decoded at a time."""
+    window: list[MemberOutbox] = []
+    events = 0
+    for batch in batches:
+        if window and events + batch.event_count > size:
+            yield window
+            window, events = [], 0
+        window.append(batch)
+        events += batch.event_count
+    if window:
+        yield window
+
+
+def _window_ship(
+    repository: MemberEventRepository,
+    window: list[MemberOutbox],
+    known: dict[str, list[list[Any]]],
+    report: ShipReport,
+    *,
+    check_existing: bool,
+) -> None:
+    """Ship one window of batches: those ClickHouse holds already (``check_existing``) are
+    only marked; the others go to ClickHouse in one insert (a burst of small PATCHes: every
+    insert runs both materialized views, tens of milliseconds even for one row), then are
+    marked. The check is one query per table for the whole window, not one per batch: after
+    an outage the relay ships thousands of small batches."""
+    decoded = []
+    for batch in window:
+        events = known.get(batch.key)
+        decoded.append((batch, orjson.loads(batch.events) if events is None else events))
+    if check_existing:
+        held = repository.held_batches(
+            [(batch.roster_key, batch.version, events) for batch, events in decoded]
+        )
+        skipped = [item for item, is_held in zip(decoded, held, strict=True) if is_held]
+        if skipped:
+            report.skipped += len(skipped)
+            _batches_mark_shipped(repository, skipped, report, insert=False)
+        decoded = [item for item, is_held in zip(decoded, held, strict=True) if not is_held]
+    if decoded:
+        _batches_mark_shipped(repository, decoded, report)
 
 
 def member_batches_relay(*, min_age: float, batch_limit: int = 1000) -> ShipReport:
