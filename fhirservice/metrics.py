@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_safe
@@ -55,7 +56,14 @@ def route_of(request: HttpRequest) -> str:
     match = getattr(request, "resolver_match", None)
     if match is None or not match.route:
         return UNMATCHED_ROUTE
-    route = _NAMED_GROUP.sub(lambda group: "{" + group.group(1) + "}", match.route)
+    return _route_label(match.route)
+
+
+@lru_cache(maxsize=1024)  # one entry per URL pattern: a bounded set
+def _route_label(pattern: str) -> str:
+    """A URL pattern as its label (computed up to four times per request: the metrics and
+    the request log ask for it)."""
+    route = _NAMED_GROUP.sub(lambda group: "{" + group.group(1) + "}", pattern)
     return "/" + _ANCHOR.sub("", route).replace("\\", "")
 
 

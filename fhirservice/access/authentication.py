@@ -14,8 +14,10 @@ Both return ``(user, Access)``: DRF puts the :class:`~fhirservice.access.Access`
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 from typing import Any
 
+from django.db.models import QuerySet
 from django.utils import timezone
 from oauth2_provider.models import get_access_token_model
 from rest_framework.authentication import BaseAuthentication, SessionAuthentication
@@ -48,6 +50,13 @@ def bearer_token(request: Any) -> str | None:
     return token or ""
 
 
+@cache
+def _token_values() -> QuerySet:
+    """The token table's ``TOKEN_FIELDS`` (joins resolved once per process; every use
+    clones it with its filter, and this one is never evaluated)."""
+    return get_access_token_model().objects.values_list(*TOKEN_FIELDS)
+
+
 def access_of_token(token: str) -> Access:
     """The caller a bearer token stands for; 401 ``invalid_token`` when it stands for none."""
     if not token:
@@ -58,11 +67,7 @@ def access_of_token(token: str) -> Access:
     # The values the answer needs, not three whole model rows: compiling and converting
     # the ~30 columns of a select_related() row, ordered by first(), was ~40% of the worker's
     # CPU for a plain read. No ORDER BY: the checksum is unique.
-    found = list(
-        get_access_token_model()
-        .objects.filter(token_checksum=checksum)
-        .values_list(*TOKEN_FIELDS)[:1]
-    )
+    found = list(_token_values().filter(token_checksum=checksum)[:1])
     if not found:
         raise Unauthorized(
             MSG_TOKEN_INVALID, error="invalid_token", detail_code="MSG_TOKEN_INVALID"

@@ -49,6 +49,7 @@ from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
+from fhirservice.store.rows import insert_rows
 
 MSG_TYPE_MISMATCH = "The body's resourceType {found!r} does not match the URL's {expected!r}"
 MSG_ID_MISMATCH = "The body's id {found!r} does not match the URL's id {expected!r}"
@@ -269,26 +270,21 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         "body": text,
         "organization": organization,
     }
+    row = StoredResource(
+        key=draft.key,
+        resource_type=draft.resource_type,
+        resource_id=draft.resource_id,
+        **fields,
+    )
     if current is None:
-        row = StoredResource.objects.create(
-            key=draft.key,
-            resource_type=draft.resource_type,
-            resource_id=draft.resource_id,
-            **fields,
-        )
+        insert_rows(StoredResource, [row])
     else:
         updated = StoredResource.objects.filter(
             key=draft.key, version_id=current.version_id
         ).update(**fields)
         if updated != 1:
             raise VersionRace(draft.key)
-        row = StoredResource(
-            key=draft.key,
-            resource_type=draft.resource_type,
-            resource_id=draft.resource_id,
-            **fields,
-        )
-    ResourceVersion.objects.create(
+    version = ResourceVersion(
         key=f"{draft.key}/_history/{draft.version_id}",
         resource_type=draft.resource_type,
         resource_id=draft.resource_id,
@@ -297,11 +293,12 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         actor=draft.context.actor,
         **fields,
     )
+    insert_rows(ResourceVersion, [version])
     tokens = extract_tokens(draft.key, draft.body) if draft.body is not None else []
     if not _same_tokens(current, tokens):
         if current is not None:  # a first version has no tokens to replace
             SearchToken.objects.filter(resource_key=draft.key).delete()
-        SearchToken.objects.bulk_create(tokens)
+        insert_rows(SearchToken, tokens)
     return row
 
 
