@@ -130,7 +130,26 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
     rest: dict[str, Any] = {
         "mode": "server",
         "resource": resources,
-        "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+        "interaction": [
+            {"code": "transaction"},
+            {"code": "batch"},
+            {"code": "search-system"},
+            {"code": "history-system"},
+        ],
+        # Without _type a system search takes the common parameters these two stand for
+        # (with _type, those every listed type defines: fhirservice.search.system).
+        "searchParam": [
+            {
+                "name": "_id",
+                "definition": "http://hl7.org/fhir/SearchParameter/Resource-id",
+                "type": "token",
+            },
+            {
+                "name": "_lastUpdated",
+                "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+                "type": "date",
+            },
+        ],
     }
     system_ops = [
         {"name": definition.code, "definition": definition.url}

@@ -8,6 +8,8 @@ from urllib.parse import parse_qsl, urlencode
 from django.http import HttpResponse
 from rest_framework.request import Request
 
+from fhirservice import access
+from fhirservice.access.policy import require_permission
 from fhirservice.bundles import process_bundle
 from fhirservice.capability import capability_statement
 from fhirservice.conf import fhir_settings
@@ -30,6 +32,7 @@ from fhirservice.rest.rendering import bundle_body, render_resource
 from fhirservice.rest.subsetting import subset
 from fhirservice.search.include import MSG_INCLUDES_CAPPED, include_page
 from fhirservice.search.query import SearchSpec, parse_count, parse_search, run_search
+from fhirservice.search.system import parse_system_search, run_system_search
 from fhirservice.store.json import dumps
 from fhirservice.store.selectors import (
     history_page,
@@ -64,6 +67,13 @@ def _page_link(
     if cursor is not None:
         query.append(("_cursor", cursor))
     return f"{base_url(request)}/{path}" + (f"?{urlencode(query)}" if query else "")
+
+
+def _system_link(request: Request, params: list[tuple[str, str]], cursor: str | None) -> str:
+    query = [(k, v) for k, v in params if k != "_cursor"]
+    if cursor is not None:
+        query.append(("_cursor", cursor))
+    return base_url(request) + (f"?{urlencode(query)}" if query else "")
 
 
 class TypeView(FhirView):
@@ -388,9 +398,59 @@ class UnknownRouteView(FhirView):
 
 
 class SystemView(FhirView):
-    """``[base]``: batch and transaction Bundles (POST); each entry is checked as itself."""
+    """``[base]``: search across types (GET, ``fhirservice.search.system``), and batch and
+    transaction Bundles (POST; each entry is checked as itself)."""
 
     access_rule = "authenticated"
+
+    def get(self, request: Request) -> HttpResponse:
+        """Search of several types (``_type``) or of all: a searchset Bundle, keyset-paged."""
+        flat = query_pairs(request)
+        search = parse_system_search(flat, strict=self.strict())
+        caller = access.current()
+        for resource_type in search.types or [None]:
+            require_permission(caller, resource_type, "s", "search-system")
+        if search.types is None:
+            # As system history: all types means every type the caller may search.
+            allowed = caller.scopes.types_with("s")
+            if allowed is not None:
+                search.types = sorted(allowed)
+        page = run_system_search(search)
+        spec = search.spec
+        base = base_url(request)
+        header: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+        if page.total is not None:
+            header["total"] = page.total
+        used = [(k, v) for k, v in flat if k not in spec.ignored]
+        links = [{"relation": "self", "url": _system_link(request, used, flat_cursor(flat))}]
+        if page.next_cursor:
+            links.append({"relation": "next", "url": _system_link(request, used, page.next_cursor)})
+        header["link"] = links
+        summary = spec.summary if spec.summary != "count" else None
+
+        def entries():
+            for row in page.rows:
+                yield (
+                    {
+                        "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
+                        "search": {"mode": "match"},
+                    },
+                    render_resource(
+                        row, current=True, summary=summary, elements=spec.elements, in_bundle=True
+                    ),
+                )
+            if spec.ignored:
+                issues = [
+                    {
+                        "severity": "warning",
+                        "code": "not-supported",
+                        "diagnostics": f"Search parameter {name!r} was ignored",
+                    }
+                    for name in spec.ignored
+                ]
+                yield {"search": {"mode": "outcome"}}, render_json(operation_outcome(issues))
+
+        return fhir_http_response(bundle_body(header, entries()))
 
     def post(self, request: Request) -> HttpResponse:
         """Run a batch or transaction Bundle."""

@@ -550,7 +550,7 @@ def parse_search(resource_type: str, pairs: list[tuple[str, str]], *, strict: bo
             continue
         # --- end of chains and includes ---
         if name in RESULT_PARAMS:
-            _result_param(spec, name, raw)
+            result_param(spec, name, raw)
             continue
         try:
             spec.filters.append(param_filter(resource_type, name, modifier, raw))
@@ -573,7 +573,8 @@ def _sortable(resource_type: str, name: str) -> bool:
     return param is not None and param.type in SORTABLE_TYPES and param.parts != ()
 
 
-def _result_param(spec: SearchSpec, name: str, raw: str) -> None:
+def result_param(spec: SearchSpec, name: str, raw: str) -> None:
+    """Apply one result parameter (``_count``, ``_sort``, ``_total`` …) to ``spec``."""
     if name == "_count":
         spec.count = parse_count(raw)
     elif name == "_cursor":
@@ -764,14 +765,21 @@ def run_search(spec: SearchSpec) -> SearchPage:
         total = _count(spec, queryset)
     if spec.summary == "count" or spec.count == 0:
         return SearchPage(rows=[], total=total, next_cursor=None)
-    paged, columns = _sorted(spec, queryset)
     sets = _index_sets(spec) if [name for name, _ in spec.sort] == ["_id"] else None
     if sets is not None:
-        rows = _page_by_index(spec, sets)
-    else:
-        if spec.cursor is not None:
-            paged = paged.filter(_after_cursor(spec, columns, spec.cursor))
-        rows = list(paged[: spec.count + 1])
+        return _page(spec, _page_by_index(spec, sets), ["key"], total)
+    return page_of(spec, queryset, total)
+
+
+def page_of(spec: SearchSpec, queryset: QuerySet[StoredResource], total: int | None) -> SearchPage:
+    """One page of ``queryset`` in the spec's order, after its cursor (keyset paging)."""
+    paged, columns = _sorted(spec, queryset)
+    if spec.cursor is not None:
+        paged = paged.filter(_after_cursor(spec, columns, spec.cursor))
+    return _page(spec, list(paged[: spec.count + 1]), columns, total)
+
+
+def _page(spec: SearchSpec, rows: list[StoredResource], columns: list[str], total: int | None):
     next_cursor = None
     if len(rows) > spec.count:
         rows = rows[: spec.count]

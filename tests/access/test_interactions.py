@@ -78,6 +78,10 @@ CASES: dict[str, Call] = {
     "search": lambda c, w: c.get(
         f"/Patient?identifier={w.p_identifier['system']}|{w.p_identifier['value']}"
     ),
+    "search-system": lambda c, w: c.get(
+        f"?_type=Patient,Group&identifier={w.p_identifier['system']}|{w.p_identifier['value']}"
+    ),
+    "search-all-types": lambda c, w: c.get(f"?_id={w.p}"),
     "create": lambda c, w: c.post("/Patient", {"resourceType": "Patient", "active": True}),
     "update": lambda c, w: c.put(
         f"/Patient/{w.p}", {"resourceType": "Patient", "id": w.p, "active": False}
@@ -130,7 +134,15 @@ CASES: dict[str, Call] = {
 }
 
 # Interactions whose answer to another organization is "nothing found", not 404.
-SEARCHES = {"history-type", "history-system", "search", "group-member-search"}
+SEARCHES = {
+    "history-type",
+    "history-system",
+    "search",
+    "search-system",
+    "search-all-types",
+    "group-member-search",
+}
+TOTALS = ("search", "search-system", "search-all-types", "group-member-search")
 
 
 def snapshot() -> tuple[list[tuple[str, int]], int]:
@@ -202,7 +214,7 @@ def test_another_organization_finds_nothing(case: str, world: World, org_b: Toke
     if case in SEARCHES:
         assert response.status == 200, response
         assert not mentions(response, world.p)
-        if case in ("search", "group-member-search"):
+        if case in TOTALS:
             assert response.body["total"] == 0
         return
     if case == "create":
@@ -229,9 +241,9 @@ def test_another_organization_finds_nothing(case: str, world: World, org_b: Toke
 def test_the_owner_succeeds(case: str, world: World, org_a: TokenClient) -> None:
     response = CASES[case](org_a, world)
     assert response.status in (200, 201, 204), response
-    if case in ("search", "group-member-search", "group-memberships"):
+    if case in (*TOTALS, "group-memberships"):
         assert response.body["total"] == 1
-        assert mentions(response, world.g if case != "search" else world.p)
+        assert mentions(response, world.p if case.startswith("search") else world.g)
     if case in ("history-type", "history-system", "history-instance", "read", "vread"):
         assert mentions(response, world.p)
     if case == "members":
