@@ -267,9 +267,13 @@ def world(live_api: FhirClient) -> dict[str, Any]:
 
 
 def assert_refused(world: dict[str, Any], method: str, path: str, body: bytes, ct: str) -> None:
-    """The request answers a 4xx OperationOutcome and leaves both stores as they were."""
+    """The request answers a 4xx OperationOutcome and leaves both stores as they were.
+
+    The client asks for JSON: a request naming no format is answered in its body's format
+    (an XML Content-Type gets XML), and this checks refusals, not negotiation."""
     before = store_state(world["gid"])
-    response = world["api"].request(method, path, raw=body, content_type=ct)
+    headers = {"Accept": "application/fhir+json"}
+    response = world["api"].request(method, path, raw=body, content_type=ct, headers=headers)
     assert 400 <= response.status < 500, (method, path, body[:300], response)
     assert response.body["resourceType"] == "OperationOutcome", response
     assert store_state(world["gid"]) == before, (method, path, body[:300])
