@@ -295,7 +295,6 @@ def test_unknown_routes_are_404(api, path):
         ("POST", "/metadata"),
         ("DELETE", "/metadata"),
         ("POST", "/_history"),
-        ("GET", ""),
         ("PUT", ""),
         ("OPTIONS", "/Patient"),
         ("OPTIONS", "/Patient/{id}"),
