@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -28,7 +29,7 @@ from fhirservice.rest.base import (
     version_headers,
 )
 from fhirservice.rest.limits import check_query_string
-from fhirservice.rest.rendering import bundle_body, render_resource
+from fhirservice.rest.rendering import Body, VersionRow, bundle_body, render_resource
 from fhirservice.rest.subsetting import subset
 from fhirservice.search.include import MSG_INCLUDES_CAPPED, include_page
 from fhirservice.search.query import SearchSpec, parse_count, parse_search, run_search
@@ -63,17 +64,30 @@ METHOD_OF = {"POST": "POST", "PUT": "PUT", "PATCH": "PATCH", "DELETE": "DELETE"}
 def _page_link(
     request: Request, path: str, params: list[tuple[str, str]], cursor: str | None
 ) -> str:
+    """A page of a search: ``path`` under the base (``""``: the base itself, system search)."""
     query = [(k, v) for k, v in params if k != "_cursor"]
     if cursor is not None:
         query.append(("_cursor", cursor))
-    return f"{base_url(request)}/{path}" + (f"?{urlencode(query)}" if query else "")
+    url = f"{base_url(request)}/{path}" if path else base_url(request)
+    return url + (f"?{urlencode(query)}" if query else "")
 
 
-def _system_link(request: Request, params: list[tuple[str, str]], cursor: str | None) -> str:
-    query = [(k, v) for k, v in params if k != "_cursor"]
-    if cursor is not None:
-        query.append(("_cursor", cursor))
-    return base_url(request) + (f"?{urlencode(query)}" if query else "")
+def _row_entries(
+    rows: Iterable[VersionRow],
+    base: str,
+    mode: str,
+    summary: str | None,
+    elements: list[str] | None = None,
+) -> Iterator[tuple[dict[str, Any], Body]]:
+    """Searchset entries of stored rows: fullUrl, search mode and the rendered resource."""
+    for row in rows:
+        yield (
+            {
+                "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
+                "search": {"mode": mode},
+            },
+            render_resource(row, current=True, summary=summary, elements=elements, in_bundle=True),
+        )
 
 
 class TypeView(FhirView):
@@ -123,25 +137,9 @@ class TypeView(FhirView):
                         },
                         render_json(body),
                     )
-            for row in page.rows:
-                yield (
-                    {
-                        "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
-                        "search": {"mode": "match"},
-                    },
-                    render_resource(
-                        row, current=True, summary=summary, elements=spec.elements, in_bundle=True
-                    ),
-                )
+            yield from _row_entries(page.rows, base, "match", summary, spec.elements)
             # --- included resources (fhirservice.search.include) ---
-            for row in included.rows:
-                yield (
-                    {
-                        "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
-                        "search": {"mode": "include"},
-                    },
-                    render_resource(row, current=True, summary=summary, in_bundle=True),
-                )
+            yield from _row_entries(included.rows, base, "include", summary)
             issues = [
                 {
                     "severity": "warning",
@@ -422,23 +420,16 @@ class SystemView(FhirView):
         if page.total is not None:
             header["total"] = page.total
         used = [(k, v) for k, v in flat if k not in spec.ignored]
-        links = [{"relation": "self", "url": _system_link(request, used, flat_cursor(flat))}]
+        links = [{"relation": "self", "url": _page_link(request, "", used, flat_cursor(flat))}]
         if page.next_cursor:
-            links.append({"relation": "next", "url": _system_link(request, used, page.next_cursor)})
+            links.append(
+                {"relation": "next", "url": _page_link(request, "", used, page.next_cursor)}
+            )
         header["link"] = links
         summary = spec.summary if spec.summary != "count" else None
 
         def entries():
-            for row in page.rows:
-                yield (
-                    {
-                        "fullUrl": f"{base}/{row.resource_type}/{row.resource_id}",
-                        "search": {"mode": "match"},
-                    },
-                    render_resource(
-                        row, current=True, summary=summary, elements=spec.elements, in_bundle=True
-                    ),
-                )
+            yield from _row_entries(page.rows, base, "match", summary, spec.elements)
             if spec.ignored:
                 issues = [
                     {
