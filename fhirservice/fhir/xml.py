@@ -184,12 +184,14 @@ def _plan(structure: _Structure) -> _Plan:
 class _Writer:
     """Appends the XML of JSON values to a list of strings, optionally indented."""
 
-    __slots__ = ("out", "pads")
+    __slots__ = ("end_pad", "out", "pads")
 
     def __init__(self, pretty: bool = False) -> None:
         self.out: list[str] = []
         # The indentation before an element at each depth (libxml2 nests at most 256 deep).
         self.pads = [("\n" + "  " * depth) if pretty and depth else "" for depth in range(260)]
+        # The root's end tag goes on a line of its own too.
+        self.end_pad = "\n" if pretty else ""
 
     def resource(self, node: dict[str, Any], depth: int, *, root: bool = False) -> str:
         """Write a resource's start tag and children; return its end tag (not yet written)."""
@@ -199,7 +201,7 @@ class _Writer:
         namespace = f' xmlns="{FHIR_NS}"' if root else ""
         self.out.append(f"{self.pads[depth]}<{resource_type}{namespace}>")
         self.children(node, _plan(_structure_of_type(resource_type)), depth + 1)
-        return f"{self.pads[depth]}</{resource_type}>"
+        return f"{self.pads[depth] or self.end_pad}</{resource_type}>"
 
     def children(
         self,
@@ -301,10 +303,11 @@ def _xhtml(value: str) -> str:
     return etree.tostring(element, encoding="unicode")
 
 
-def resource_to_xml(resource: dict[str, Any], *, pretty: bool = False) -> bytes:
-    """A resource (parsed FHIR JSON) as an XML document."""
+def resource_to_xml(resource: dict[str, Any], *, pretty: bool = False, depth: int = 0) -> bytes:
+    """A resource (parsed FHIR JSON) as an XML document, or as the part of a streamed one
+    that nests it ``depth`` elements deep (which ``pretty`` indents by)."""
     writer = _Writer(pretty)
-    end = writer.resource(resource, 0, root=True)
+    end = writer.resource(resource, depth, root=True)
     writer.out.append(end)
     return writer.text().encode()
 
@@ -313,58 +316,73 @@ def _last_rank(node: dict[str, Any], plan: _Plan) -> float:
     return max((plan.ranks[k.lstrip("_")] for k in node if k.lstrip("_") in plan.ranks), default=-1)
 
 
-def resource_open_xml(resource: dict[str, Any], tail: str) -> tuple[bytes, bytes]:
+def resource_open_xml(
+    resource: dict[str, Any], tail: str, *, pretty: bool = False, depth: int = 0
+) -> tuple[bytes, bytes]:
     """A resource's XML split before the end tag, for streams that append more elements.
 
     ``tail`` names the element that will be appended: every element of ``resource`` must come
     before it in XML order, else ValueError (the caller then renders the whole resource).
+    ``depth`` is where the resource nests in the stream (for ``pretty`` indentation).
     """
     plan = _plan(_structure_of_type(resource["resourceType"]))
     if _last_rank(resource, plan) > plan.ranks[tail]:
         raise ValueError(f"an element of {resource['resourceType']} follows {tail}")
-    writer = _Writer()
-    end = writer.resource(resource, 0, root=True)
+    writer = _Writer(pretty)
+    end = writer.resource(resource, depth, root=True)
     return writer.text().encode(), end.encode()
 
 
-def elements_to_xml(resource_type: str, name: str, items: list[dict[str, Any]]) -> bytes:
-    """Repeats of a complex element of a resource type (``member`` of Group) as XML."""
+def elements_to_xml(
+    resource_type: str,
+    name: str,
+    items: list[dict[str, Any]],
+    *,
+    pretty: bool = False,
+    depth: int = 0,
+) -> bytes:
+    """Repeats of a complex element of a resource type (``member`` of Group) as XML, each
+    ``depth`` elements deep in the stream."""
     element = _structure_of_type(resource_type).elements[name]
     plan = _plan(element.target or element.structure())
-    writer = _Writer()
+    writer = _Writer(pretty)
     for item in items:
-        writer.complex(name, item, plan, 0)
+        writer.complex(name, item, plan, depth)
     return writer.text().encode()
 
 
-def entry_to_xml(fields: dict[str, Any], resource: Iterator[bytes] | None) -> Iterator[bytes]:
-    """A Bundle entry whose resource is already XML (a stream), with the entry's own fields."""
+def entry_to_xml(
+    fields: dict[str, Any], resource: Iterator[bytes] | None, *, pretty: bool = False
+) -> Iterator[bytes]:
+    """A Bundle entry whose resource is already XML (a stream, nested three elements deep),
+    with the entry's own fields."""
     plan = _plan(_structure_of_type("Bundle").elements["entry"].structure())
     at = plan.ranks["resource"]
-    writer = _Writer()
+    writer = _Writer(pretty)
+    pads = writer.pads
     attributes = f' id="{_text(fields["id"])}"' if "id" in fields else ""
-    writer.out.append(f"<entry{attributes}>")
-    writer.children(fields, plan, 1, below=at)
+    writer.out.append(f"{pads[1]}<entry{attributes}>")
+    writer.children(fields, plan, 2, below=at)
     if resource is not None:
-        writer.out.append("<resource>")
+        writer.out.append(f"{pads[2]}<resource>")
         yield writer.text().encode()
         yield from resource
-        writer.out.append("</resource>")
-    writer.children(fields, plan, 1, above=at)
-    writer.out.append("</entry>")
+        writer.out.append(f"{pads[2]}</resource>")
+    writer.children(fields, plan, 2, above=at)
+    writer.out.append(f"{pads[1]}</entry>")
     yield writer.text().encode()
 
 
-def bundle_open_xml(header: dict[str, Any]) -> tuple[bytes, bytes]:
+def bundle_open_xml(header: dict[str, Any], *, pretty: bool = False) -> tuple[bytes, bytes]:
     """A Bundle's XML before and after its entries (``header`` has no ``entry``)."""
     plan = _plan(_structure_of_type("Bundle"))
     at = plan.ranks["entry"]
-    writer = _Writer()
+    writer = _Writer(pretty)
     writer.out.append(f'<Bundle xmlns="{FHIR_NS}">')
     writer.children(header, plan, 1, below=at)
     head = writer.text()
     writer.children(header, plan, 1, above=at)
-    writer.out.append("</Bundle>")
+    writer.out.append(f"{writer.end_pad}</Bundle>")
     return head.encode(), writer.text().encode()
 
 

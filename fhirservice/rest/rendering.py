@@ -11,6 +11,7 @@ member chunk by member chunk in either format.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -159,49 +160,118 @@ def is_streamed(body: Body) -> bool:
 def reformat(body: Body, chosen: OutputFormat) -> Body:
     """A JSON body in the chosen format: XML, or indented JSON for ``_pretty``.
 
-    Streamed bodies stay streamed (and are not indented).
+    Streamed bodies stay streamed, indented too when ``_pretty`` asks: their parts are
+    indented by the depth they nest at, so the whole reads as if indented in one piece.
     """
     if not chosen.xml:
         if isinstance(body, bytes):
-            return orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2)
-        return body
+            return _indented(orjson.loads(body), 0)
+        return _pretty_json_stream(body, 0)
     if isinstance(body, bytes):
         return resource_to_xml(orjson.loads(body), pretty=chosen.pretty)
-    return _xml_stream(body)
+    return _xml_stream(body, chosen.pretty, 0)
 
 
-def _xml_stream(body: Iterable[bytes]) -> Iterator[bytes]:
-    """A streamed JSON body as streamed XML."""
+def _indented(value: Any, depth: int) -> bytes:
+    """``value`` as JSON indented by two spaces a level, nested ``depth`` levels deep (the
+    first line is not padded: it follows its key or the array's pad). JSON strings hold no
+    raw newline, so every newline of the text is a line break of its structure."""
+    text = orjson.dumps(value, option=orjson.OPT_INDENT_2)
+    return text.replace(b"\n", b"\n" + b"  " * depth) if depth else text
+
+
+def _open_object(value: dict[str, Any], depth: int) -> bytes:
+    """An indented object without its closing line, ready for more members after a comma."""
+    text = _indented(value, depth)
+    return text[: text.rfind(b"\n")] + b"," if value else b"{"
+
+
+def _pretty_json_stream(body: Iterable[bytes], depth: int) -> Iterator[bytes]:
+    """A streamed JSON body indented, nested ``depth`` levels deep."""
     if isinstance(body, Spliced):
-        yield from _spliced_xml(body)
+        yield from _spliced_json(body, depth)
     elif isinstance(body, BundleStream):
-        head, end = bundle_open_xml(body.header)
+        yield from _bundle_json(body)
+    else:
+        yield _indented(orjson.loads(b"".join(body)), depth)
+
+
+def _spliced_json(body: Spliced, depth: int) -> Iterator[bytes]:
+    """A resource and its streamed array, indented: each chunk of items as it comes."""
+    resource = orjson.loads(body.text)
+    first = next(body.chunks, None)
+    if first is None:
+        yield _indented(resource, depth)
+        return
+    pad = b"\n" + b"  " * (depth + 1)
+    item_pad = pad + b"  "
+    yield _open_object(resource, depth) + pad + b'"' + body.name.encode() + b'": ['
+    separator = b""
+    for chunk in itertools.chain((first,), body.chunks):
+        parts = []
+        for item in orjson.loads(b"[" + chunk + b"]"):
+            parts.append(separator + item_pad + _indented(item, depth + 2))
+            separator = b","
+        yield b"".join(parts)
+    yield pad + b"]\n" + b"  " * depth + b"}"
+
+
+def _bundle_json(body: BundleStream) -> Iterator[bytes]:
+    """A Bundle with streamed entries, indented: entries at depth 2, resources at 3."""
+    if not body.entries:
+        yield _indented(body.header, 0)
+        return
+    yield _open_object(body.header, 0) + b'\n  "entry": ['
+    separator = b""
+    for fields, resource in body.entries:
+        if resource is None:
+            yield separator + b"\n    " + _indented(fields, 2)
+        else:
+            yield separator + b"\n    " + _open_object(fields, 2) + b'\n      "resource": '
+            if isinstance(resource, bytes):
+                yield _indented(orjson.loads(resource), 3)
+            else:
+                yield from _pretty_json_stream(resource, 3)
+            yield b"\n    }"
+        separator = b","
+    yield b"\n  ]\n}"
+
+
+def _xml_stream(body: Iterable[bytes], pretty: bool, depth: int) -> Iterator[bytes]:
+    """A streamed JSON body as streamed XML, nested ``depth`` elements deep."""
+    if isinstance(body, Spliced):
+        yield from _spliced_xml(body, pretty, depth)
+    elif isinstance(body, BundleStream):
+        head, end = bundle_open_xml(body.header, pretty=pretty)
         yield head
         for fields, resource in body.entries:
             nested = None
             if resource is not None:
+                # Bundle > entry > resource > the resource: three elements deep.
                 nested = (
-                    iter((resource_to_xml(orjson.loads(resource)),))
+                    iter((resource_to_xml(orjson.loads(resource), pretty=pretty, depth=3),))
                     if isinstance(resource, bytes)
-                    else _xml_stream(resource)
+                    else _xml_stream(resource, pretty, 3)
                 )
-            yield from entry_to_xml(fields, nested)
+            yield from entry_to_xml(fields, nested, pretty=pretty)
         yield end
     else:
-        yield resource_to_xml(orjson.loads(b"".join(body)))
+        yield resource_to_xml(orjson.loads(b"".join(body)), pretty=pretty, depth=depth)
 
 
-def _spliced_xml(body: Spliced) -> Iterator[bytes]:
+def _spliced_xml(body: Spliced, pretty: bool, depth: int) -> Iterator[bytes]:
     """A resource and its streamed array: each chunk of items becomes their XML elements."""
     resource = orjson.loads(body.text)
     try:
-        head, end = resource_open_xml(resource, body.name)
+        head, end = resource_open_xml(resource, body.name, pretty=pretty, depth=depth)
     except ValueError:
         # An element that follows the array in XML order: the whole resource is needed.
-        yield resource_to_xml(orjson.loads(b"".join(body)))
+        whole = orjson.loads(b"".join(body))
+        yield resource_to_xml(whole, pretty=pretty, depth=depth)
         return
     yield head
     resource_type = resource["resourceType"]
     for chunk in body.chunks:
-        yield elements_to_xml(resource_type, body.name, orjson.loads(b"[" + chunk + b"]"))
+        items = orjson.loads(b"[" + chunk + b"]")
+        yield elements_to_xml(resource_type, body.name, items, pretty=pretty, depth=depth + 1)
     yield end

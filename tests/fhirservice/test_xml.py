@@ -520,3 +520,42 @@ def test_resources_built_in_code_are_served_as_xml(xml_api, api):
     )
     assert outcome.status_code == 201
     assert xml_of(outcome)["issue"][0]["severity"] == "information"
+
+
+def unlinked(body: dict[str, Any]) -> dict[str, Any]:
+    """A body without its Bundle links (the self link repeats ``_pretty``)."""
+    return {k: v for k, v in body.items() if k != "link"}
+
+
+def test_pretty_streamed_bodies(xml_api, api):
+    # A Group read streams its roster; its history Bundle streams too: both follow _pretty
+    # in either format, and say the same as the compact body. A search Bundle as well.
+    pids = [api.post("/Patient", patient(family=f"Pretty{i}")).body["id"] for i in range(3)]
+    members = [{"entity": {"reference": f"Patient/{pid}"}} for pid in pids]
+    group = {"resourceType": "Group", "type": "person", "actual": True, "member": members}
+    gid = api.post("/Group", group).body["id"]
+    for path in (f"/Group/{gid}", f"/Group/{gid}/_history", "/Patient?family=Pretty"):
+        join = "&" if "?" in path else "?"
+        for accept in (FHIR_XML, "application/fhir+json"):
+            compact = xml_api.request("GET", path, accept=accept)
+            pretty = xml_api.request("GET", path + join + "_pretty=true", accept=accept)
+            assert pretty.status_code == compact.status_code == 200
+            assert b"\n" not in compact.body_bytes, (path, accept)
+            if accept == FHIR_XML:
+                assert b"\n  <" in pretty.body_bytes, (path, accept)
+                assert unlinked(xml_of(pretty)) == unlinked(xml_of(compact))
+                # Every line is indented by its depth: an element's start tag is indented
+                # two spaces deeper than its parent's.
+                lines = pretty.body_bytes.decode().split("\n")
+                assert all(line.startswith("  ") for line in lines[1:-1]), (path, lines)
+            else:
+                assert b'\n  "resourceType"' in pretty.body_bytes, (path, accept)
+                # Indented exactly as the whole body indented at once would be.
+                assert pretty.body_bytes == orjson.dumps(
+                    orjson.loads(pretty.body_bytes), option=orjson.OPT_INDENT_2
+                ), path
+                assert unlinked(orjson.loads(pretty.body_bytes)) == unlinked(
+                    orjson.loads(compact.body_bytes)
+                )
+        if path.startswith("/Group"):
+            assert xml_api.request("GET", path + join + "_pretty=true").streaming
