@@ -263,6 +263,9 @@ class _VersionMoved(Exception):
     """The Group got a new version between reading and updating its quantity."""
 
 
+# Versions whose corrected quantity one UPDATE writes (CASE over the keys; two bound values
+# per version, well under SQLite's 32,766).
+RECOUNT_UPDATE_BATCH = 500
 MSG_RECOUNT_RACE = "Group/{id}: kept getting new versions while its quantity was recounted"
 
 
@@ -343,14 +346,18 @@ def _quantities_correct(roster: str, changes: dict[int, int]) -> list[int]:
     incarnation = int(life)
     key = f"Group/{group_id}"
     current = db.lock_rows(StoredResource.objects.filter(key=key)).first()
-    rows = ResourceVersion.objects.filter(
-        resource_type="Group",
-        resource_id=group_id,
-        incarnation=incarnation,
-        deleted=False,
-        version_id__gte=min(changes) - 1,
-    ).order_by("version_id")
-    corrected = []
+    rows = (
+        ResourceVersion.objects.filter(
+            resource_type="Group",
+            resource_id=group_id,
+            incarnation=incarnation,
+            deleted=False,
+            version_id__gte=min(changes) - 1,
+        )
+        .order_by("version_id")
+        .only("key", "version_id", "body")
+    )
+    corrected: list[ResourceVersion] = []
     previous: tuple[int, int, int] | None = None  # (version, stored, corrected) quantity
     for row in rows:
         body = loads(row.body)
@@ -366,9 +373,8 @@ def _quantities_correct(roster: str, changes: dict[int, int]) -> list[int]:
         if quantity == stored:
             continue
         body["quantity"] = quantity
-        text = orjson.dumps(body).decode()
-        ResourceVersion.objects.filter(key=row.key).update(body=text)
-        corrected.append(row.version_id)
+        text = row.body = orjson.dumps(body).decode()
+        corrected.append(row)
         if current is not None and (current.version_id, current.incarnation) == (
             row.version_id,
             incarnation,
@@ -378,8 +384,11 @@ def _quantities_correct(roster: str, changes: dict[int, int]) -> list[int]:
             )
             if updated != 1:
                 raise _VersionMoved(key)
+    # One statement per RECOUNT_UPDATE_BATCH versions, not one per version: after a long
+    # outage every version written since the first wrong guess moves.
+    ResourceVersion.objects.bulk_update(corrected, ["body"], batch_size=RECOUNT_UPDATE_BATCH)
     MemberOutbox.objects.filter(roster_key=roster, version__in=list(changes)).update(recount=False)
-    return corrected
+    return [row.version_id for row in corrected]
 
 
 def member_quantities_recount() -> list[str]:
