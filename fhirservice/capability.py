@@ -12,6 +12,7 @@ from fhirservice.plugins import operation_definitions, search_params
 from fhirservice.search.extract import COLUMN_PARAMS, UNSUPPORTED_PARAMS
 from fhirservice.search.extract import search_params as definition_params
 from fhirservice.search.include import search_includes, search_revincludes
+from fhirservice.search.system import common_params
 
 INTERACTIONS = [
     "read",
@@ -136,19 +137,12 @@ def capability_statement(base: str, date: str) -> dict[str, Any]:
             {"code": "search-system"},
             {"code": "history-system"},
         ],
-        # Without _type a system search takes the common parameters these two stand for
-        # (with _type, those every listed type defines: fhirservice.search.system).
+        # Without _type a system search takes the common parameters of Resource (with
+        # _type, those every listed type defines: fhirservice.search.system).
         "searchParam": [
-            {
-                "name": "_id",
-                "definition": "http://hl7.org/fhir/SearchParameter/Resource-id",
-                "type": "token",
-            },
-            {
-                "name": "_lastUpdated",
-                "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
-                "type": "date",
-            },
+            {"name": name, "definition": param.url, "type": param.type}
+            for name, param in definition_params("Resource").items()
+            if name in common_params()
         ],
     }
     system_ops = [

@@ -249,7 +249,8 @@ def _has_filter(resource_type: str, name_mod: str, raw: str, *, strict: bool) ->
     if not is_resource_type(source_type):
         raise BadRequest(MSG_HAS_FORM.format(chain=name_mod), detail_code="MSG_PARAM_INVALID")
     targets = _reference_param(source_type, name, name_mod)
-    if resource_type not in targets:
+    # A search of all types (query.ANY_TYPE) takes whatever the references point at.
+    if resource_type != "Resource" and resource_type not in targets:
         raise BadRequest(
             MSG_BAD_TARGET.format(
                 target=resource_type, type=source_type, name=name, chain=name_mod

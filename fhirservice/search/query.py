@@ -30,7 +30,7 @@ from django.db.models.functions import Coalesce
 from fhirservice.access.boundaries import visible_q
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
-from fhirservice.fhir.resource_types import is_resource_type
+from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES, is_resource_type
 from fhirservice.models import SearchToken, StoredResource
 from fhirservice.plugins import search_param
 from fhirservice.search.chain import chain_filter, is_chain
@@ -80,6 +80,11 @@ _MODIFIERS = {
     "quantity": {""},
     "composite": {""},
 }
+# The pseudo-type of a search of all types (``GET [base]?…``): its parameters are Resource's,
+# matched on the index rows of every type (fhirservice.search.system).
+ANY_TYPE = "Resource"
+# Every type, in one order: the index's first column, listed, keeps an all-types search on it.
+_ALL_TYPES = sorted(R4_RESOURCE_TYPES)
 # Bounds of a value a number search compares to: its implicit precision range.
 _APPROX = 0.1
 
@@ -324,11 +329,18 @@ def _typed_q(name: str, kind: str, value: str, modifier: str) -> Q:
     raise SearchNotSupported(MSG_PARAM_NOT_SUPPORTED.format(name=name))
 
 
+def _index_rows(resource_type: str, **condition: Any) -> QuerySet[SearchToken]:
+    """The index rows of a type (of every type for ANY_TYPE) that meet ``condition``."""
+    if resource_type == ANY_TYPE:
+        return SearchToken.objects.filter(resource_type__in=_ALL_TYPES, **condition)
+    return SearchToken.objects.filter(resource_type=resource_type, **condition)
+
+
 def _composite_keys(resource_type: str, param: Param, value: str) -> QuerySet[SearchToken]:
     pieces = _split(value, "$")
     if len(pieces) != len(param.components) or not all(pieces):
         raise _bad(param.name, value)
-    rows = SearchToken.objects.filter(resource_type=resource_type, param=param.name)
+    rows = _index_rows(resource_type, param=param.name)
     groups = None
     for index in range(len(pieces) - 1, -1, -1):
         component: Component = param.components[index]
@@ -369,7 +381,7 @@ def _check_modifier(resource_type: str, param: Param, modifier: str) -> None:
 def _missing_q(resource_type: str, name: str, raw: str) -> Q:
     if raw not in ("true", "false"):
         raise _bad(name, raw)
-    having = SearchToken.objects.filter(resource_type=resource_type, param=name)
+    having = _index_rows(resource_type, param=name)
     present = Q(key__in=having.values("resource_key"))
     return ~present if raw == "true" else present
 
@@ -444,7 +456,8 @@ def reference_targets(resource_type: str, name: str) -> list[str]:
 def param_filter(resource_type: str, name: str, modifier: str, raw: str) -> Q:
     """A filter on StoredResource for one search parameter with its (comma-separated) values.
 
-    ``modifier`` is the text after ``:`` (empty for none). Raises BadRequest for an unknown
+    ``modifier`` is the text after ``:`` (empty for none); ``resource_type`` ANY_TYPE
+    searches a common parameter on every type's rows. Raises BadRequest for an unknown
     parameter, a bad modifier or a malformed value, SearchNotSupported (400, not-supported)
     for what the spec defines and this server does not do (``_text``, ``:in`` …).
     """
@@ -469,7 +482,7 @@ def param_filter(resource_type: str, name: str, modifier: str, raw: str) -> Q:
         return _missing_q(resource_type, name, raw)
     if param.type == "date":
         return Q(key__in=date_rows(resource_type, name, [_date_condition(name, raw)]))
-    rows = SearchToken.objects.filter(resource_type=resource_type, param=name)
+    rows = _index_rows(resource_type, param=name)
     if param.type == "composite":
         condition = Q(pk__in=[])
         for value in _split(raw, ","):
@@ -484,7 +497,7 @@ def param_filter(resource_type: str, name: str, modifier: str, raw: str) -> Q:
         alternatives |= _typed_q(name, param.type, value, modifier)
     if modifier == "of-type":
         # of-type rows live under their own name (extract.py), the filter names it.
-        rows = SearchToken.objects.filter(resource_type=resource_type)
+        rows = _index_rows(resource_type)
     keys = rows.filter(alternatives).values("resource_key")
     if modifier == "not":
         return ~Q(key__in=keys)

@@ -2,11 +2,14 @@
 
 http://hl7.org/fhir/R4/search.html#all: a search across types takes the parameters that every
 type searched defines (with ``_type`` the listed types, each searched with its own definition
-of the parameter; without it every type, so the common ``_id`` and ``_lastUpdated``). A
+of the parameter; without it every type, so the parameters of ``Resource``: ``_id`` and
+``_lastUpdated`` on the stored rows, ``_tag``, ``_profile``, ``_security`` and ``_source`` on
+the index rows of every type, and ``_has``, whose references name their targets). A
 parameter some listed type lacks is a 400 naming the types (ignored under
-``Prefer: handling=lenient``). Results are sorted by ``_id`` (the key ``Type/id``) or
-``_lastUpdated`` and keyset-paged like a type search; ``_include``/``_revinclude`` and
-chains are per type and are refused here.
+``Prefer: handling=lenient``); so are ``_text``, ``_content``, ``_query`` and ``_filter``
+without ``_type``. Results are sorted by ``_id`` (the key ``Type/id``) or ``_lastUpdated``
+and keyset-paged like a type search; ``_include``/``_revinclude`` and chains are per type
+and are refused here, as is ``_has`` with ``_type``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import StoredResource
-from fhirservice.search.chain import is_chain
+from fhirservice.search.chain import HAS, is_chain
+from fhirservice.search.extract import UNSUPPORTED_PARAMS, search_params
 from fhirservice.search.include import INCLUDE_PARAMS
 from fhirservice.search.query import (
+    ANY_TYPE,
     COLUMN_SORTS,
     RESULT_PARAMS,
     SearchNotSupported,
@@ -41,7 +46,8 @@ MSG_PARAM_NOT_COMMON = (
     "the parameters every type searched defines"
 )
 MSG_ALL_TYPES_PARAM = (
-    "A search of all types takes _id and _lastUpdated; {name!r} needs _type naming the types"
+    "A search of all types takes _id, _lastUpdated, _tag, _profile, _security, _source and "
+    "_has; {name!r} needs _type naming the types"
 )
 MSG_SEVERAL_TYPES_UNSUPPORTED = "{name} is not supported in a search of several types"
 MSG_SEVERAL_TYPES_SORT = "A search of several types sorts by _id or _lastUpdated: {value!r}"
@@ -77,14 +83,25 @@ def _base_name(name_mod: str) -> str:
     return name_mod.partition(":")[0]
 
 
+def common_params() -> set[str]:
+    """The parameters of ``Resource`` a search of all types answers (besides ``_has``): the
+    columns and the indexed ones (``_tag``, ``_profile``, ``_security``, ``_source``)."""
+    return set(COLUMN_SORTS) | {
+        name
+        for name, param in search_params(ANY_TYPE).items()
+        if param.parts and param.type != "special" and name not in UNSUPPORTED_PARAMS
+    }
+
+
 def _check_param(name_mod: str, types: list[str] | None) -> str | None:
     """None when ``name_mod`` can be searched across ``types``; else the 400's text (or
     raises for what is refused whatever the handling)."""
     name = _base_name(name_mod)
-    if name in INCLUDE_PARAMS or is_chain(name_mod):
+    reverse_chain = types is None and name_mod.startswith(HAS)
+    if name in INCLUDE_PARAMS or (is_chain(name_mod) and not reverse_chain):
         raise SearchNotSupported(MSG_SEVERAL_TYPES_UNSUPPORTED.format(name=name_mod))
     if types is None:
-        if name in COLUMN_SORTS:
+        if reverse_chain or name in common_params():
             return None
         return MSG_ALL_TYPES_PARAM.format(name=name)
     missing = [t for t in types if name not in COLUMN_SORTS and known_param(t, name) is None]
@@ -120,7 +137,7 @@ def parse_system_search(pairs: list[tuple[str, str]], *, strict: bool) -> System
         criteria.append((name_mod, raw))
         spec.used.append((name_mod, raw))
     if types is None:
-        condition = _all_types_condition(criteria)
+        condition = _all_types_condition(criteria, spec, strict=strict)
     else:
         condition = Q(pk__in=[])
         for resource_type in types:
@@ -132,14 +149,19 @@ def parse_system_search(pairs: list[tuple[str, str]], *, strict: bool) -> System
     return SystemSearch(types=types, spec=spec, condition=condition)
 
 
-def _all_types_condition(criteria: list[tuple[str, str]]) -> Q:
-    """``_id`` and ``_lastUpdated`` of any type: the same filters on every type's rows."""
+def _all_types_condition(criteria: list[tuple[str, str]], spec: SearchSpec, *, strict: bool) -> Q:
+    """The common parameters on every type: the same filters on every type's rows. A
+    ``_has`` naming an unknown parameter is moved to ``spec.ignored`` when lenient."""
     condition = Q()
     for name_mod, raw in criteria:
         name, _, modifier = name_mod.partition(":")
         # Parsed as for one type (the checks and the filter are the same for all), then
         # freed of that type: _id matches the id whatever the type.
-        typed = parse_search("Resource", [(name_mod, raw)], strict=True)
+        typed = parse_search(ANY_TYPE, [(name_mod, raw)], strict=strict)
+        if typed.ignored:
+            spec.ignored.append(name_mod)
+            spec.used.remove((name_mod, raw))
+            continue
         if name == "_id" and modifier in ("", "not"):
             ids = Q(resource_id__in=[v[:MAX_VALUE] for v in raw.split(",")])
             condition &= ~ids if modifier == "not" else ids

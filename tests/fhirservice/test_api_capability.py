@@ -76,7 +76,20 @@ def test_capability_statement_shape(statement):
         "search-system",
         "history-system",
     }
-    assert [p["name"] for p in rest[0]["searchParam"]] == ["_id", "_lastUpdated"]
+    # A search without _type takes the common parameters of Resource.
+    assert [p["name"] for p in rest[0]["searchParam"]] == [
+        "_id",
+        "_lastUpdated",
+        "_profile",
+        "_security",
+        "_source",
+        "_tag",
+    ]
+    assert rest[0]["searchParam"][-1] == {
+        "name": "_tag",
+        "definition": "http://hl7.org/fhir/SearchParameter/Resource-tag",
+        "type": "token",
+    }
 
 
 def test_capability_statement_lists_the_r4_resource_types(statement):

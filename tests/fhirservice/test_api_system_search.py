@@ -120,3 +120,92 @@ def test_pages_of_several_types_follow_in_id_order(api, made):
 def test_bad_system_searches_are_400(api, query, detail, text):
     issue = assert_outcome(api.get(query), 400, detail)
     assert issue["diagnostics"] == text
+
+
+def test_without_type_the_indexed_common_parameters_search_every_type(api):
+    # _tag, _profile, _security and _source are defined for Resource, so for every type:
+    # a search of all types finds them on any type (R4 search.html#all).
+    mark = uuid.uuid4().hex
+    meta = {
+        "tag": [{"system": "urn:tags", "code": mark}],
+        "profile": [f"http://example.org/StructureDefinition/p-{mark}"],
+        "security": [{"system": "urn:labels", "code": f"L{mark}"}],
+        "source": f"urn:source:{mark}",
+    }
+    tagged = [
+        patient(meta=meta),
+        {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "meta": meta},
+        {"resourceType": "Basic", "code": {"text": "b"}, "meta": {"tag": meta["tag"]}},
+    ]
+    keys = []
+    for body in tagged:
+        created = api.post(f"/{body['resourceType']}", body).body
+        keys.append(f"{body['resourceType']}/{created['id']}")
+    untagged = api.post(
+        "/Encounter", {"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"}}
+    ).body["id"]
+    assert found(api.get(f"?_tag=urn:tags|{mark}")) == sorted(keys)
+    assert found(api.get(f"?_tag={mark}&_type=Patient,Basic")) == sorted([keys[0], keys[2]])
+    both = sorted(keys[:2])
+    assert found(api.get(f"?_profile=http://example.org/StructureDefinition/p-{mark}")) == both
+    assert found(api.get(f"?_security=urn:labels|L{mark}")) == both
+    assert found(api.get(f"?_source=urn:source:{mark}")) == both
+    # Combined with the columns and each other (AND), with modifiers as for one type.
+    assert found(api.get(f"?_tag={mark}&_source=urn:source:{mark}&_id={untagged}")) == []
+    assert found(api.get(f"?_tag={mark}&_profile:missing=true")) == [keys[2]]
+    not_tagged = found(api.get(f"?_tag:not=urn:tags|{mark}&_id={untagged}"))
+    assert not_tagged == [f"Encounter/{untagged}"]
+    assert api.get(f"?_tag={mark}&_summary=count").body["total"] == 3
+    # A malformed value is a 400 as for one type.
+    assert_outcome(api.get("?_tag=a|b|c"), 400, "MSG_PARAM_INVALID")
+
+
+def test_without_type_has_finds_what_matching_resources_refer_to(api):
+    mark = uuid.uuid4().hex
+    pid = api.post("/Patient", patient()).body["id"]
+    other = api.post("/Patient", patient()).body["id"]
+    group = {"resourceType": "Group", "type": "person", "actual": False}
+    gid = api.post("/Group", group).body["id"]
+    for subject in (f"Patient/{pid}", f"Group/{gid}"):
+        api.post(
+            "/Observation",
+            {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "urn:codes", "code": mark}]},
+                "subject": {"reference": subject},
+            },
+        )
+    api.post(
+        "/Observation",
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "other"},
+            "subject": {"reference": f"Patient/{other}"},
+        },
+    )
+    assert found(api.get(f"?_has:Observation:subject:code=urn:codes|{mark}")) == sorted(
+        [f"Group/{gid}", f"Patient/{pid}"]
+    )
+    # An unknown parameter inside _has: 400 naming it, ignored when lenient.
+    query = f"?_has:Observation:subject:nope={mark}&_id={pid}"
+    assert_outcome(api.get(query), 400, "MSG_PARAM_UNKNOWN")
+    lenient = api.get(query, headers=LENIENT)
+    assert found(lenient) == [f"Patient/{pid}"]
+    assert "_has" not in lenient.body["link"][0]["url"]
+    # With _type, _has and chains stay per type.
+    issue = assert_outcome(
+        api.get(f"?_type=Patient&_has:Observation:subject:code={mark}"),
+        400,
+        "MSG_PARAM_NOT_SUPPORTED",
+    )
+    assert "_has" in issue["diagnostics"]
+
+
+@pytest.mark.parametrize("name", ["_text", "_content", "_query", "_filter", "gender"])
+def test_without_type_other_parameters_are_400_naming_them(api, name):
+    issue = assert_outcome(api.get(f"?{name}=x"), 400, "MSG_PARAM_UNKNOWN")
+    assert issue["diagnostics"] == MSG_ALL_TYPES_PARAM.format(name=name)
+    lenient = api.get(f"?{name}=x&_count=1", headers=LENIENT)
+    assert lenient.body["entry"][-1]["search"]["mode"] == "outcome"
