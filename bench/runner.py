@@ -141,6 +141,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--load-users", type=int, default=32, help="row 8: simulated clients (default 32)"
     )
     parser.add_argument(
+        "--load-workers",
+        type=int,
+        default=1,
+        help="row 8: gunicorn worker processes (WEB_CONCURRENCY) during the load, on a "
+        "ClickHouse server pair only (chdb allows one process); default 1, as make run",
+    )
+    parser.add_argument(
         "--load-seconds", type=float, help="row 8: longest run (default 60 s, quick 10 s)"
     )
     parser.add_argument(
@@ -963,7 +970,6 @@ class Bench:
             return
         from django.conf import settings
 
-        from bench.load import run_load
         from bench.outage import ClickHouseOutage
 
         args = self.args
@@ -982,7 +988,27 @@ class Bench:
                 load_seconds = max(
                     load_seconds, OUTAGE_AFTER + args.load_outage + OUTAGE_DRAIN_WAIT
                 )
-        result = run_load(
+        workers = args.load_workers
+        if workers > 1 and not settings.CLICKHOUSE_URL.startswith("clickhouse://"):
+            self.report.note("row 8: --load-workers needs a ClickHouse server; one worker here")
+            workers = 1
+        if workers > 1:
+            progress(f"restarting the service with {workers} gunicorn workers for row 8")
+            self.server.restart(WEB_CONCURRENCY=str(workers))
+        try:
+            result = self._load(args, outage, load_seconds)
+        finally:
+            if workers > 1:
+                self.server.restart()
+        self.load_lines(args, result, load_seconds, workers)
+
+    def _load(self, args: argparse.Namespace, outage: Any, load_seconds: float) -> Any:
+        """Row 8's locust run (and the outage during it, if any)."""
+        from django.conf import settings
+
+        from bench.load import run_load
+
+        return run_load(
             self.api,
             f"http://127.0.0.1:{self.server.port}",
             self.server.base_path,
@@ -1003,6 +1029,11 @@ class Bench:
                 progress=progress,
             ),
         )
+
+    def load_lines(
+        self, args: argparse.Namespace, result: Any, load_seconds: float, workers: int
+    ) -> None:
+        """Row 8's report lines."""
         for kind in [*result.kinds, result.total]:
             self.report.add(
                 Line(
@@ -1055,7 +1086,8 @@ class Bench:
             f"or {args.load_requests:,} requests) on loopback; weights PATCH +1 member 8, "
             "$add-member 2 (an existing Patient by identifier), quantity read 2, Patient read "
             "2, Group?member= 1, Patient create+update+delete 1. Set-up through the API took "
-            f"{seconds(result.setup_seconds)}. The load generator shares the machine's "
+            f"{seconds(result.setup_seconds)}; {workers} gunicorn worker(s) of 8 threads. "
+            "The load generator shares the machine's "
             f"{os.cpu_count()} CPUs with the service; p50/p99 are locust's (ms buckets)"
         )
         if result.during is not None:

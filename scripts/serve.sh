@@ -10,6 +10,25 @@ VENV=${VENV:-.venv}
 export FHIR_AUTH=${FHIR_AUTH:-off}
 base="http://127.0.0.1:${PORT}/${FHIR_BASE_PATH:-4_0_0}"
 
+# Worker processes: WEB_CONCURRENCY (gunicorn's own variable), one by default. chdb, the
+# embedded default, allows one process per data path (threads are fine), so more than one
+# worker needs a ClickHouse server (CLICKHOUSE_URL=clickhouse://...).
+WORKERS=${WEB_CONCURRENCY:-1}
+if [ "$WORKERS" != "1" ]; then
+    case "${CLICKHOUSE_URL:-chdb://}" in
+        chdb://*)
+            echo "serve.sh: CLICKHOUSE_URL is chdb (one process per data path):" \
+                "set WEB_CONCURRENCY=1 or point CLICKHOUSE_URL at a ClickHouse server" >&2
+            exit 64
+            ;;
+    esac
+    # Several workers, one /metrics: Prometheus multiprocess mode, in a directory that starts
+    # empty at each start (or a restart would count twice).
+    export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-${FHIR_VAR_DIR:-var}/prometheus}
+    rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+fi
+
 if [ "$FHIR_AUTH" = "off" ]; then
     cat <<BANNER
 ################################################################################
@@ -36,5 +55,5 @@ echo "Serving $base/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLI
 # The admin's CSS and scripts, gathered into STATIC_ROOT, which WhiteNoise serves: gunicorn
 # itself serves no static files.
 "$VENV/bin/python" manage.py collectstatic --noinput --verbosity 0
-# One gunicorn worker: chdb allows one process per data path (threads are fine).
-exec "$VENV/bin/gunicorn" fhirservice.wsgi:application --bind "127.0.0.1:${PORT}" --workers 1 --threads 8
+exec "$VENV/bin/gunicorn" fhirservice.wsgi:application --bind "127.0.0.1:${PORT}" \
+    --workers "$WORKERS" --threads 8

@@ -113,3 +113,24 @@ def test_readiness_answers_503_when_the_metadata_store_is_down(tmp_path):
         assert answer["status"] == "down"
         assert answer["checks"]["metadata_store"]["status"] == "down"
         assert fetch(f"{server.root}/healthz")[0] == 200
+
+
+def test_several_workers_on_chdb_are_refused_before_serving(tmp_path):
+    # chdb opens a data path from one process only: a second worker would fail on its first
+    # roster request, so serve.sh says why and exits before gunicorn starts.
+    env = {
+        **os.environ,
+        "WEB_CONCURRENCY": "2",
+        "CLICKHOUSE_URL": f"chdb:///{tmp_path}/chdb",
+        "PORT": str(free_port()),
+    }
+    answer = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "serve.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert answer.returncode == 64
+    assert "set WEB_CONCURRENCY=1 or point CLICKHOUSE_URL at a ClickHouse server" in answer.stderr
+    assert not (tmp_path / "chdb").exists()
