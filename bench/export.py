@@ -1,4 +1,4 @@
-"""Bulk Data export benchmark: a Group of N members, each with 1 Patient and 10 Observations.
+"""Bulk Data export benchmark: a Group of N members, each with 1 Patient and M Observations.
 
 Run by hand (not part of ``make bench``: seeding and exporting 1.1·10^5 resources takes
 longer than the default run's minute), on whichever backend pair the environment names, as
@@ -7,14 +7,17 @@ longer than the default run's minute), on whichever backend pair the environment
     FHIR_VAR_DIR=/tmp/bx DATABASE_URL=sqlite:////tmp/bx/db.sqlite3 \\
       CLICKHOUSE_URL=chdb:////tmp/bx/chdb .venv/bin/python -m bench.export --members 10000
 
-It seeds the Patients and Observations straight into the metadata store (rows as the store
-writes them, compartment index included: the write path is not what is measured), creates
+It seeds the Patients and Observations (``--observations``, default 10) straight into the
+metadata store (rows as the store writes them, compartment index included: the write path is
+not what is measured; COPY on PostgreSQL, one ``executemany`` per batch on SQLite), creates
 the Group through the API, then times the kick-off (``GET Group/{id}/$export``) and one
 worker round in this process (``operations.export.worker.run_once``), and prints
 resources/s (wall clock, and per CPU second of this process: on a loaded machine the wall
 clock says more about the neighbours; with embedded stores the CPU includes SQLite's and
 chdb's work, with servers it does not) and the worker's RSS growth. ``--members 100000``
-is the issue's full size.
+is the issue's full size; ``--members 1000000 --observations 1`` its million-member Group.
+``--seed-only`` seeds and creates the Group, prints its id and stops; ``--group ID`` then
+exports that Group in a fresh process (whose RSS did not just hold the 10^6-member POST).
 
 With access control on (``FHIR_AUTH``, the default) the bench is a SMART Backend Services
 client as the README describes one: it makes an EC P-384 key pair, registers its public key
@@ -49,7 +52,7 @@ from bench.env import load_average, member_backend, metadata_backend, setup
 from bench.measure import RssWatch
 
 OBSERVATIONS = 10
-BATCH = 2000
+BATCH = 20_000
 HEADERS = {"Accept": "application/fhir+json", "Prefer": "respond-async"}
 ORGANIZATION = "bench"
 # What the bench does: read every type (the export) and create its Group.
@@ -62,7 +65,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--members", type=int, default=10_000, help="Group size (10^4)")
+    parser.add_argument(
+        "--observations",
+        type=int,
+        default=OBSERVATIONS,
+        help=f"Observations per member ({OBSERVATIONS})",
+    )
     parser.add_argument("--no-migrate", action="store_true", help="skip both migrations")
+    parser.add_argument(
+        "--seed-only",
+        action="store_true",
+        help="seed and create the Group, print its id, do not export",
+    )
+    parser.add_argument(
+        "--group",
+        metavar="ID",
+        help="export this Group (seeded by an earlier --seed-only run) instead of seeding",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="profile the worker (cProfile, top 30 to stderr)"
     )
@@ -135,84 +154,108 @@ def _meta(moment: str, organization: str) -> dict[str, Any]:
     return with_organization({"versionId": "1", "lastUpdated": moment}, organization)
 
 
-def seed(members: int, run: str, organization: str) -> list[str]:
-    """Patients and their Observations as stored rows of ``organization``; the Patient
-    references."""
+def store_rows(model: Any, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """Insert rows (values in ``columns`` order, as the database takes them) straight into
+    ``model``'s table: COPY on PostgreSQL, one ``executemany`` on SQLite, ``bulk_create``
+    elsewhere. Building model instances for ``bulk_create`` was most of the seeding's time
+    (628-812 s for 1.1·10^6 resources)."""
+    from django.db import connection, transaction
+
+    if connection.vendor not in ("postgresql", "sqlite"):
+        model.objects.bulk_create([model(**dict(zip(columns, row, strict=True))) for row in rows])
+        return
+    quote = connection.ops.quote_name
+    table = quote(model._meta.db_table)
+    names = ", ".join(quote(model._meta.get_field(column).column) for column in columns)
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join("%s" for _ in columns)
+            cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
+
+
+RESOURCE_COLUMNS = (
+    "key",
+    "resource_type",
+    "resource_id",
+    "version_id",
+    "incarnation",
+    "last_updated",
+    "deleted",
+    "body",
+    "organization",
+)
+VERSION_COLUMNS = (*RESOURCE_COLUMNS, "method", "request_id", "actor")
+LINK_COLUMNS = ("key", "resource_key", "resource_type", "patient_id", "shared")
+
+
+def seed(members: int, observations: int, run: str, organization: str) -> list[str]:
+    """Patients and their Observations as stored rows of ``organization`` (current row,
+    history row, compartment links: what the write path leaves); the Patient references."""
+    from django.db import connection
+
     from fhirservice.models import ResourceVersion, StoredResource
     from operations.export.models import CompartmentLink
 
     now = datetime.now(UTC)
     stamp = now.isoformat().replace("+00:00", "Z")
+    moment = connection.ops.adapt_datetimefield_value(now)
+    created = ("POST", "", "")  # method, request_id, actor of a history row
     refs: list[str] = []
-    rows: list[tuple[str, str, bytes]] = []
+    rows: list[tuple[str, str, str]] = []
 
     def flush() -> None:
-        StoredResource.objects.bulk_create(
-            [
-                StoredResource(
-                    key=f"{t}/{i}",
-                    resource_type=t,
-                    resource_id=i,
-                    version_id=1,
-                    last_updated=now,
-                    body=body.decode(),
-                    organization=organization,
-                )
-                for t, i, body in rows
-            ]
+        store_rows(
+            StoredResource,
+            RESOURCE_COLUMNS,
+            [(f"{t}/{i}", t, i, 1, 1, moment, False, body, organization) for t, i, body in rows],
         )
-        ResourceVersion.objects.bulk_create(
+        store_rows(
+            ResourceVersion,
+            VERSION_COLUMNS,
             [
-                ResourceVersion(
-                    key=f"{t}/{i}/_history/1",
-                    resource_type=t,
-                    resource_id=i,
-                    version_id=1,
-                    last_updated=now,
-                    method="POST",
-                    body=body.decode(),
-                    organization=organization,
-                )
+                (f"{t}/{i}/_history/1", t, i, 1, 1, moment, False, body, organization, *created)
                 for t, i, body in rows
-            ]
+            ],
         )
-        CompartmentLink.objects.bulk_create(
+        store_rows(
+            CompartmentLink,
+            LINK_COLUMNS,
             [
-                CompartmentLink(
-                    key=f"{t}/{i}>{i.split('-o')[0]}",
-                    resource_key=f"{t}/{i}",
-                    resource_type=t,
-                    patient_id=i.split("-o")[0],
-                )
+                (f"{t}/{i}>{i.split('-o')[0]}", f"{t}/{i}", t, i.split("-o")[0], False)
                 for t, i, _ in rows
                 if t == "Observation"
-            ]
+            ],
         )
         rows.clear()
 
+    meta = _meta(stamp, organization)
     for index in range(members):
         patient_id = f"{run}-{index:07d}"
         refs.append(f"Patient/{patient_id}")
         body = {
             "resourceType": "Patient",
             "id": patient_id,
-            "meta": _meta(stamp, organization),
+            "meta": meta,
             "name": [{"family": f"Bench{index}", "given": ["Export"]}],
             "gender": "unknown",
         }
-        rows.append(("Patient", patient_id, orjson.dumps(body)))
-        for number in range(OBSERVATIONS):
+        rows.append(("Patient", patient_id, orjson.dumps(body).decode()))
+        for number in range(observations):
             observation_id = f"{patient_id}-o{number}"
             body = {
                 "resourceType": "Observation",
                 "id": observation_id,
-                "meta": _meta(stamp, organization),
+                "meta": meta,
                 "status": "final",
                 "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
                 "subject": {"reference": f"Patient/{patient_id}"},
                 "valueQuantity": {"value": 60 + number, "unit": "/min"},
             }
-            rows.append(("Observation", observation_id, orjson.dumps(body)))
+            rows.append(("Observation", observation_id, orjson.dumps(body).decode()))
         if len(rows) >= BATCH:
             flush()
     flush()
@@ -226,24 +269,13 @@ def access_control(organization: str) -> str:
     return f"SMART Backend Services client of organization {organization!r} ({SCOPES})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Seed, kick off, run the worker, print the table."""
-    args = parse_args(argv)
-    setup(migrate=not args.no_migrate)
-    from django.test import Client
-
+def seed_group(client: Any, args: argparse.Namespace, organization: str) -> str:
+    """Seed the members' rows, create their Group through the API; its id."""
     from groups.outbox import background
-    from operations.export.models import ExportFile, ExportJob
-    from operations.export.worker import run_once
 
     run = f"bx{uuid.uuid4().hex[:8]}"
-    print(f"metadata store: {metadata_backend()}", file=sys.stderr)
-    print(f"member store:   {member_backend()}", file=sys.stderr)
-    client = Client()
-    organization = authorize(client)
-    print(f"access control: {access_control(organization)}", file=sys.stderr)
     started = time.perf_counter()
-    refs = seed(args.members, run, organization)
+    refs = seed(args.members, args.observations, run, organization)
     seeded = time.perf_counter() - started
     group = {
         "resourceType": "Group",
@@ -251,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         "actual": True,
         "member": [{"entity": {"reference": ref}} for ref in refs],
     }
+    del refs
+    started = time.perf_counter()
     response = client.post(
         "/4_0_0/Group",
         orjson.dumps(group),
@@ -259,10 +293,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     assert response.status_code == 201, response.content[:300]
     background.flush()
+    created = time.perf_counter() - started
     group_id = response["Location"].split("/Group/")[1].split("/")[0]
+    resources = args.members * (1 + args.observations)
     print(
-        f"seeded {args.members * (1 + OBSERVATIONS)} resources in {seeded:.1f} s", file=sys.stderr
+        f"seeded {resources:,} resources in {seeded:.1f} s; Group/{group_id} of "
+        f"{args.members:,} members created (POST, events shipped) in {created:.1f} s",
+        file=sys.stderr,
     )
+    return group_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Seed, kick off, run the worker, print the table."""
+    args = parse_args(argv)
+    setup(migrate=not args.no_migrate)
+    from django.test import Client
+
+    from operations.export.models import ExportFile, ExportJob
+    from operations.export.worker import run_once
+
+    print(f"metadata store: {metadata_backend()}", file=sys.stderr)
+    print(f"member store:   {member_backend()}", file=sys.stderr)
+    client = Client()
+    organization = authorize(client)
+    print(f"access control: {access_control(organization)}", file=sys.stderr)
+    group_id = args.group or seed_group(client, args, organization)
+    if args.seed_only:
+        print(group_id)
+        return 0
+    members = args.members
+    if args.group:
+        from fhirservice.models import StoredResource
+        from fhirservice.store.json import loads
+
+        members = loads(StoredResource.objects.get(key=f"Group/{group_id}").body)["quantity"]
 
     began = time.perf_counter()
     response = client.get(f"/4_0_0/Group/{group_id}/$export", headers=HEADERS)
@@ -304,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.members:,} | {job.resources:,} | {kick_off * 1000:.0f} ms | {elapsed:.1f} s "
+        f"| {members:,} | {job.resources:,} | {kick_off * 1000:.0f} ms | {elapsed:.1f} s "
         f"| {job.resources / elapsed:,.0f} | {cpu:.1f} s | {job.resources / cpu:,.0f} "
         f"| {files.count()} | {size / 1e6:.0f} "
         f"| {growth / 2**20:.0f} MB | {load_before:.1f}-{load_average():.1f} |"
