@@ -438,21 +438,32 @@ class MemberEventRepository:
         return rows
 
     def _window_bound(self, roster_key: str, after: str, window: int) -> str | None:
-        """A reference past which a page need not look (ClickHouse server), or None.
+        """A reference past which a page need not look, or None (no state row after
+        ``after``: the roster ends there).
 
-        18.16 cannot stop an ``ORDER BY`` on the sort key early: the scalar subquery of
-        _PAGE_WINDOW reads every state row after ``after`` (~100 ms at the start of a 10^6
+        Embedded: the ``window``-th state row's reference in sort-key order. ClickHouse
+        server: 18.16 cannot stop an ``ORDER BY`` on the sort key early: the scalar subquery
+        of _PAGE_WINDOW reads every state row after ``after`` (~100 ms at the start of a 10^6
         roster). A plain LIMIT on one thread stops after ``window`` rows, each part read in
         key order from ``after``, so their largest reference bounds a window of at least
         ``window`` state rows, usually just that (the first part is the big merged one). Any
         bound gives exact members below it; a page that falls short reads unwindowed.
         """
-        rows = self.client.execute(
-            f"SELECT max(member_ref), count() FROM (SELECT member_ref FROM {STATE} "
-            f"WHERE roster_key = %(k)s AND member_ref > %(after)s LIMIT %(window)s)",
-            {"k": roster_key, "after": after, "window": window},
-            settings={"max_threads": 1},
-        )
+        if self.client.in_process:
+            sql = (
+                f"SELECT max(member_ref), count() FROM (SELECT member_ref FROM {STATE} "
+                f"WHERE roster_key = %(k)s AND member_ref > %(after)s "
+                f"ORDER BY roster_key, member_ref LIMIT %(window)s)"
+            )
+            settings = None
+        else:
+            sql = (
+                f"SELECT max(member_ref), count() FROM (SELECT member_ref FROM {STATE} "
+                f"WHERE roster_key = %(k)s AND member_ref > %(after)s LIMIT %(window)s)"
+            )
+            settings = {"max_threads": 1}
+        params = {"k": roster_key, "after": after, "window": window}
+        rows = self.client.execute(sql, params, settings=settings)
         return rows[0][0] if rows and rows[0][1] else None
 
     def _iter_roster_windows(
@@ -469,21 +480,58 @@ class MemberEventRepository:
         sql = self._roster_sql(include_removed, as_json).format(
             window=" AND member_ref <= %(bound)s"
         )
-        bound_sql = (
-            f"SELECT max(member_ref), count() FROM (SELECT member_ref FROM {STATE} "
-            f"WHERE roster_key = %(k)s AND member_ref > %(after)s "
-            f"ORDER BY roster_key, member_ref LIMIT %(window)s)"
-        )
         settings = self._in_order()
         while True:
-            params = {"k": roster_key, "after": after, "window": ROSTER_WINDOW}
-            bound, count = self.client.execute(bound_sql, params)[0]
-            if not count:
+            bound = self._window_bound(roster_key, after, ROSTER_WINDOW)
+            if bound is None:
                 return
-            params["bound"] = bound
+            params = {"k": roster_key, "after": after, "bound": bound}
             rows = self.client.execute(sql, params, settings=settings)
             yield from self._convert(roster_key, rows, as_json)
             after = bound
+
+    def iter_roster_windows_as_of(
+        self, roster_key: str, version: int, *, window: int = ROSTER_WINDOW
+    ) -> Iterator[MemberState]:
+        """Every member as of a version (events with version ≤ ``version``; removed ones
+        too, ``present`` false), in reference order, streamed a window at a time.
+
+        iter_roster_as_of aggregates the events table, whose sort key (roster_key, version,
+        seq) does not bound a reference range: each call reads and aggregates every event of
+        the roster after ``after``, so paging a 10^6 roster with it is quadratic. Here each
+        window of the state table's sort key (roster_key, member_ref) is aggregated once, as
+        _iter_roster_windows does; a member whose newest event is later than ``version``
+        (changed since) takes its state then from the events table, looked up by reference.
+        """
+        sql = self._roster_sql(True, False).format(window=" AND member_ref <= %(bound)s")
+        settings = self._in_order()
+        after = ""
+        while True:
+            bound = self._window_bound(roster_key, after, window)
+            if bound is None:
+                return
+            params = {"k": roster_key, "after": after, "bound": bound}
+            states = [_state(row) for row in self.client.execute(sql, params, settings=settings)]
+            late = [state.ref for state in states if state.pos >> 32 > version]
+            if late:
+                then = self._states_as_of(roster_key, version, late)
+                states = [then.get(s.ref) if s.pos >> 32 > version else s for s in states]
+            yield from (state for state in states if state is not None)
+            after = bound
+
+    def _states_as_of(
+        self, roster_key: str, version: int, refs: list[str]
+    ) -> dict[str, MemberState]:
+        """The states of some members as of a version (absent: not in the roster then)."""
+        states: dict[str, MemberState] = {}
+        for chunk in in_chunks(refs):
+            rows = self.client.execute(
+                f"SELECT {_EVENT_STATE_COLUMNS} FROM {EVENTS} WHERE roster_key = %(k)s "
+                f"AND version <= %(v)s AND member_ref IN %(refs)s GROUP BY member_ref",
+                {"k": roster_key, "v": version, "refs": chunk},
+            )
+            states.update((row[0], _state(row)) for row in rows)
+        return states
 
     def iter_roster_as_of(
         self,

@@ -96,6 +96,20 @@ def iter_members(
     return merge_states(stream, merged, after=after)
 
 
+def iter_roster_as_of(roster_key: str, *, as_of: int) -> Iterator[MemberState]:
+    """The present members as of a version in reference order, streamed from ClickHouse a
+    window of the state table's sort key at a time (never the whole roster in memory; a
+    whole-roster walk such as an export's), merged with pending batches up to that version.
+    """
+    with clickhouse_required():
+        pending = pending_states(roster_key, max_version=as_of)
+        stream = MemberEventRepository().iter_roster_windows_as_of(roster_key, as_of)
+        if pending:
+            yield from merge_states(stream, pending)
+        else:
+            yield from (state for state in stream if state.present)
+
+
 def iter_members_for_render(roster_key: str, *, as_of: int | None = None) -> Iterator[Any]:
     """The roster for a streamed read: each member as its JSON text (str) when ClickHouse
     rendered it, else as a MemberState.

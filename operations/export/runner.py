@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from typing import IO, NamedTuple
 
 from django.core.files import File
@@ -52,6 +53,7 @@ from fhirservice.rest.rendering import render_resource
 from fhirservice.search.query import search_keys
 from fhirservice.store.json import dumps
 from fhirservice.store.selectors import resource_vread
+from groups.selectors import iter_roster_as_of, row_roster_key
 from groups.storage import inline_roster, roster_storage
 from operations.export.models import CompartmentLink, ExportFile, ExportJob
 from operations.export.parameters import ExportRequest
@@ -503,15 +505,13 @@ class Export:
             for start in range(0, len(refs), self.chunk):
                 yield refs[start : start + self.chunk]
             return
-        after = ""
-        while True:
-            page = storage.page(
-                version, after=after, count=self.chunk, as_of=version.version_id, active=True
-            )
-            if not page:
-                return
-            yield [state.ref for state in page]
-            after = page[-1].ref
+        # From ClickHouse, a window of the state table's sort key at a time: paging with
+        # roster_page read and aggregated every event after the cursor for each page
+        # (quadratic in the roster's size).
+        states = iter_roster_as_of(row_roster_key(version), as_of=version.version_id)
+        active = (state.ref for state in states if state.active)
+        while page := list(islice(active, self.chunk)):
+            yield page
 
 
 def export_run(job: ExportJob, stopping: threading.Event | None = None) -> int:

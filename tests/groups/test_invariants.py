@@ -29,6 +29,7 @@ from fhirservice.models import StoredResource
 from groups.models import MemberOutbox
 from groups.outbox.ship import member_batches_ship
 from groups.repository import MemberEventRepository
+from groups.selectors import iter_roster_as_of
 from groups.storage import MSG_TOO_MANY_OPS
 from tests.fhirservice.test_api_errors import assert_outcome
 from tests.groups.conftest import (
@@ -234,6 +235,33 @@ def test_the_roster_is_a_set_keyed_by_reference(any_api):
         ("updated", B),
         ("updated", B),
     ]
+
+
+def test_a_roster_walk_as_of_a_version_sees_the_events_up_to_it(any_api):
+    # iter_roster_as_of (an export's roster walk) reads the state table a window at a time
+    # and takes the members changed since the version from the event log: each version's
+    # roster exactly, whether the batches are pending in the outbox or shipped.
+    refs = patients(7, prefix=uuid.uuid4().hex)
+    gid = create_group(any_api, refs)
+    patched(any_api, gid, [remove_ref(refs[1]), add(refs[2], inactive=True), add(X)])
+    patched(any_api, gid, [add(refs[1]), remove_ref(refs[3]), add(refs[2]), add(C)])
+    key = current_key(gid)
+    expected = {
+        1: [(ref, False) for ref in refs],
+        2: [(ref, ref == refs[2]) for ref in [refs[0], *refs[2:], X]],
+        3: [(ref, False) for ref in [*refs[:3], *refs[4:], C, X]],
+    }
+    for version, roster in expected.items():
+        walked = [(s.ref, s.inactive) for s in iter_roster_as_of(key, as_of=version)]
+        assert walked == sorted(roster), version
+    if any_api.shipped:
+        repository = MemberEventRepository()
+        for version in expected:
+            # windows of two state rows: every window boundary inside the roster
+            windowed = list(repository.iter_roster_windows_as_of(key, version, window=2))
+            assert windowed == list(
+                repository.iter_roster_as_of(key, version, include_removed=True)
+            ), version
 
 
 # --- 5. quantity ---------------------------------------------------------------------------------
