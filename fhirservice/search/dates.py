@@ -121,22 +121,6 @@ def span_class(low: datetime, high: datetime) -> int:
     return next((c for c, bound in enumerate(SPAN_WIDTHS) if width <= bound), WIDE)
 
 
-def mark_spans(tokens: list[SearchToken]) -> None:
-    """Set ``span`` on the date rows of a resource: the width class of a parameter's only
-    value, SEVERAL on each of several (composite components are left out: they are matched
-    by occurrence, see ``query._composite_keys``)."""
-    by_param: dict[str, list[SearchToken]] = {}
-    for token in tokens:
-        if token.low is not None and token.high is not None and not token.group:
-            by_param.setdefault(token.param, []).append(token)
-    for rows in by_param.values():
-        if len(rows) == 1:
-            rows[0].span = span_class(rows[0].low, rows[0].high)
-        else:
-            for row in rows:
-                row.span = SEVERAL
-
-
 SOLE = tuple(range(WIDE + 1))
 
 

@@ -1,9 +1,11 @@
 """Index extraction: the search values of a resource, as typed SearchToken rows.
 
 The parameters are the official R4 SearchParameters (``fhirservice.fhir.definitions``): each
-parameter's FHIRPath expression is compiled once (``fhirpathpy``, R4 model) and evaluated on
-every written resource. The engine reports the FHIR type of each value it finds, and the
-value is indexed by that type into the columns of ``SearchToken``:
+parameter's FHIRPath expression is evaluated on every written resource, walked over the JSON
+when it is a member path (``fhirservice.search.paths``: 2,384 of R4's 2,447), else by the
+compiled expression of the engine (``fhirpathpy``, R4 model). Both report the FHIR type of
+each value found, and the value is indexed by that type into the columns of ``SearchToken``
+(the rows are plain tuples, inserted without model instances):
 
 - string: ``value`` normalised (lower-case, accent-free) for plain and ``:contains``
   search, ``system`` the text as written for ``:exact``;
@@ -42,8 +44,8 @@ from fhirpathpy.models import models as fhirpath_models
 from fhirservice.conf import fhir_settings
 from fhirservice.fhir.definitions import search_parameters
 from fhirservice.models import SearchToken
-from fhirservice.search.dates import mark_spans
-from fhirservice.search.paths import Found, plan, walk
+from fhirservice.search.dates import SEVERAL, span_class
+from fhirservice.search.paths import walker
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ _FIRST_ELEMENT = re.compile(r"^\(?\s*[A-Z][A-Za-z]*\.([a-z][A-Za-z0-9]*)")
 _FIRST_RELATIVE = re.compile(r"^\(?\s*([a-z][A-Za-z0-9]*)")
 _AS_OPERATOR = re.compile(r"\(\s*([A-Za-z][\w.]*(?:\([^()]*\)[\w.]*)*)\s+as\s+([A-Za-z]+)\s*\)")
 _OPTIONS = {"returnRawData": True}
+OF_TYPE = ":of-type"
 
 
 @dataclass(frozen=True)
@@ -196,116 +199,123 @@ def _nodes(body: Any, expression: str) -> list[Any]:
         return []
 
 
-def _type_name(node: Any) -> str:
-    path = getattr(node, "path", None)
-    return path if isinstance(path, str) else ""
-
-
-def _data(node: Any) -> Any:
-    return getattr(node, "data", node)
-
-
 # --- typed values -------------------------------------------------------------------------
 
-Row = dict[str, Any]
+# The columns a value fills: (param suffix, system, value, text, low, high, number); the
+# suffix is ":of-type" for the typed identifier rows of a token parameter, else "".
+Cells = tuple[str, str, str, str, datetime | None, datetime | None, float | None]
 
 
 def _clip(text: str) -> str:
     return text[:MAX_VALUE]
 
 
-def _string_rows(type_name: str, data: Any) -> Iterator[Row]:
+def _string_cells(type_name: str, data: Any) -> list[Cells]:
     if isinstance(data, str):
-        yield {"system": _clip(data), "value": normalize_string(data)}
-    elif isinstance(data, dict):
-        if type_name == "HumanName" or "family" in data or "given" in data:
-            texts = [data.get("text"), data.get("family")]
-            for key in ("given", "prefix", "suffix"):
-                texts.extend(data.get(key) or [])
-        elif type_name == "Address" or "line" in data or "city" in data:
-            texts = [data.get("text"), *(data.get("line") or [])]
-            texts += [data.get(k) for k in ("city", "district", "state", "postalCode", "country")]
-        else:
-            texts = [data.get("text"), data.get("value"), data.get("display")]
-        for text in texts:
-            if isinstance(text, str) and text:
-                yield {"system": _clip(text), "value": normalize_string(text)}
+        return [("", _clip(data), normalize_string(data), "", None, None, None)]
+    if not isinstance(data, dict):
+        return []
+    if type_name == "HumanName" or "family" in data or "given" in data:
+        texts = [data.get("text"), data.get("family")]
+        for key in ("given", "prefix", "suffix"):
+            texts.extend(data.get(key) or [])
+    elif type_name == "Address" or "line" in data or "city" in data:
+        texts = [data.get("text"), *(data.get("line") or [])]
+        texts += [data.get(k) for k in ("city", "district", "state", "postalCode", "country")]
+    else:
+        texts = [data.get("text"), data.get("value"), data.get("display")]
+    return [
+        ("", _clip(text), normalize_string(text), "", None, None, None)
+        for text in texts
+        if isinstance(text, str) and text
+    ]
 
 
-def _coding_row(coding: Any, text: str = "") -> Row | None:
+def _coding_cells(coding: Any) -> Cells | None:
     if not isinstance(coding, dict):
         return None
     code = coding.get("code")
     display = coding.get("display")
     if not isinstance(code, str) and not isinstance(display, str):
         return None
-    return {
-        "system": _clip(str(coding.get("system") or "")),
-        "value": _clip(code if isinstance(code, str) else ""),
-        "text": normalize_string(display if isinstance(display, str) else text),
-    }
+    return (
+        "",
+        _clip(str(coding.get("system") or "")),
+        _clip(code if isinstance(code, str) else ""),
+        normalize_string(display) if isinstance(display, str) else "",
+        None,
+        None,
+        None,
+    )
 
 
-def _token_rows(type_name: str, data: Any, name: str) -> Iterator[Row]:
+def _token_cells(type_name: str, data: Any) -> list[Cells]:
     if isinstance(data, bool):
-        yield {"value": "true" if data else "false"}
-    elif isinstance(data, str | int | float | Decimal):
-        yield {"value": _clip(str(data))}
-    elif not isinstance(data, dict):
-        return
-    elif type_name == "CodeableConcept" or "coding" in data:
-        text = data.get("text") if isinstance(data.get("text"), str) else ""
-        for coding in data.get("coding") or []:
-            row = _coding_row(coding)
-            if row:
-                yield row
-        if text:
-            yield {"text": normalize_string(text)}
-    elif type_name == "Identifier" or (type_name == "" and "value" in data and "use" in data):
+        return [("", "", "true" if data else "false", "", None, None, None)]
+    if isinstance(data, str | int | float | Decimal):
+        return [("", "", _clip(str(data)), "", None, None, None)]
+    if not isinstance(data, dict):
+        return []
+    if type_name == "CodeableConcept" or "coding" in data:
+        cells = [c for c in map(_coding_cells, data.get("coding") or []) if c is not None]
+        text = data.get("text")
+        if isinstance(text, str) and text:
+            cells.append(("", "", "", normalize_string(text), None, None, None))
+        return cells
+    if type_name == "Identifier" or (type_name == "" and "value" in data and "use" in data):
+        return _identifier_cells(data)
+    if type_name == "ContactPoint":
         value = data.get("value")
-        if isinstance(value, str):
-            type_text = (data.get("type") or {}).get("text")
-            yield {
-                "system": _clip(str(data.get("system") or "")),
-                "value": _clip(value),
-                "text": normalize_string(type_text) if isinstance(type_text, str) else "",
-            }
-            for coding in (data.get("type") or {}).get("coding") or []:
-                if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-                    yield {
-                        "param": f"{name}:of-type",
-                        "system": _clip(str(coding.get("system") or "")),
-                        "value": _clip(coding["code"]),
-                        "text": _clip(value),
-                    }
-    elif type_name == "ContactPoint":
-        if isinstance(data.get("value"), str):
-            yield {"value": _clip(data["value"]), "system": _clip(str(data.get("system") or ""))}
-    elif type_name in ("Coding", "code") or "code" in data:
-        row = _coding_row(data)
-        if row:
-            yield row
-    elif isinstance(data.get("value"), str):
-        yield {"system": _clip(str(data.get("system") or "")), "value": _clip(data["value"])}
+        if not isinstance(value, str):
+            return []
+        return [("", _clip(str(data.get("system") or "")), _clip(value), "", None, None, None)]
+    if type_name in ("Coding", "code") or "code" in data:
+        cells = _coding_cells(data)
+        return [cells] if cells else []
+    value = data.get("value")
+    if isinstance(value, str):
+        return [("", _clip(str(data.get("system") or "")), _clip(value), "", None, None, None)]
+    return []
 
 
-def _reference_rows(
-    type_name: str, data: Any, resolve_types: frozenset[str] | None
-) -> Iterator[Row]:
+def _identifier_cells(data: dict[str, Any]) -> list[Cells]:
+    value = data.get("value")
+    if not isinstance(value, str):
+        return []
+    kind = data.get("type") or {}
+    type_text = kind.get("text")
+    cells: list[Cells] = [
+        (
+            "",
+            _clip(str(data.get("system") or "")),
+            _clip(value),
+            normalize_string(type_text) if isinstance(type_text, str) else "",
+            None,
+            None,
+            None,
+        )
+    ]
+    for coding in kind.get("coding") or []:
+        if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+            system = _clip(str(coding.get("system") or ""))
+            cells.append((OF_TYPE, system, _clip(coding["code"]), _clip(value), None, None, None))
+    return cells
+
+
+def _reference_cells(data: Any, resolve_types: frozenset[str] | None) -> list[Cells]:
     if isinstance(data, str):  # canonical or uri
         url, _, version = data.partition("|")
-        yield {"value": _clip(url), "system": _clip(version)}
-        return
+        return [("", _clip(version), _clip(url), "", None, None, None)]
     if not isinstance(data, dict):
-        return
+        return []
     reference = data.get("reference")
     if not isinstance(reference, str) or reference.startswith("#"):
-        return
+        return []
     target_type, target_id = reference_parts(reference)
     if resolve_types is not None and target_type not in resolve_types:
-        return
+        return []
     value = local_reference(reference) or reference
-    yield {"value": _clip(value), "system": target_type, "text": _clip(target_id)}
+    return [("", target_type, _clip(value), _clip(target_id), None, None, None)]
 
 
 def local_reference(url: str) -> str | None:
@@ -314,8 +324,10 @@ def local_reference(url: str) -> str | None:
     The host a client used is not known when a resource is written, so the base path alone
     marks a reference as local; such references are indexed, and searched, as ``Type/id``.
     """
+    if "://" not in url:
+        return None
     marker = f"/{fhir_settings.BASE_PATH}/"
-    if "://" not in url or marker not in url:
+    if marker not in url:
         return None
     rest = url.rsplit(marker, 1)[1].split("/")
     if len(rest) in (2, 4) and rest[0][:1].isupper() and (len(rest) == 2 or rest[2] == "_history"):
@@ -333,16 +345,17 @@ def reference_parts(reference: str) -> tuple[str, str]:
     return "", pieces[-1]
 
 
-def _date_rows(type_name: str, data: Any) -> Iterator[Row]:
+def _date_cells(data: Any) -> list[Cells]:
     if isinstance(data, str):
         covered = date_range(data)
-        if covered:
-            yield {"low": covered[0], "high": covered[1]}
-    elif isinstance(data, dict) and ("start" in data or "end" in data):
+        return [("", "", "", "", covered[0], covered[1], None)] if covered else []
+    if isinstance(data, dict) and ("start" in data or "end" in data):
         start = date_range(data["start"]) if isinstance(data.get("start"), str) else None
         end = date_range(data["end"]) if isinstance(data.get("end"), str) else None
         if start or end:
-            yield {"low": start[0] if start else EARLIEST, "high": end[1] if end else LATEST}
+            low = start[0] if start else EARLIEST
+            return [("", "", "", "", low, end[1] if end else LATEST, None)]
+    return []
 
 
 def _number(value: Any) -> float | None:
@@ -358,156 +371,226 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _number_rows(type_name: str, data: Any) -> Iterator[Row]:
+def _number_cells(data: Any) -> list[Cells]:
     number = _number(data.get("value") if isinstance(data, dict) else data)
-    if number is not None:
-        yield {"number": number}
+    return [] if number is None else [("", "", "", "", None, None, number)]
 
 
-def _quantity_rows(type_name: str, data: Any) -> Iterator[Row]:
+def _quantity_cells(data: Any) -> list[Cells]:
     if not isinstance(data, dict):
-        return
+        return []
     number = _number(data.get("value"))
     if number is None:
-        return
+        return []
     unit = data.get("unit") if isinstance(data.get("unit"), str) else ""
     code = data.get("code") if isinstance(data.get("code"), str) else unit
-    yield {
-        "number": number,
-        "system": _clip(str(data.get("system") or "")),
-        "value": _clip(code),
-        "text": _clip(unit),
-    }
+    system = _clip(str(data.get("system") or ""))
+    return [("", system, _clip(code), _clip(unit), None, None, number)]
 
 
-def _uri_rows(type_name: str, data: Any) -> Iterator[Row]:
-    if isinstance(data, str):
-        yield {"value": _clip(data)}
+def _uri_cells(data: Any) -> list[Cells]:
+    return [("", "", _clip(data), "", None, None, None)] if isinstance(data, str) else []
 
 
-def typed_rows(param_type: str, node: Any, name: str, part: Part | None = None) -> Iterator[Row]:
-    """The index columns of one value the engine found, by the parameter's type."""
-    type_name, data = _type_name(node), _data(node)
+def typed_cells(
+    param_type: str, value: tuple[Any, ...], resolve_types: frozenset[str] | None = None
+) -> list[Cells]:
+    """The index columns of one value found (``(type, json, …)``), by the parameter's type."""
+    type_name, data = value[0], value[1]
+    if param_type == "token":
+        return _token_cells(type_name, data)
+    if param_type == "reference":
+        return _reference_cells(data, resolve_types)
     if param_type == "string":
-        yield from _string_rows(type_name, data)
-    elif param_type == "token":
-        yield from _token_rows(type_name, data, name)
-    elif param_type == "reference":
-        yield from _reference_rows(type_name, data, part.resolve_types if part else None)
-    elif param_type == "date":
-        yield from _date_rows(type_name, data)
-    elif param_type == "number":
-        yield from _number_rows(type_name, data)
-    elif param_type == "quantity":
-        yield from _quantity_rows(type_name, data)
-    elif param_type == "uri":
-        yield from _uri_rows(type_name, data)
+        return _string_cells(type_name, data)
+    if param_type == "date":
+        return _date_cells(data)
+    if param_type == "quantity":
+        return _quantity_cells(data)
+    if param_type == "uri":
+        return _uri_cells(data)
+    if param_type == "number":
+        return _number_cells(data)
+    return []
 
 
 # --- rows of a resource -------------------------------------------------------------------
 
+# The columns of a SearchToken row, in the model's field order: the tuples extract_rows
+# gives are inserted as they are (fhirservice.store.rows.insert_values).
+COLUMNS = (
+    "key",
+    "resource_key",
+    "resource_type",
+    "param",
+    "system",
+    "value",
+    "text",
+    "low",
+    "high",
+    "span",
+    "number",
+    "group",
+    "part",
+)
+Row = tuple[Any, ...]
+
 
 class _Evaluator:
-    """FHIRPath results for one resource, each expression evaluated once per node.
+    """FHIRPath results for one resource, each expression evaluated once per value.
 
     Parameters share expressions (``Observation.code`` feeds ``code``, ``combo-code`` and
-    four composites); a resource lacking an expression's first element skips evaluation, and
-    plain member paths are walked without the engine (``fhirservice.search.paths``).
+    four composites). Member paths are walked without the engine
+    (``fhirservice.search.paths``) unless ``reference`` asks for the engine's answer
+    throughout; for the engine, a resource lacking an expression's first element skips
+    evaluation. A value found is ``(type, json)`` when walked, ``(type, json, node)`` when
+    the engine found it.
     """
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], *, reference: bool) -> None:
         self.body = body
-        self.root = Found(body["resourceType"], body, body["resourceType"])
-        self.cache: dict[tuple[int, str], list[Any]] = {}
+        self.root: tuple[Any, ...] = (body["resourceType"], body)
+        self.reference = reference
+        self.cache: dict[tuple[int, str], list[tuple[Any, ...]]] = {}
 
-    def nodes(self, node: Any, expression: str, first: str | None) -> list[Any]:
-        data = _data(node)
+    def values(
+        self, found: tuple[Any, ...], expression: str, first: str | None
+    ) -> list[tuple[Any, ...]]:
+        key = (id(found), expression)
+        values = self.cache.get(key)
+        if values is None:
+            values = self.cache[key] = self._evaluate(found, expression, first)
+        return values
+
+    def _evaluate(
+        self, found: tuple[Any, ...], expression: str, first: str | None
+    ) -> list[tuple[Any, ...]]:
+        if len(found) == 2 and not self.reference:
+            walk = walker(found[0], expression)
+            if walk is not None:
+                return walk(found[1])
+        data = found[1]
         if first is not None and isinstance(data, dict) and not _present(data, first):
             return []
-        key = (id(node), expression)
-        found = self.cache.get(key)
-        if found is None:
-            found = self.cache[key] = self._evaluate(node, expression)
-        return found
+        if found is self.root:
+            node = self.body
+        elif len(found) == 3:
+            node = found[2]
+        else:
+            node = ResourceNode.create_node(data, found[0])
+        return [(_type_name(n), _data(n), n) for n in _nodes(node, expression)]
 
-    def _evaluate(self, node: Any, expression: str) -> list[Any]:
-        plain = plan(expression)
-        if isinstance(node, Found):
-            if plain is not None:
-                walked = walk(node, plain)
-                if walked is not None:
-                    return walked
-            node = (
-                node.data if node is self.root else ResourceNode.create_node(node.data, node.model)
+
+def _type_name(node: Any) -> str:
+    path = getattr(node, "path", None)
+    return path if isinstance(path, str) else ""
+
+
+def _data(node: Any) -> Any:
+    return getattr(node, "data", node)
+
+
+@cache
+def _indexed_params(resource_type: str) -> tuple[Param, ...]:
+    """The parameters of ``resource_type`` whose values are extracted, in name order."""
+    return tuple(
+        param
+        for param in search_params(resource_type).values()
+        if param.name not in COLUMN_PARAMS and param.type != "special" and param.parts
+    )
+
+
+def extract_rows(resource_key: str, body: dict[str, Any], *, reference: bool = False) -> list[Row]:
+    """The SearchToken rows of one resource version, as tuples of :data:`COLUMNS`.
+
+    ``reference``: every expression evaluated by the FHIRPath engine, none walked (the
+    rows must be the same; tests compare the two).
+    """
+    resource_type = body["resourceType"]
+    evaluator = _Evaluator(body, reference=reference)
+    root = evaluator.root
+    rows: list[Row] = []
+    for param in _indexed_params(resource_type):
+        name = param.name
+        if param.type == "composite":
+            for group, index, cells in _composite_cells(evaluator, param):
+                suffix, system, value, text, low, high, number = cells
+                group_key = f"{resource_key}#{group}"
+                rows.append(
+                    (
+                        f"{resource_key}#{len(rows)}",
+                        resource_key,
+                        resource_type,
+                        name,
+                        system,
+                        value,
+                        text,
+                        low,
+                        high,
+                        None,
+                        number,
+                        group_key,
+                        index,
+                    )
+                )
+            continue
+        found = [
+            cells
+            for part in param.parts
+            for value in evaluator.values(root, part.expression, part.first)
+            for cells in typed_cells(param.type, value, part.resolve_types)
+        ]
+        span = None
+        if param.type == "date" and found:
+            # Width class of the parameter's only value, SEVERAL on each of several values
+            # (fhirservice.search.dates).
+            span = span_class(found[0][4], found[0][5]) if len(found) == 1 else SEVERAL
+        for suffix, system, value, text, low, high, number in found:
+            rows.append(
+                (
+                    f"{resource_key}#{len(rows)}",
+                    resource_key,
+                    resource_type,
+                    name + suffix if suffix else name,
+                    system,
+                    value,
+                    text,
+                    low,
+                    high,
+                    span,
+                    number,
+                    "",
+                    0,
+                )
             )
-        return _nodes(node, expression)
+    return rows
 
 
-def _param_rows(evaluator: _Evaluator, param: Param) -> Iterator[Row]:
+def _composite_cells(evaluator: _Evaluator, param: Param) -> Iterator[tuple[str, int, Cells]]:
+    """(occurrence, component position, columns) of a composite parameter's values: an
+    occurrence of the parameter's expression counts when every component has a value."""
     occurrence = 0
     for part in param.parts:
-        nodes = evaluator.nodes(evaluator.root, part.expression, part.first)
-        if param.type != "composite":
-            for node in nodes:
-                yield from typed_rows(param.type, node, param.name, part)
-            continue
-        for node in nodes:
-            rows: list[Row] = []
+        for found in evaluator.values(evaluator.root, part.expression, part.first):
+            cells: list[tuple[int, Cells]] = []
             for index, component in enumerate(param.components):
-                found = [
-                    {**row, "part": index}
-                    for value in evaluator.nodes(node, component.expression, component.first)
-                    for row in typed_rows(component.type, value, param.name)
-                    if "param" not in row
+                component_cells = [
+                    (index, c)
+                    for value in evaluator.values(found, component.expression, component.first)
+                    for c in typed_cells(component.type, value)
+                    if not c[0]
                 ]
-                if not found:
+                if not component_cells:
                     break
-                rows.extend(found)
+                cells.extend(component_cells)
             else:
-                for row in rows:
-                    yield {**row, "group": f"{param.name}#{occurrence}"}
+                group = f"{param.name}#{occurrence}"
+                for index, c in cells:
+                    yield group, index, c
             occurrence += 1
 
 
 def extract_tokens(resource_key: str, body: dict[str, Any]) -> list[SearchToken]:
-    """The SearchToken rows of one resource version."""
-    resource_type = body["resourceType"]
-    tokens: list[SearchToken] = []
-    evaluator = _Evaluator(body)
-    for param in search_params(resource_type).values():
-        if param.name in COLUMN_PARAMS or param.type == "special" or not param.parts:
-            continue
-        for row in _param_rows(evaluator, param):
-            group = row.pop("group", "")
-            tokens.append(
-                SearchToken(
-                    key=f"{resource_key}#{len(tokens)}",
-                    resource_key=resource_key,
-                    resource_type=resource_type,
-                    param=row.pop("param", param.name),
-                    group=f"{resource_key}#{group}" if group else "",
-                    **row,
-                )
-            )
-    mark_spans(tokens)
-    return tokens
-
-
-def token_signature(tokens: list[SearchToken]) -> list[tuple[Any, ...]]:
-    """What makes two extractions equal (the store skips rewriting equal rows)."""
-    return [
-        (
-            t.key,
-            t.param,
-            t.system,
-            t.value,
-            t.text,
-            t.low,
-            t.high,
-            t.span,
-            t.number,
-            t.group,
-            t.part,
-        )
-        for t in tokens
-    ]
+    """The SearchToken rows of one resource version, as model instances (for
+    ``bulk_create``; the write path inserts :func:`extract_rows`' tuples)."""
+    return [SearchToken(*row) for row in extract_rows(resource_key, body)]

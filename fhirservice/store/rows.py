@@ -13,12 +13,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 from django.db import connections, router
 from django.db.models import Model
 
 # Backends whose cursors take one "%s"-style INSERT with several VALUES rows.
 SQL_VENDORS = frozenset({"sqlite", "postgresql"})
+# Fields whose database value is the Python value itself (``get_db_prep_save`` of a value
+# of the field's type returns it unchanged).
+PLAIN_TYPES = frozenset(
+    {
+        "CharField",
+        "TextField",
+        "FloatField",
+        "IntegerField",
+        "BigIntegerField",
+        "SmallIntegerField",
+        "PositiveIntegerField",
+        "PositiveSmallIntegerField",
+        "PositiveBigIntegerField",
+        "BooleanField",
+    }
+)
 
 
 def insert_rows(model: type[Model], rows: Sequence[Model]) -> None:
@@ -31,17 +48,60 @@ def insert_rows(model: type[Model], rows: Sequence[Model]) -> None:
         model.objects.bulk_create(rows)
         return
     fields = model._meta.concrete_fields
-    batch = connection.ops.bulk_batch_size(fields, rows) or len(rows)
+    _execute(
+        model,
+        connection,
+        [
+            [field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields]
+            for row in rows
+        ],
+    )
+
+
+def insert_values(model: type[Model], rows: Sequence[tuple[Any, ...]]) -> None:
+    """INSERT ``rows`` given as tuples of field values in the model's field order, as
+    :func:`insert_rows` does (the search index: no model instance per row).
+
+    The values must already have their fields' Python types (str for a CharField, int, float
+    or None): those go to the database as they are, which is what ``get_db_prep_save``
+    would give; the other fields (dates) are converted as the ORM converts them.
+    """
+    if not rows:
+        return
+    connection = connections[router.db_for_write(model)]
+    if connection.vendor not in SQL_VENDORS:
+        model.objects.bulk_create([model(*row) for row in rows])
+        return
+    converted = _converted_fields(model)
+    if converted:
+        values = [list(row) for row in rows]
+        for row in values:
+            for index, field in converted:
+                if row[index] is not None:
+                    row[index] = field.get_db_prep_save(row[index], connection)
+        _execute(model, connection, values)
+    else:
+        _execute(model, connection, rows)
+
+
+def _execute(model: type[Model], connection: Any, rows: Sequence[Sequence[Any]]) -> None:
+    head, row_sql = _statement(model, connection.alias)
+    batch = connection.ops.bulk_batch_size(model._meta.concrete_fields, rows) or len(rows)
     with connection.cursor() as cursor:
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
-            params = [
-                field.get_db_prep_save(getattr(row, field.attname), connection)
-                for row in chunk
-                for field in fields
-            ]
-            head, row_sql = _statement(model, connection.alias)
+            params = [value for row in chunk for value in row]
             cursor.execute(head + ", ".join([row_sql] * len(chunk)), params)
+
+
+@cache
+def _converted_fields(model: type[Model]) -> tuple[tuple[int, Any], ...]:
+    """(position, field) of the fields whose values the database adapter must convert."""
+    return tuple(
+        (index, field)
+        for index, field in enumerate(model._meta.concrete_fields)
+        if field.get_internal_type() not in PLAIN_TYPES
+    )
 
 
 @cache

@@ -44,12 +44,12 @@ from fhirservice.errors import (
 )
 from fhirservice.fhir.resource_types import is_resource_type
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
-from fhirservice.search.extract import extract_tokens, token_signature
+from fhirservice.search.extract import Row, extract_rows
 from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
-from fhirservice.store.rows import insert_rows
+from fhirservice.store.rows import insert_rows, insert_values
 
 MSG_TYPE_MISMATCH = "The body's resourceType {found!r} does not match the URL's {expected!r}"
 MSG_ID_MISMATCH = "The body's id {found!r} does not match the URL's id {expected!r}"
@@ -294,15 +294,15 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         **fields,
     )
     insert_rows(ResourceVersion, [version])
-    tokens = extract_tokens(draft.key, draft.body) if draft.body is not None else []
+    tokens = extract_rows(draft.key, draft.body) if draft.body is not None else []
     if not _same_tokens(current, tokens):
         if current is not None:  # a first version has no tokens to replace
             SearchToken.objects.filter(resource_key=draft.key).delete()
-        insert_rows(SearchToken, tokens)
+        insert_values(SearchToken, tokens)
     return row
 
 
-def _same_tokens(current: StoredResource | None, tokens: list[SearchToken]) -> bool:
+def _same_tokens(current: StoredResource | None, tokens: list[Row]) -> bool:
     """Whether the stored search tokens already are ``tokens`` (the previous version's).
 
     Most updates of a Group change only its roster and ``quantity``, which no search
@@ -311,8 +311,7 @@ def _same_tokens(current: StoredResource | None, tokens: list[SearchToken]) -> b
     """
     if current is None or current.deleted or not current.body:
         return False
-    previous = extract_tokens(current.key, json.loads(current.body))
-    return token_signature(previous) == token_signature(tokens)
+    return extract_rows(current.key, json.loads(current.body)) == tokens
 
 
 def run_conditional(unit: Callable[[], T], *, key: str) -> T:
