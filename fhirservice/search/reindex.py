@@ -8,7 +8,8 @@ few batches of bodies and rows at a time, whatever the number of resources.
 Extraction (FHIRPath over each body) is CPU work: with ``workers`` > 1 it runs in that many
 worker processes while this one writes the rows of the batch before, so a run uses every
 core. Rows are written with ``COPY`` on PostgreSQL (one statement per batch, without the
-ORM's per-value preparation) and with ``bulk_create`` elsewhere.
+ORM's per-value preparation) and as multi-row INSERTs elsewhere (no model instance per
+row: extraction gives tuples of field values).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from django.db import connections, router, transaction
@@ -26,7 +26,8 @@ from django.utils import timezone
 
 from fhirservice.models import SearchReindexCheckpoint, SearchToken, StoredResource
 from fhirservice.search import reindex_worker
-from fhirservice.search.extract import extract_tokens
+from fhirservice.search.extract import Row, extract_rows
+from fhirservice.store.rows import insert_values
 
 Progress = Callable[..., None]
 
@@ -135,9 +136,9 @@ def _batches(
         yield batch
 
 
-def _extracted(batches: Iterator[Batch], workers: int) -> Iterator[tuple[Batch, list]]:
-    """Each batch with its SearchToken rows, extracted here or in ``workers`` processes
-    (at most ``workers`` + 1 batches in flight)."""
+def _extracted(batches: Iterator[Batch], workers: int) -> Iterator[tuple[Batch, list[Row]]]:
+    """Each batch with its SearchToken rows (tuples of field values), extracted here or in
+    ``workers`` processes (at most ``workers`` + 1 batches in flight)."""
     if workers <= 1:
         for batch in batches:
             yield batch, _extract(_bodies(batch))
@@ -151,31 +152,24 @@ def _extracted(batches: Iterator[Batch], workers: int) -> Iterator[tuple[Batch, 
             pending.append((batch, pool.submit(reindex_worker.extract_values, _bodies(batch))))
             if len(pending) > workers:
                 done, future = pending.popleft()
-                yield done, _tokens(future.result())
+                yield done, future.result()
         while pending:
             done, future = pending.popleft()
-            yield done, _tokens(future.result())
+            yield done, future.result()
 
 
 def _bodies(batch: Batch) -> list[tuple[str, str]]:
     return [(key, body) for key, _, deleted, body in batch if not deleted and body]
 
 
-def _extract(bodies: list[tuple[str, str]]) -> list[SearchToken]:
-    tokens: list[SearchToken] = []
+def _extract(bodies: list[tuple[str, str]]) -> list[Row]:
+    rows: list[Row] = []
     for key, body in bodies:
-        tokens.extend(extract_tokens(key, orjson.loads(body)))
-    return tokens
+        rows.extend(extract_rows(key, orjson.loads(body)))
+    return rows
 
 
-_FIELDS = [field.attname for field in SearchToken._meta.concrete_fields]
-
-
-def _tokens(values: list[tuple[Any, ...]]) -> list[SearchToken]:
-    return [SearchToken(**dict(zip(_FIELDS, row, strict=True))) for row in values]
-
-
-def _replace_tokens(batch: Batch, tokens: list[SearchToken]) -> int:
+def _replace_tokens(batch: Batch, tokens: list[Row]) -> int:
     versions = {key: version for key, version, _, _ in batch}
     with transaction.atomic():
         current = dict(
@@ -184,21 +178,21 @@ def _replace_tokens(batch: Batch, tokens: list[SearchToken]) -> int:
         unchanged = [key for key, version in versions.items() if current.get(key) == version]
         SearchToken.objects.filter(resource_key__in=unchanged).delete()
         kept = set(unchanged)
-        fresh = [t for t in tokens if t.resource_key in kept]
+        fresh = [row for row in tokens if row[1] in kept]  # row[1]: resource_key
         _insert_tokens(fresh)
     return len(fresh)
 
 
-def _insert_tokens(tokens: list[SearchToken]) -> None:
-    """Insert rows: ``COPY`` on PostgreSQL, ``bulk_create`` elsewhere."""
+def _insert_tokens(tokens: list[Row]) -> None:
+    """Insert rows: ``COPY`` on PostgreSQL, ``insert_values`` elsewhere."""
     connection = connections[router.db_for_write(SearchToken)]
     if connection.vendor != "postgresql":
-        SearchToken.objects.bulk_create(tokens, batch_size=1000)
+        insert_values(SearchToken, tokens)
         return
     fields = SearchToken._meta.concrete_fields
     table = connection.ops.quote_name(SearchToken._meta.db_table)
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     with connection.cursor() as cursor:
         with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-            for token in tokens:
-                copy.write_row([getattr(token, field.attname) for field in fields])
+            for row in tokens:
+                copy.write_row(row)

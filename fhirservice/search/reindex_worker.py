@@ -21,12 +21,6 @@ def extract_values(bodies: list[tuple[str, str]]) -> list[tuple[Any, ...]]:
     model field order (cheaper to send back than model instances)."""
     import orjson
 
-    from fhirservice.models import SearchToken
-    from fhirservice.search.extract import extract_tokens
+    from fhirservice.search.extract import extract_rows
 
-    names = [field.attname for field in SearchToken._meta.concrete_fields]
-    return [
-        tuple(getattr(token, name) for name in names)
-        for key, body in bodies
-        for token in extract_tokens(key, orjson.loads(body))
-    ]
+    return [row for key, body in bodies for row in extract_rows(key, orjson.loads(body))]
