@@ -40,10 +40,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from django.core.files import File
-from django.db.models import Q
+from django.db import connection
+from django.db.models import Case, F, IntegerField, Lookup, Q, Value, When
 
 from fhirservice.access import Access, acting_as
 from fhirservice.access.boundaries import visible_q
@@ -72,18 +73,26 @@ MSG_TYPE_FILTER_WRITTEN = "written in its version then"
 MSG_TYPE_FILTER_LEFT_OUT = "left out"
 
 
+# Where a version's lastUpdated falls for the job: inside its window, before ``_since``,
+# after ``_until``, or after the kick-off (then the version current at kick-off is written).
+IN_RANGE, BEFORE_SINCE, AFTER_UNTIL, AFTER_KICK_OFF = range(4)
+
+
 class Row(NamedTuple):
     """One version as the export reads it: the columns it needs, without a model instance
-    (building 10^5 model instances was a third of an export's time). ``current``: read from
-    the current rows (a Group's roster then comes as current), else from the history."""
+    (building 10^5 model instances was a third of an export's time). ``when``: where its
+    lastUpdated falls (IN_RANGE …), decided by the database for current rows rather than
+    by parsing a timestamp per row (4 of the 9 ms of CPU a 1,000-row chunk query cost on
+    PostgreSQL). ``current``: read from the current rows (a Group's roster then comes as
+    current), else from the history."""
 
     resource_type: str
     resource_id: str
     version_id: int
     incarnation: int
-    last_updated: datetime
     deleted: bool
     body: str
+    when: int
     current: bool
 
 
@@ -92,10 +101,30 @@ COLUMNS = (
     "resource_id",
     "version_id",
     "incarnation",
-    "last_updated",
     "deleted",
     "body",
 )
+
+
+class _AnyOf(Lookup):
+    """``field = ANY(%s)``: the values as one array parameter (PostgreSQL)."""
+
+    lookup_name = "export_any_of"
+    prepare_rhs = False
+
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+        """The condition and its parameters."""
+        lhs, params = self.process_lhs(compiler, connection)
+        return f"{lhs} = ANY(%s)", [*params, list(self.rhs)]
+
+
+def one_of(field: str, values: list[str]) -> Q | Lookup:
+    """``field IN values``; on PostgreSQL ``field = ANY`` of one array: psycopg binds
+    parameters on the client, and with 1,000 placeholders it parsed the query's text and
+    quoted each value on every chunk (a fifth of an export's CPU, bench.export)."""
+    if connection.vendor == "postgresql":
+        return _AnyOf(F(field), values)
+    return Q(**{f"{field}__in": values})
 
 
 class WorkerStopping(Exception):
@@ -110,19 +139,25 @@ class Part:
         self.number = 0
         self.file: IO[bytes] | None = None
         self.count = self.size = 0
+        self.max_bytes = fhir_settings.EXPORT_FILE_MAX_BYTES
 
     def write(self, chunks: bytes | Iterator[bytes]) -> None:
         """Append one resource as one line."""
         if self.file is None:
             self.file = tempfile.TemporaryFile()
             self.count = self.size = 0
-        for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
-            self.file.write(chunk)
-            self.size += len(chunk)
-        self.file.write(b"\n")
-        self.size += 1
+        if isinstance(chunks, bytes):
+            line = chunks + b"\n"  # one write call per line: most lines are one chunk
+            self.file.write(line)
+            self.size += len(line)
+        else:
+            for chunk in chunks:
+                self.file.write(chunk)
+                self.size += len(chunk)
+            self.file.write(b"\n")
+            self.size += 1
         self.count += 1
-        if self.size >= fhir_settings.EXPORT_FILE_MAX_BYTES:
+        if self.size >= self.max_bytes:
             self.save()
 
     def save(self) -> None:
@@ -202,29 +237,6 @@ class Writer:
             part.save()
 
 
-def _as_of(rows: list[Row], moment: datetime) -> list[Row]:
-    """Each row as it was at ``moment`` (rows changed since: their version then; rows
-    created since: left out)."""
-    out: list[Row] = []
-    for row in rows:
-        if row.last_updated <= moment:
-            out.append(row)
-            continue
-        then = (
-            ResourceVersion.objects.filter(
-                resource_type=row.resource_type,
-                resource_id=row.resource_id,
-                last_updated__lte=moment,
-            )
-            .order_by("-version_id")
-            .values_list(*COLUMNS)
-            .first()
-        )
-        if then is not None:
-            out.append(Row(*then, current=False))
-    return out
-
-
 class Export:
     """One attempt at one job."""
 
@@ -242,6 +254,14 @@ class Export:
         organization = job.organization if job.restricted else None
         self.access = Access(client_id=job.client_id, organization=organization, actor=job.actor)
         self._sees = self.access.sees
+        # _when's classification of a current row's lastUpdated, computed by the database.
+        whens = [
+            When(last_updated__gt=moment, then=Value(AFTER_KICK_OFF)),
+            When(last_updated__gt=self.until, then=Value(AFTER_UNTIL)),
+        ]
+        if self.request.since is not None:
+            whens.append(When(last_updated__lt=self.request.since, then=Value(BEFORE_SINCE)))
+        self._when_sql = Case(*whens, default=Value(IN_RANGE), output_field=IntegerField())
 
     def run(self) -> int:
         """Write the whole export; the number of resources written."""
@@ -255,19 +275,51 @@ class Export:
 
     # --- what is written of a batch of rows ------------------------------------------------
 
+    def _when(self, last_updated: datetime) -> int:
+        """Where a lastUpdated falls (the database's _when_sql, for history rows)."""
+        if last_updated > self.job.transaction_time:
+            return AFTER_KICK_OFF
+        if last_updated > self.until:
+            return AFTER_UNTIL
+        if self.request.since is not None and last_updated < self.request.since:
+            return BEFORE_SINCE
+        return IN_RANGE
+
+    def _as_of(self, rows: list[Row]) -> list[Row]:
+        """Each row as it was at transactionTime (rows changed since: their version then;
+        rows created since: left out)."""
+        out: list[Row] = []
+        for row in rows:
+            if row.when != AFTER_KICK_OFF:
+                out.append(row)
+                continue
+            then = (
+                ResourceVersion.objects.filter(
+                    resource_type=row.resource_type,
+                    resource_id=row.resource_id,
+                    last_updated__lte=self.job.transaction_time,
+                )
+                .order_by("-version_id")
+                .values_list(*COLUMNS, "last_updated")
+                .first()
+            )
+            if then is not None:
+                out.append(Row(*then[:-1], when=self._when(then[-1]), current=False))
+        return out
+
     def _emit(self, rows: list[Row], *, all_data: set[str] | None = None) -> None:
         """Write rows as of transactionTime, within ``_since``/``_until`` (keys in
         ``all_data`` ignore ``_since``), through the type's ``_typeFilter``."""
-        since = self.request.since
         live: list[Row] = []
-        for row in _as_of(rows, self.job.transaction_time):
-            if row.last_updated > self.until:
+        for row in self._as_of(rows):
+            if row.when == AFTER_UNTIL:
                 continue
-            key = f"{row.resource_type}/{row.resource_id}"
-            if since is not None and row.last_updated < since and key not in (all_data or ()):
+            if row.when == BEFORE_SINCE and (
+                f"{row.resource_type}/{row.resource_id}" not in (all_data or ())
+            ):
                 continue
             if row.deleted:
-                if since is not None:
+                if self.request.since is not None:
                     self.writer.deletion(row)
                 continue
             live.append(row)
@@ -300,7 +352,9 @@ class Export:
                 self.writer.warning(MSG_TYPE_FILTER_CURRENT.format(key=key, outcome=outcome))
         return kept
 
-    def _fetch(self, base: Q, *, order: str, limit: int | None = None) -> list[tuple[Row, str]]:
+    def _fetch(
+        self, base: Q | Lookup, *, order: str, limit: int | None = None
+    ) -> list[tuple[Row, str]]:
         """The rows of a batch query with their organizations, inside the client's boundary
         or not: live ones, plus tombstones where they matter (deleted since ``_since``, or
         after transactionTime).
@@ -312,12 +366,16 @@ class Export:
         rows = StoredResource.objects.filter(base)
         if self.request.since is None:
             rows = rows.filter(Q(deleted=False) | Q(last_updated__gt=self.job.transaction_time))
-        values = rows.order_by(order).values_list(*COLUMNS, "organization")
+        values = (
+            rows.annotate(export_when=self._when_sql)
+            .order_by(order)
+            .values_list(*COLUMNS, "export_when", "organization")
+        )
         if limit is not None:
             values = values[:limit]
         return [(Row(*columns[:-1], current=True), columns[-1]) for columns in values]
 
-    def _rows(self, base: Q, *, order: str) -> list[Row]:
+    def _rows(self, base: Q | Lookup, *, order: str) -> list[Row]:
         """The rows of a batch query the client may see (see :meth:`_fetch`)."""
         return [
             row for row, organization in self._fetch(base, order=order) if self._sees(organization)
@@ -363,17 +421,23 @@ class Export:
             ids = [patient_id for patient_id, _ in chunk]
             joined = {patient_id for patient_id, new in chunk if new}
             if "Patient" in types:
-                rows = self._rows(
-                    Q(resource_type="Patient", resource_id__in=ids), order="resource_id"
-                )
+                patient_keys = [f"Patient/{i}" for i in ids]
+                rows = self._rows(one_of("key", patient_keys), order="key")
                 self._emit(rows, all_data={f"Patient/{i}" for i in joined})
-            if linked is not None:
-                self._collect_linked(ids, joined, linked)
+            # One query for the compartments and the linked Patients (a second one per chunk
+            # was a tenth of an export's time).
+            link_types = compartment_types if linked is None else [*compartment_types, "Patient"]
             links = CompartmentLink.objects.filter(
-                patient_id__in=ids, resource_type__in=compartment_types
+                one_of("patient_id", ids), resource_type__in=link_types
             ).values_list("resource_type", "resource_key", "patient_id", "shared")
+            members = {f"Patient/{i}" for i in ids} if linked is not None else set()
             by_type: dict[str, dict[str, bool]] = {}
             for resource_type, key, patient_id, shared in links:
+                if resource_type == "Patient":
+                    # A Patient whose link names one of ids (but not among them).
+                    if linked is not None and key not in members:
+                        linked[key] = linked.get(key, False) or patient_id in joined
+                    continue
                 keys = by_type.setdefault(resource_type, {})
                 if key not in keys and shared:
                     if key in self.shared:
@@ -384,20 +448,12 @@ class Export:
                 keys = sorted(by_type[resource_type])
                 for start in range(0, len(keys), self.chunk):
                     batch = keys[start : start + self.chunk]
-                    rows = self._rows(Q(key__in=batch), order="key")
+                    rows = self._rows(one_of("key", batch), order="key")
                     self._emit(rows, all_data={k for k in batch if by_type[resource_type][k]})
             done += len(ids)
             self.writer.report(f"{done} patients, {self.writer.written} resources written")
         if linked:
             self._linked_patients(linked)
-
-    def _collect_linked(self, ids: list[str], joined: set[str], linked: dict[str, bool]) -> None:
-        """Add the Patients whose ``link`` names one of ``ids`` (but are not among them)."""
-        members = {f"Patient/{i}" for i in ids}
-        rows = CompartmentLink.objects.filter(patient_id__in=ids, resource_type="Patient")
-        for key, patient_id in rows.values_list("resource_key", "patient_id"):
-            if key not in members:
-                linked[key] = linked.get(key, False) or patient_id in joined
 
     def _linked_patients(self, linked: dict[str, bool]) -> None:
         """Write the linked Patients that are not exported Patients themselves (found by a
@@ -411,7 +467,7 @@ class Export:
         keys = sorted(linked)
         for start in range(0, len(keys), self.chunk):
             batch = keys[start : start + self.chunk]
-            rows = self._rows(Q(key__in=batch), order="key")
+            rows = self._rows(one_of("key", batch), order="key")
             self._emit(rows, all_data={key for key in batch if linked[key]})
         self.writer.report(f"linked Patients: {self.writer.written} resources written")
 

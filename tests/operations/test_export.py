@@ -411,6 +411,21 @@ def test_since_gives_all_data_of_members_who_joined_after_it(live_api, cohort):
     assert [b["entry"][0]["request"] for b in bundles] == [{"method": "DELETE", "url": deleted}]
 
 
+def test_until_leaves_out_what_changed_after_it(live_api, cohort):
+    first, second = cohort["patients"][:2]
+    until = (timezone.now() + timedelta(seconds=1)).replace(microsecond=0)
+    time.sleep(max(0.0, (until - timezone.now()).total_seconds()) + 0.05)
+    changed = cohort["observations"][first][0]
+    live_api.put(f"/{changed}", {**observation(first, "1234-5"), "id": changed.split("/")[1]})
+    stamp = until.isoformat().replace("+00:00", "Z")
+    status = kick_off(live_api, f"/Group/{cohort['group']}/$export?_until={stamp}")
+    run_jobs()
+    files = exported(live_api, manifest(live_api, status))
+    assert sorted(files["Patient"]) == sorted([first, second])
+    observations = [o for p in (first, second) for o in cohort["observations"][p]]
+    assert sorted(files["Observation"]) == sorted(o for o in observations if o != changed)
+
+
 def test_group_export_of_an_inline_roster(live_api, settings):
     # GROUP_ROSTER_STORAGE=inline: the roster is in the Group version's body, read as of the
     # kick-off and as of _since like a ClickHouse roster.
