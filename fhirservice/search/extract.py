@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -45,7 +45,7 @@ from fhirservice.conf import fhir_settings
 from fhirservice.fhir.definitions import search_parameters
 from fhirservice.models import SearchToken
 from fhirservice.search.dates import SEVERAL, span_class
-from fhirservice.search.paths import walker
+from fhirservice.search.paths import Walker, walker
 from fhirservice.search.values import MAX_VALUE, date_range, normalize_string
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Part:
     # The resource's top-level element the expression starts from, when it is a plain path:
     # a resource without that element has no value for it, so the engine is not asked.
     first: str | None
+    # The expression walked without the engine, when it is a member path.
+    walk: Walker | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def _part(resource_type: str, raw: dict[str, Any]) -> Part:
         expression=expression,
         resolve_types=frozenset(resolve) if resolve else None,
         first=match.group(1) if match and "|" not in expression else None,
+        walk=walker(resource_type, expression),
     )
 
 
@@ -451,7 +454,19 @@ class _Evaluator:
         self.body = body
         self.root: tuple[Any, ...] = (body["resourceType"], body)
         self.reference = reference
+        self.parts: dict[str, list[tuple[Any, ...]]] = {}
         self.cache: dict[tuple[int, str], list[tuple[Any, ...]]] = {}
+
+    def part_values(self, part: Part) -> list[tuple[Any, ...]]:
+        """What a parameter's expression selects from the resource."""
+        values = self.parts.get(part.expression)
+        if values is None:
+            if part.walk is not None and not self.reference:
+                values = part.walk(self.body)
+            else:
+                values = self._evaluate(self.root, part.expression, part.first)
+            self.parts[part.expression] = values
+        return values
 
     def values(
         self, found: tuple[Any, ...], expression: str, first: str | None
@@ -508,7 +523,6 @@ def extract_rows(resource_key: str, body: dict[str, Any], *, reference: bool = F
     """
     resource_type = body["resourceType"]
     evaluator = _Evaluator(body, reference=reference)
-    root = evaluator.root
     rows: list[Row] = []
     for param in _indexed_params(resource_type):
         name = param.name
@@ -537,7 +551,7 @@ def extract_rows(resource_key: str, body: dict[str, Any], *, reference: bool = F
         found = [
             cells
             for part in param.parts
-            for value in evaluator.values(root, part.expression, part.first)
+            for value in evaluator.part_values(part)
             for cells in typed_cells(param.type, value, part.resolve_types)
         ]
         span = None
@@ -571,7 +585,7 @@ def _composite_cells(evaluator: _Evaluator, param: Param) -> Iterator[tuple[str,
     occurrence of the parameter's expression counts when every component has a value."""
     occurrence = 0
     for part in param.parts:
-        for found in evaluator.values(evaluator.root, part.expression, part.first):
+        for found in evaluator.part_values(part):
             cells: list[tuple[int, Cells]] = []
             for index, component in enumerate(param.components):
                 component_cells = [

@@ -44,6 +44,7 @@ _STEP = re.compile(
 
 Value = tuple[str, Any]  # (type as the engine names it, JSON)
 Walker = Callable[[Any], list[Value]]
+Entries = tuple[tuple[str, str], ...]  # (JSON key, type) pairs of one element
 # A parsed step: ("member", name), ("of", type) or ("where", (field, literal)).
 Step = tuple[str, Any]
 
@@ -64,7 +65,7 @@ def walker(start: str, expression: str) -> Walker | None:
         if compiled is None:
             return None
         branches.append(compiled)
-    return _union(start, branches)
+    return _union(branches)
 
 
 def _parse(text: str) -> tuple[str | None, list[Step]] | None:
@@ -97,7 +98,7 @@ def _parse(text: str) -> tuple[str | None, list[Step]] | None:
     return start, steps
 
 
-def _member(model: str, name: str) -> tuple[tuple[str, str], ...] | None:
+def _member(model: str, name: str) -> Entries | None:
     """The (JSON key, type) pairs element ``name`` of ``model`` is stored under (several
     for a choice element: ``effectiveDateTime``, ``effectivePeriod``…); None if unknown."""
     full = f"{model}.{name}"
@@ -116,12 +117,17 @@ def _member(model: str, name: str) -> tuple[tuple[str, str], ...] | None:
 Operation = Callable[[list[Value]], list[Value]]
 
 
-def _compile(start: str, steps: list[Step]) -> list[Operation] | None:
-    """The operations of one branch, each taking and giving a list of values; the types a
-    step can meet are known here, so each table is looked up once per value."""
-    models = {start}
+def _compile(start: str, steps: list[Step]) -> Walker | None:
+    """The walker of one branch; the types each step can meet are known here, so each
+    step's table is looked up once per value."""
+    if not steps:
+        return lambda data: [(start, data)]
+    first = _member(start, steps[0][1])
+    if first is None:
+        return None
+    models = {model for _, model in first}
     operations: list[Operation] = []
-    for kind, argument in steps:
+    for kind, argument in steps[1:]:
         if kind == "member":
             table = {}
             for model in models:
@@ -142,23 +148,40 @@ def _compile(start: str, steps: list[Step]) -> list[Operation] | None:
                 if found is None or len(found) != 1 or found[0][1] not in _PRIMITIVES:
                     return None
             operations.append(_where_operation(field, literal))
-    return operations
+    if not operations:
+        return lambda data: _select(first, data)
+
+    def run(data: Any) -> list[Value]:
+        values = _select(first, data)
+        for operation in operations:
+            if not values:
+                break
+            values = operation(values)
+        return values
+
+    return run
 
 
-def _member_operation(table: dict[str, tuple[tuple[str, str], ...]]) -> Operation:
+def _select(entries: Entries, data: Any) -> list[Value]:
+    """The values of one element of ``data`` (a JSON object; anything else has none)."""
+    selected: list[Value] = []
+    if isinstance(data, dict):
+        for key, kind in entries:
+            value = data.get(key)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                selected.extend([(kind, item) for item in value if item is not None])
+            else:
+                selected.append((kind, value))
+    return selected
+
+
+def _member_operation(table: dict[str, Entries]) -> Operation:
     def member(values: list[Value]) -> list[Value]:
         selected: list[Value] = []
         for model, data in values:
-            if not isinstance(data, dict):
-                continue
-            for key, kind in table[model]:
-                value = data.get(key)
-                if value is None:
-                    continue
-                if isinstance(value, list):
-                    selected.extend([(kind, item) for item in value if item is not None])
-                else:
-                    selected.append((kind, value))
+            selected.extend(_select(table[model], data))
         return selected
 
     return member
@@ -182,20 +205,14 @@ def _where_operation(field: str, literal: str) -> Operation:
     return where
 
 
-def _union(start: str, branches: list[list[Operation]]) -> Walker:
-    if len(branches) == 1 and len(branches[0]) == 1:
-        only = branches[0][0]
-        return lambda data: only([(start, data)])
+def _union(branches: list[Walker]) -> Walker:
+    if len(branches) == 1:
+        return branches[0]
 
     def walk(data: Any) -> list[Value]:
         selected: list[Value] = []
-        for operations in branches:
-            values = [(start, data)]
-            for operation in operations:
-                if not values:
-                    break
-                values = operation(values)
-            selected.extend(values)
+        for branch in branches:
+            selected.extend(branch(data))
         return selected
 
     return walk
