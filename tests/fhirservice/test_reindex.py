@@ -94,6 +94,47 @@ def test_worker_processes_write_the_rows_one_process_writes(api, stored):
     assert len(ids(api, "/Patient?family=family")) == 3
 
 
+def test_rows_already_right_are_not_rewritten(api, stored):
+    reindex()
+    assert "(0 index rows written, 5 resources already up to date)" in reindex()
+    # One row gone wrong behind the store's back: its resource alone is rewritten.
+    key = f"Patient/{stored['p1']}"
+    rows = SearchToken.objects.filter(resource_key=key)
+    count = rows.count()
+    rows.filter(param="family").update(value="wrong")
+    assert f"({count} index rows written, 4 resources already up to date)" in reindex()
+    assert ids(api, "/Patient?family=family1") == {stored["p1"]}
+    assert ids(api, "/Patient?family=wrong") == set()
+
+
+def raw_index_rows() -> list[tuple]:
+    """Every SearchToken row as the database holds it (SQLite: dates as their text)."""
+    from django.db import connection
+
+    table = connection.ops.quote_name(SearchToken._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT * FROM {table} ORDER BY key")  # noqa: S608
+        return cursor.fetchall()
+
+
+def test_reindex_writes_the_rows_the_write_path_wrote(api):
+    """Rows written by the reindex's own SQL (COPY, executemany) equal, value for value as
+    stored, the rows a create wrote: dates, numbers, composites, deleted resources left out."""
+    pid = api.post("/Patient", patient(family="Dated", birthDate="1970-05-06")).body["id"]
+    body = observation(f"Patient/{pid}", "2000-1")
+    body["effectivePeriod"] = {"start": "2024-01-02T03:04:05.678+02:00", "end": "2024-02"}
+    body["valueQuantity"] = {"value": 1.5, "system": "http://unitsofmeasure.org", "code": "mg"}
+    api.post("/Observation", body)
+    gone = api.post("/Patient", patient(family="Gone")).body["id"]
+    api.delete(f"/Patient/{gone}")
+    written = raw_index_rows()
+    dated = SearchToken.objects.filter(resource_type="Observation", param="date")
+    assert dated.exclude(low=None).exists() and SearchToken.objects.exclude(number=None).exists()
+    SearchToken.objects.all().delete()
+    assert "3 resources" in reindex("--batch-size", "2")
+    assert raw_index_rows() == written
+
+
 @pytest.mark.parametrize(
     "args",
     [("--type", "Nonsense"), ("--batch-size", "0"), ("--limit", "-1"), ("--workers", "0")],

@@ -106,6 +106,7 @@ class Command(BaseCommand):
         state = "finished" if report.finished else f"stopped after {report.last_key}"
         self.stdout.write(
             self.style.SUCCESS(
-                f"Re-extracted {report.resources} resources ({report.rows} index rows), {state}."
+                f"Re-extracted {report.resources} resources ({report.rows} index rows written, "
+                f"{report.up_to_date} resources already up to date), {state}."
             )
         )
