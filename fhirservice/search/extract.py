@@ -2,7 +2,7 @@
 
 The parameters are the official R4 SearchParameters (``fhirservice.fhir.definitions``): each
 parameter's FHIRPath expression is evaluated on every written resource, walked over the JSON
-when it is a member path (``fhirservice.search.paths``: 2,384 of R4's 2,447), else by the
+when it is a member path (``fhirservice.search.paths``: all but 3 of R4's 2,295), else by the
 compiled expression of the engine (``fhirpathpy``, R4 model). Both report the FHIR type of
 each value found, and the value is indexed by that type into the columns of ``SearchToken``
 (the rows are plain tuples, inserted without model instances):
