@@ -15,6 +15,7 @@ import pytest
 from fhirservice.models import SearchToken
 from fhirservice.search.extract import COLUMNS, _indexed_params, extract_rows
 from fhirservice.search.paths import walker
+from fhirservice.store.rows import insert_values
 from tests.external import r4_examples
 
 
@@ -53,3 +54,23 @@ def test_the_walker_covers_the_expressions_of_the_common_types():
 
 def test_rows_are_in_the_models_field_order():
     assert COLUMNS == tuple(field.attname for field in SearchToken._meta.concrete_fields)
+
+
+def test_inserted_rows_read_back_as_extracted(db):
+    """``insert_values`` stores the tuples as the ORM would: dates (text on SQLite, the
+    open end of a Period included), numbers, spans, composite groups and parts read back
+    equal."""
+    body = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "Pulse"},
+        "subject": {"reference": "Patient/p1"},
+        "effectivePeriod": {"start": "2024-03-01T10:30:00+02:00"},
+        "valueQuantity": {"value": 72.5, "unit": "/min", "system": "http://unitsofmeasure.org"},
+        "component": [{"code": {"coding": [{"code": "a"}]}, "valueString": "x"}],
+    }
+    rows = extract_rows("Observation/x", body)
+    insert_values(SearchToken, rows)
+    stored = SearchToken.objects.filter(resource_key="Observation/x").values_list(*COLUMNS)
+    assert sorted(stored) == sorted(rows)
+    assert {row[3] for row in rows} >= {"date", "value-quantity", "code-value-quantity"}
