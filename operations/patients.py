@@ -18,9 +18,10 @@ from fhirservice import access
 from fhirservice.access.boundaries import visible_keys, with_organization
 from fhirservice.errors import BadRequest, Conflict, NotFound
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
-from fhirservice.search.extract import extract_tokens
+from fhirservice.search.extract import extract_rows
 from fhirservice.store import json
 from fhirservice.store.handlers import WriteContext
+from fhirservice.store.rows import insert_values
 from fhirservice.store.services import format_instant, now, resource_create
 
 MSG_NO_PATIENT = "No Patient has the identifier {system}|{value}"
@@ -215,7 +216,7 @@ def _bulk_create_patients(missing: dict[tuple[str, str], str], *, context: Write
                     **fields,
                 )
             )
-            tokens.extend(extract_tokens(key, body))
+            tokens.extend(extract_rows(key, body))
         StoredResource.objects.bulk_create(current)
         ResourceVersion.objects.bulk_create(versions)
-        SearchToken.objects.bulk_create(tokens)
+        insert_values(SearchToken, tokens)
