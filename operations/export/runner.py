@@ -106,8 +106,15 @@ COLUMNS = (
 )
 
 
+# Separates the values of one_of's single text parameter: a control character, which no id
+# or key holds (values with it fall back to the array below).
+_SEPARATOR = "\x1f"
+
+
 class _AnyOf(Lookup):
-    """``field = ANY(%s)``: the values as one array parameter (PostgreSQL)."""
+    """``field = ANY(…)``: the values as one parameter (PostgreSQL). Joined into one text
+    split by ``string_to_array``: psycopg quoted each element of a list parameter in
+    Python (15% of the worker's CPU after the change to ``= ANY``)."""
 
     lookup_name = "export_any_of"
     prepare_rhs = False
@@ -115,11 +122,17 @@ class _AnyOf(Lookup):
     def as_sql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
         """The condition and its parameters."""
         lhs, params = self.process_lhs(compiler, connection)
-        return f"{lhs} = ANY(%s)", [*params, list(self.rhs)]
+        values = list(self.rhs)
+        if any(_SEPARATOR in value for value in values):
+            return f"{lhs} = ANY(%s)", [*params, values]
+        return (
+            f"{lhs} = ANY(string_to_array(%s, %s))",
+            [*params, _SEPARATOR.join(values), _SEPARATOR],
+        )
 
 
 def one_of(field: str, values: list[str]) -> Q | Lookup:
-    """``field IN values``; on PostgreSQL ``field = ANY`` of one array: psycopg binds
+    """``field IN values``; on PostgreSQL ``field = ANY`` of one parameter: psycopg binds
     parameters on the client, and with 1,000 placeholders it parsed the query's text and
     quoted each value on every chunk (a fifth of an export's CPU, bench.export)."""
     if connection.vendor == "postgresql":

@@ -17,6 +17,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from fhirservice.models import StoredResource
 from operations.export import parameters as export_parameters
 from operations.export import runner as export_runner
 from operations.export import views
@@ -424,6 +425,18 @@ def test_until_leaves_out_what_changed_after_it(live_api, cohort):
     assert sorted(files["Patient"]) == sorted([first, second])
     observations = [o for p in (first, second) for o in cohort["observations"][p]]
     assert sorted(files["Observation"]) == sorted(o for o in observations if o != changed)
+
+
+def test_key_lists_select_exactly_their_keys(live_api, cohort):
+    # one_of: on PostgreSQL one text parameter split on a control character, or an array
+    # when a value holds that character; elsewhere IN.
+    first, second, third = cohort["patients"]
+    for keys, wanted in (
+        ([first, second], [first, second]),
+        ([third, f"{first}\x1f{second}"], [third]),  # split, it would name the other two
+    ):
+        found = StoredResource.objects.filter(export_runner.one_of("key", keys))
+        assert sorted(found.values_list("key", flat=True)) == sorted(wanted)
 
 
 def test_group_export_of_an_inline_roster(live_api, settings):
