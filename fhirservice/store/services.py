@@ -49,7 +49,7 @@ from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
-from fhirservice.store.rows import insert_rows, insert_values
+from fhirservice.store.rows import insert_rows, insert_values, row_by_key
 
 MSG_TYPE_MISMATCH = "The body's resourceType {found!r} does not match the URL's {expected!r}"
 MSG_ID_MISMATCH = "The body's id {found!r} does not match the URL's id {expected!r}"
@@ -228,13 +228,10 @@ def write_version(
 def current_row(key: str, *, lock: bool = False) -> StoredResource | None:
     """The current row of ``Type/id`` (locked until commit where the backend can), or None.
 
-    A slice rather than ``first()``: the key is the primary key, and first()'s ORDER BY cost
-    compiling on every read and write.
+    Through a statement compiled once per process (``rows.row_by_key``): the ORM's filter
+    and slice, compiled per call, cost more than running the query.
     """
-    queryset = StoredResource.objects.filter(key=key)
-    if lock:
-        queryset = db.lock_rows(queryset)
-    return next(iter(queryset[:1]), None)
+    return row_by_key(StoredResource, key, lock=lock)
 
 
 def _same_content(current: StoredResource, body: dict[str, Any] | None) -> bool:
