@@ -21,10 +21,12 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_safe
 from django_prometheus.middleware import PrometheusAfterMiddleware
+from django_prometheus.utils import Time
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -68,7 +70,43 @@ def _route_label(pattern: str) -> str:
 
 
 class RouteMetricsMiddleware(PrometheusAfterMiddleware):
-    """django-prometheus's request metrics labelled by route, plus the FHIR write counter."""
+    """django-prometheus's request metrics labelled by route, plus the FHIR write counter.
+
+    The same series as django-prometheus records, at less cost per request (its ~15 updates
+    were ~10% of a plain read's Django time): each labelled child is looked up once per
+    process instead of through ``labels()`` per update, and the request's headers are read
+    from ``META`` without building ``request.headers``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (metric, label items) -> child; bounded as the series are: methods, statuses, routes.
+        self._children: dict[tuple[Any, tuple[tuple[str, Any], ...]], Any] = {}
+
+    def label_metric(
+        self, metric: Any, request: HttpRequest, response: Any = None, **labels: Any
+    ) -> Any:
+        """The child of ``metric`` with these labels (the metric itself without labels)."""
+        if not labels:
+            return metric
+        key = (metric, tuple(labels.items()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, metric.labels(**labels))
+        return child
+
+    def process_request(self, request: HttpRequest) -> None:
+        """As django-prometheus's, reading the two headers it needs from ``META``."""
+        metrics = self.metrics
+        method = self._method(request)
+        self.label_metric(metrics.requests_by_method, request, method=method).inc()
+        transport = self._transport(request)
+        self.label_metric(metrics.requests_by_transport, request, transport=transport).inc()
+        if request.META.get("HTTP_X_REQUESTED_WITH") == "XMLHttpRequest":
+            metrics.requests_ajax.inc()
+        length = request.META.get("CONTENT_LENGTH") or ""
+        metrics.requests_body_bytes.observe(int(length) if length.isdigit() else 0)
+        request.prometheus_after_middleware_event = Time()
 
     def _get_view_name(self, request: HttpRequest) -> str:
         return route_of(request)
