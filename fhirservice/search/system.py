@@ -9,7 +9,8 @@ parameter some listed type lacks is a 400 naming the types (ignored under
 ``Prefer: handling=lenient``); so are ``_text``, ``_content``, ``_query`` and ``_filter``
 without ``_type``. Results are sorted by ``_id`` (the key ``Type/id``) or ``_lastUpdated``
 and keyset-paged like a type search; ``_include``/``_revinclude`` and chains are per type
-and are refused here, as is ``_has`` with ``_type``.
+and are refused here. ``_has`` with ``_type`` is searched on each listed type (400 when the
+reference cannot point at one of them).
 """
 
 from __future__ import annotations
@@ -97,11 +98,14 @@ def _check_param(name_mod: str, types: list[str] | None) -> str | None:
     """None when ``name_mod`` can be searched across ``types``; else the 400's text (or
     raises for what is refused whatever the handling)."""
     name = _base_name(name_mod)
-    reverse_chain = types is None and name_mod.startswith(HAS)
+    reverse_chain = name_mod.startswith(HAS)
     if name in INCLUDE_PARAMS or (is_chain(name_mod) and not reverse_chain):
         raise SearchNotSupported(MSG_SEVERAL_TYPES_UNSUPPORTED.format(name=name_mod))
+    if reverse_chain:
+        # Each listed type is searched with it (400 for a type its reference cannot reach).
+        return None
     if types is None:
-        if reverse_chain or name in common_params():
+        if name in common_params():
             return None
         return MSG_ALL_TYPES_PARAM.format(name=name)
     missing = [t for t in types if name not in COLUMN_SORTS and known_param(t, name) is None]

@@ -194,13 +194,17 @@ def test_without_type_has_finds_what_matching_resources_refer_to(api):
     lenient = api.get(query, headers=LENIENT)
     assert found(lenient) == [f"Patient/{pid}"]
     assert "_has" not in lenient.body["link"][0]["url"]
-    # With _type, _has and chains stay per type.
-    issue = assert_outcome(
-        api.get(f"?_type=Patient&_has:Observation:subject:code={mark}"),
+    # With _type each listed type is searched with it; a type the reference cannot reach
+    # (Observation.subject never points at a Basic) is a 400.
+    typed = api.get(f"?_type=Patient,Group&_has:Observation:subject:code=urn:codes|{mark}")
+    assert found(typed) == sorted([f"Group/{gid}", f"Patient/{pid}"])
+    only = api.get(f"?_type=Group&_has:Observation:subject:code=urn:codes|{mark}")
+    assert found(only) == [f"Group/{gid}"]
+    assert_outcome(
+        api.get(f"?_type=Patient,Basic&_has:Observation:subject:code={mark}"),
         400,
-        "MSG_PARAM_NOT_SUPPORTED",
+        "MSG_PARAM_INVALID",
     )
-    assert "_has" in issue["diagnostics"]
 
 
 @pytest.mark.parametrize("name", ["_text", "_content", "_query", "_filter", "gender"])
