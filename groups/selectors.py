@@ -110,15 +110,18 @@ def iter_roster_as_of(roster_key: str, *, as_of: int) -> Iterator[MemberState]:
             yield from (state for state in stream if state.present)
 
 
-def iter_members_for_render(roster_key: str, *, as_of: int | None = None) -> Iterator[Any]:
-    """The roster for a streamed read: each member as its JSON text (str) when ClickHouse
-    rendered it, else as a MemberState.
+def iter_members_for_render(
+    roster_key: str, *, as_of: int | None = None
+) -> Iterator[bytes | MemberState]:
+    """The roster for a streamed read, in reference order: runs of members as their JSON
+    elements joined by commas (bytes) where ClickHouse rendered them, the others as
+    MemberStates.
 
     The current roster with nothing pending is rendered by ClickHouse (the common case of a
     large GET); older versions and rosters with pending batches merge states in Python.
     """
     if as_of is None and not has_pending(roster_key):
-        return MemberEventRepository().iter_roster(roster_key, as_json=True)
+        return MemberEventRepository().iter_roster_json(roster_key)
     return iter_members(roster_key, as_of=as_of)
 
 

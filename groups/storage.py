@@ -240,20 +240,24 @@ class ClickHouseRosters(RosterStorage):
             return iter(())
 
         def chunks() -> Iterator[bytes]:
-            # Members go out RENDER_BATCH at a time, comma-joined: one chunk per member
-            # cost more in the response machinery than rendering it.
-            batch: list[str] = []
+            # Runs ClickHouse rendered go out as they came; members rendered here go out
+            # RENDER_BATCH at a time, comma-joined: one chunk per member cost more in the
+            # response machinery than rendering it.
+            batch: list[bytes] = []
             with clickhouse_required():
                 for item in chain([first], stream):
-                    if type(item) is str:
-                        batch.append(item)
-                    else:
-                        batch.append(render_member(*item.rendered()).decode())
+                    if type(item) is bytes:
+                        if batch:
+                            yield b",".join(batch)
+                            batch = []
+                        yield item
+                        continue
+                    batch.append(render_member(*item.rendered()))
                     if len(batch) == RENDER_BATCH:
-                        yield ",".join(batch).encode()
+                        yield b",".join(batch)
                         batch = []
             if batch:
-                yield ",".join(batch).encode()
+                yield b",".join(batch)
 
         return chunks()
 

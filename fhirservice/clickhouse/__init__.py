@@ -336,6 +336,23 @@ class ClickHouseClient(abc.ABC):
         ``contextlib.closing``) when stopping early.
         """
 
+    def execute_lines(
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> bytes:
+        """Run a query of one String column; its values as UTF-8 lines, each ending in a
+        newline, in result order (b"" for no rows).
+
+        For results the caller passes on as text (a roster rendered as JSON by ClickHouse):
+        chdb writes the lines itself (``TabSeparatedRaw``), so no row becomes a Python
+        object. The values must hold no newline.
+        """
+        rows = self.execute(sql, params, settings=settings)
+        return "".join(f"{row[0]}\n" for row in rows).encode()
+
     @abc.abstractmethod
     def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
         """Insert rows (tuples or lists, in ``columns`` order) in batches; return the count.

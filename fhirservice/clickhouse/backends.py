@@ -591,6 +591,18 @@ class ChdbClient(ClickHouseClient):
             data = session.query(query, _CHDB_RESULT_FORMAT).bytes()
         return _decode_block(data)
 
+    def execute_lines(
+        self,
+        sql: str,
+        params: dict[str, Any] | None = None,
+        *,
+        settings: dict[str, Any] | None = None,
+    ) -> bytes:
+        """The engine's ``TabSeparatedRaw`` output; see ``ClickHouseClient.execute_lines``."""
+        query = self._with_settings(self.bind(sql, params), settings)
+        with self._pool.connection() as session:
+            return session.query(query, "TabSeparatedRaw").bytes()
+
     def iter_rows(
         self,
         sql: str,

@@ -311,6 +311,15 @@ def test_iter_rows_of_an_empty_result(ch):
     assert ch.execute("SELECT number FROM numbers(3) WHERE number > 5") == []
 
 
+def test_execute_lines_gives_a_string_column_as_it_is(ch):
+    """One line per row, values unescaped (quotes, backslashes, UTF-8), b"" for no rows."""
+    value = "a\"b\\c\u00e4'{}"
+    sql = "SELECT concat(%(v)s, toString(number)) FROM numbers(3) ORDER BY number"
+    expected = "".join(f"{value}{n}\n" for n in range(3)).encode()
+    assert ch.execute_lines(sql, {"v": value}, settings={"max_threads": 1}) == expected
+    assert ch.execute_lines("SELECT 'x' FROM numbers(3) WHERE number > 5") == b""
+
+
 def test_iter_rows_converts_datetimes(ch):
     rows = list(
         ch.iter_rows(
