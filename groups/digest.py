@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,7 +202,7 @@ class DigestRegistry:
             digest.add(_held_hashes(orjson.loads(events)))
         db.on_commit(lambda: digest.advance(covered=covered, to=version))
 
-    def note_write(self, roster_key: str, version: int, events: list[list[Any]]) -> None:
+    def note_write(self, roster_key: str, version: int, events: Sequence[list[Any]]) -> None:
         """A write (in its transaction) stores these events as ``version`` of the roster;
         the roster's digest learns them when it commits."""
 
@@ -216,7 +216,7 @@ class DigestRegistry:
 
         db.on_commit(committed)
 
-    def note_new_roster(self, roster_key: str, version: int, events: list[list[Any]]) -> None:
+    def note_new_roster(self, roster_key: str, version: int, events: Sequence[list[Any]]) -> None:
         """A write (in its transaction) creates the roster with these events, its whole
         history, as ``version``; a roster too large to digest inside a later write gets its
         digest from them when the write commits.

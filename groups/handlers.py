@@ -24,6 +24,10 @@ class GroupHandler(ResourceHandler):
         """``member`` in clickhouse mode."""
         return roster_storage().external_element
 
+    def decode(self, data: bytes) -> Any:
+        """The Group as sent; its roster as the storage mode reads it."""
+        return roster_storage().decode(data)
+
     def prepare(self, body: dict[str, Any]) -> tuple[dict[str, Any], Replace]:
         """The Group to store and its incoming roster (the write's roster change)."""
         return roster_storage().prepare(body)

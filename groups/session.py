@@ -10,7 +10,7 @@ them, so (version, seq) orders every event of a roster, never the wall clock.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +165,7 @@ class RosterSession:
         self.overlay[ref] = None
         return True
 
-    def replace_all(self, incoming: dict[str, Member]) -> None:
+    def replace_all(self, incoming: Mapping[str, Member]) -> None:
         """Make the roster equal ``incoming``: remove, update and add what differs."""
         removed = []
         for state in self.members():
@@ -319,7 +319,7 @@ def apply_member_op(session: RosterSession, index: int, op: dict[str, Any]) -> N
 class Replace:
     """A whole incoming roster ({reference: Member}); None when the body had no ``member``."""
 
-    members: dict[str, Member] | None
+    members: Mapping[str, Member] | None
 
 
 @dataclass

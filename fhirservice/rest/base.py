@@ -32,7 +32,7 @@ from fhirservice.rest.negotiation import XML_BODY_TYPES, current_format
 from fhirservice.rest.renderers import FhirJsonRenderer, FhirXmlRenderer
 from fhirservice.rest.rendering import Body, is_streamed, reformat, render_resource
 from fhirservice.store import json
-from fhirservice.store.handlers import WriteContext
+from fhirservice.store.handlers import WriteContext, handler_for
 from fhirservice.store.services import WriteResult
 
 JSON_BODY_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
@@ -135,6 +135,17 @@ class FhirView(AccessControlledView, APIView):
         limits.check_control_characters(data)
         value = json.loads(data)
         limits.check_document(value, patch=patch, resource_type=self.kwargs.get("resource_type"))
+        return value
+
+    def read_resource(self) -> Any:
+        """The resource body of a create or update, as ``read_json`` checks it, decoded by
+        its type's handler (a Group's plain roster is read from the text, not decoded)."""
+        data = self.read_body()
+        limits.check_json_depth(data)
+        limits.check_control_characters(data)
+        resource_type = self.kwargs.get("resource_type")
+        value = handler_for(resource_type).decode(data) if resource_type else json.loads(data)
+        limits.check_document(value, patch=False, resource_type=resource_type)
         return value
 
     def if_match(self) -> int | None:

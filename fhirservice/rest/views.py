@@ -171,7 +171,7 @@ class TypeView(FhirView):
         # taken it apart (a 10^6-member Group's JSON objects are ~0.5 GB).
         result = resource_create(
             resource_type=resource_type,
-            body=self.read_json(),
+            body=self.read_resource(),
             context=self.write_context(),
             if_none_exist=request.META.get("HTTP_IF_NONE_EXIST"),
             assigned_id=getattr(request._request, "fhir_assigned_id", None),
@@ -183,7 +183,7 @@ class TypeView(FhirView):
         result = resource_conditional_update(
             resource_type=resource_type,
             query=request.META.get("QUERY_STRING"),
-            body=self.read_json(),
+            body=self.read_resource(),
             context=self.write_context(),
             if_match=self.if_match(),
             assigned_id=getattr(request._request, "fhir_assigned_id", None),
@@ -277,11 +277,10 @@ class InstanceView(FhirView):
 
     def put(self, request: Request, resource_type: str, resource_id: str) -> HttpResponse:
         """Update (or create with a client id when UPDATE_CREATE is on)."""
-        body = self.read_json()
         result = resource_update(
             resource_type=resource_type,
             resource_id=resource_id,
-            body=body,
+            body=self.read_resource(),
             context=self.write_context(),
             if_match=self.if_match(),
         )

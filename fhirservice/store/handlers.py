@@ -106,6 +106,10 @@ class ResourceHandler:
         """
         return None
 
+    def decode(self, data: bytes) -> Any:
+        """The JSON body of a create or update of this type, decoded (400 when malformed)."""
+        return loads(data)
+
     def prepare(self, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Validate ``body`` and split it into (stored body, payload)."""
         validate_resource(body)

@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from django.db import DatabaseError, connections
@@ -278,7 +278,7 @@ def after_commit(
     keys: list[str],
     *,
     events: int,
-    known: dict[str, list[list[Any]]] | None = None,
+    known: dict[str, Sequence[list[Any]]] | None = None,
 ) -> None:
     """Ship a committed write's batches (``events`` in all) as MEMBER_SHIPPING says.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -38,7 +38,7 @@ LEFT_BEHIND_AFTER = timedelta(seconds=30)
 
 
 def written_batches_ship(
-    written: dict[str, list[str]], known: dict[str, list[list[Any]]] | None = None
+    written: dict[str, list[str]], known: dict[str, Sequence[list[Any]]] | None = None
 ) -> None:
     """Ship writes' own batches (their keys by roster), and what earlier writes of those
     rosters left behind, together: a round of the background shipper covering many rosters
@@ -89,7 +89,7 @@ def member_batches_ship(
     roster_keys: list[str] | None = None,
     limit: int | None = None,
     check_existing: bool = False,
-    known: dict[str, list[list[Any]]] | None = None,
+    known: dict[str, Sequence[list[Any]]] | None = None,
 ) -> ShipReport:
     """Ship pending outbox batches to ClickHouse and mark them shipped.
 
@@ -148,7 +148,7 @@ def _windows(batches: list[MemberOutbox], size: int) -> Iterator[list[MemberOutb
 def _window_ship(
     repository: MemberEventRepository,
     window: list[MemberOutbox],
-    known: dict[str, list[list[Any]]],
+    known: dict[str, Sequence[list[Any]]],
     report: ShipReport,
     *,
     check_existing: bool,
@@ -222,7 +222,7 @@ def outbox_relay_round() -> bool:
     return not report.error
 
 
-def batch_event_rows(batch: MemberOutbox, events: list[list[Any]]) -> Iterator[tuple]:
+def batch_event_rows(batch: MemberOutbox, events: Sequence[list[Any]]) -> Iterator[tuple]:
     """ClickHouse event rows of one outbox batch (its decoded ``events``)."""
     for event in events:
         yield event_row(
@@ -238,7 +238,7 @@ def batch_event_rows(batch: MemberOutbox, events: list[list[Any]]) -> Iterator[t
 
 def _batches_mark_shipped(
     repository: MemberEventRepository,
-    group: list[tuple[MemberOutbox, list[list[Any]]]],
+    group: list[tuple[MemberOutbox, Sequence[list[Any]]]],
     report: ShipReport,
     *,
     insert: bool = True,
