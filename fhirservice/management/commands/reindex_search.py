@@ -7,7 +7,6 @@ an interrupted run continues after it; ``--restart`` starts over.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -22,8 +21,6 @@ from fhirservice.search.reindex import (
 )
 
 MSG_UNKNOWN_TYPE = "--type {type!r} is not an R4 resource type"
-# Extraction scales with cores; beyond a few the database's writes are the limit.
-MAX_DEFAULT_WORKERS = 4
 MSG_POSITIVE = "--{name} must be a positive whole number, not {value}"
 
 
@@ -49,9 +46,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--workers",
             type=int,
-            default=min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS),
-            help="Processes extracting values while this one writes rows (default: one per "
-            f"core, at most {MAX_DEFAULT_WORKERS}); 1 extracts in this process.",
+            # Extraction is ~70 us a resource since the path walker; the database's index
+            # writes bound a run, and a second worker gave nothing on 2 cores (bench/README).
+            default=1,
+            help="Processes extracting values while this one writes rows (default 1: "
+            "extraction in this process); more only pay where the database outruns one core.",
         )
         parser.add_argument(
             "--restart", action="store_true", help="Forget the checkpoint; start over."
