@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from fhirservice.clickhouse import ClickHouseClient, get_clickhouse
@@ -413,8 +414,9 @@ class MemberEventRepository:
             {"k": roster_key, "after": ""},
             settings=self._in_order(),
         )
+        value = itemgetter(0)
         for chunk in _chunked(rows, _RENDER_ROWS):
-            yield from self._rendered(roster_key, "".join(f"{row[0]}\n" for row in chunk).encode())
+            yield from self._rendered(roster_key, ("\n".join(map(value, chunk)) + "\n").encode())
 
     def _rendered(self, roster_key: str, lines: bytes) -> Iterator[bytes | MemberState]:
         """The items of ``iter_roster_json`` from lines of ``_JSON_OR_HEX`` values."""
