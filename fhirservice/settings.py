@@ -280,7 +280,11 @@ LOGGING = {
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-        "requests": {"class": "logging.StreamHandler", "formatter": "message"},
+        # Written on a thread of its own: the request thread only queues its line.
+        "requests": {
+            "class": "fhirservice.middleware.BackgroundStreamHandler",
+            "formatter": "message",
+        },
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="WARNING")},
     "loggers": {

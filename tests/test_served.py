@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -85,13 +86,36 @@ def test_probes_and_metrics_over_http(served):
     assert b'django_http_requests_latency_seconds_by_view_method_count{method="GET"' in body
 
 
+def lines_of(server: Served, request_id: str, wait: float = 10) -> list[dict]:
+    """The request log lines of ``request_id`` (written by a thread of their own: waits up to
+    ``wait`` seconds for the first)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = [line for line in log_lines(server) if line["request_id"] == request_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
 def test_each_request_logs_one_json_line_on_stderr(served):
     status, _ = fetch(f"{served.base}/metadata", headers={"X-Request-ID": "served-check-1"})
     assert status == 200
-    [line] = [line for line in log_lines(served) if line["request_id"] == "served-check-1"]
+    [line] = lines_of(served, "served-check-1")
     assert line["route"] == "/4_0_0/metadata"
     assert (line["method"], line["status"]) == ("GET", 200)
     assert line["bytes"] > 0
+
+
+def test_a_graceful_stop_keeps_every_request_line(tmp_path):
+    # The lines are queued for a writer thread: stopping the server (SIGTERM, as an
+    # orchestrator does) writes all of them before the worker exits.
+    with serve(tmp_path) as server:
+        for number in range(100):
+            status, _ = fetch(f"{server.root}/healthz", headers={"X-Request-ID": f"stop-{number}"})
+            assert status == 200
+        assert server.stop() == 0
+        ids = {line["request_id"] for line in log_lines(server)}
+    assert {f"stop-{number}" for number in range(100)} <= ids
 
 
 def test_a_bad_host_is_a_400_outcome_and_leaves_no_traceback(served):

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
+from django.conf import settings as django_settings
 from django.test import Client
+from django.utils.module_loading import import_string
 
 from fhirservice.rest.errors import MSG_BAD_HOST
 from groups.models import MemberOutbox
@@ -215,6 +219,49 @@ def test_the_log_line_names_the_client_with_access_control_on(db, settings, requ
     caller = make_client()
     assert caller.get("/Patient").status == 200
     assert request_lines[-1]["actor"] == caller.actor
+
+
+HELD_SECONDS = 2
+
+
+class HeldStream:
+    """A stream whose writes wait until the test releases it (a reader that stalls)."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.text = ""
+
+    def write(self, text: str) -> None:
+        self.released.wait(timeout=HELD_SECONDS)
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_request_log_is_written_off_the_request_thread():
+    # The request log's configured handler class, on a stream that holds every write: logging
+    # a line must not wait for it, and closing the handler writes every queued line.
+    handler_class = import_string(django_settings.LOGGING["handlers"]["requests"]["class"])
+    stream = HeldStream()
+    handler = handler_class(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("tests.request-log-off-thread")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        started = time.monotonic()
+        for number in range(3):
+            logger.warning("line %d", number)
+        assert time.monotonic() - started < HELD_SECONDS
+        assert stream.text == ""
+        stream.released.set()
+        handler.close()
+        assert stream.text == "line 0\nline 1\nline 2\n"
+    finally:
+        logger.removeHandler(handler)
+        stream.released.set()
+        handler.close()
 
 
 # --- a bad Host header ---------------------------------------------------------------------
