@@ -13,6 +13,8 @@ from fhirservice.conf import valid_clickhouse_url
 SUPPORTED_ENGINES = {
     "django.db.backends.sqlite3": "SQLite",
     "django.db.backends.postgresql": "PostgreSQL",
+    # What settings put in place of Django's PostgreSQL backend (its health check differs).
+    "fhirservice.pgbackend": "PostgreSQL",
     "django_mongodb_backend": "MongoDB",
 }
 

@@ -142,6 +142,10 @@ else:
     # PostgreSQL. FHIR_DB_CONN_MAX_AGE=0 restores that.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("FHIR_DB_CONN_MAX_AGE", default=600)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Django's, with a health check that polls the socket instead of sending SELECT 1
+        # before each request's first query (a round trip per request).
+        DATABASES["default"]["ENGINE"] = "fhirservice.pgbackend"
     if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         # Writers wait for the lock instead of failing at once; WAL lets readers run beside
         # the single writer.

@@ -171,7 +171,7 @@ def test_backend_urls_choose_the_backends(tmp_path):
     )
     assert postgres.returncode == 0, postgres.stderr
     assert postgres.stdout.split() == [
-        "django.db.backends.postgresql",
+        "fhirservice.pgbackend",
         "fhir",
         "db.example",
         "5433",
@@ -240,6 +240,7 @@ def check_ids(messages) -> list[str]:
         ("django.db.backends.sqlite3", "/var/db.sqlite3", []),
         ("django.db.backends.sqlite3", ":memory:", ["fhirservice.W001"]),
         ("django.db.backends.postgresql", "fhir", []),
+        ("fhirservice.pgbackend", "fhir", []),
         ("django_mongodb_backend", "fhir", []),
         ("django.db.backends.mysql", "fhir", ["fhirservice.E001"]),
         ("django.db.backends.oracle", "fhir", ["fhirservice.E001"]),
