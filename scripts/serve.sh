@@ -55,5 +55,10 @@ echo "Serving $base/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLI
 # The admin's CSS and scripts, gathered into STATIC_ROOT, which WhiteNoise serves: gunicorn
 # itself serves no static files.
 "$VENV/bin/python" manage.py collectstatic --noinput --verbosity 0
+# The worker's heartbeat file, touched on every request, on tmpfs where there is one (as in
+# the Docker image): on a disk or overlay file system each touch is file system work inside
+# the request's time.
+worker_tmp=
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then worker_tmp=/dev/shm; fi
 exec "$VENV/bin/gunicorn" fhirservice.wsgi:application --bind "127.0.0.1:${PORT}" \
-    --workers "$WORKERS" --threads 8
+    --workers "$WORKERS" --threads 8 ${worker_tmp:+--worker-tmp-dir "$worker_tmp"}
