@@ -82,7 +82,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    # Django's, for the admin only (FHIR requests neither add nor show messages).
+    "fhirservice.middleware.AdminMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Innermost: latency and status by route, and the FHIR write counter.
     "fhirservice.metrics.RouteMetricsMiddleware",
