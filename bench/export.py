@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.env import load_average, member_backend, metadata_backend, setup
 from bench.measure import RssWatch
+from bench.seed import store_rows
 
 OBSERVATIONS = 10
 BATCH = 20_000
@@ -152,29 +153,6 @@ def _meta(moment: str, organization: str) -> dict[str, Any]:
     from fhirservice.access.boundaries import with_organization
 
     return with_organization({"versionId": "1", "lastUpdated": moment}, organization)
-
-
-def store_rows(model: Any, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """Insert rows (values in ``columns`` order, as the database takes them) straight into
-    ``model``'s table: COPY on PostgreSQL, one ``executemany`` on SQLite, ``bulk_create``
-    elsewhere. Building model instances for ``bulk_create`` was most of the seeding's time
-    (628-812 s for 1.1·10^6 resources)."""
-    from django.db import connection, transaction
-
-    if connection.vendor not in ("postgresql", "sqlite"):
-        model.objects.bulk_create([model(**dict(zip(columns, row, strict=True))) for row in rows])
-        return
-    quote = connection.ops.quote_name
-    table = quote(model._meta.db_table)
-    names = ", ".join(quote(model._meta.get_field(column).column) for column in columns)
-    with transaction.atomic(), connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        else:
-            marks = ", ".join("%s" for _ in columns)
-            cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
 
 
 RESOURCE_COLUMNS = (

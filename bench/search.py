@@ -46,17 +46,18 @@ import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from bench import env
 from bench.http_api import HttpApi
+from bench.seed import store_rows
 from bench.server import Server
 
 LOINC = "http://loinc.org"
 CODES = [f"{8000 + n}-{n}" for n in range(10)]
 BATCH = 1000
+FAMILIES = 1000  # family names: each a thousandth of the Patients (of 10^5 and more)
 FHIR_JSON = "application/fhir+json"
 BUDGET_PAGE_MS = 50.0
 BUDGET_TOTAL_MS = 300.0
@@ -88,7 +89,7 @@ def patient(n: int) -> dict:
     return {
         "resourceType": "Patient",
         "identifier": [{"system": "urn:bench", "value": f"p{n}"}],
-        "name": [{"family": f"Family{n % 1000}", "given": [f"Given{n}"]}],
+        "name": [{"family": f"Family{n % FAMILIES}", "given": [f"Given{n}"]}],
         "gender": "female" if n % 2 else "male",
         "birthDate": f"{1940 + n % 60}-0{1 + n % 9}-1{n % 10}",
     }
@@ -107,28 +108,6 @@ RESOURCE_COLUMNS = (
     "organization",
 )
 VERSION_COLUMNS = (*RESOURCE_COLUMNS, "method", "request_id", "actor")
-
-
-def _write(model: Any, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """Insert rows (values in ``columns`` order) straight into ``model``'s table: COPY on
-    PostgreSQL, one ``executemany`` on SQLite (dates already as the ORM writes them),
-    ``bulk_create`` elsewhere."""
-    from django.db import connection
-
-    if connection.vendor not in ("postgresql", "sqlite"):
-        model.objects.bulk_create([model(**dict(zip(columns, row, strict=True))) for row in rows])
-        return
-    quote = connection.ops.quote_name
-    table = quote(model._meta.db_table)
-    names = ", ".join(quote(model._meta.get_field(column).column) for column in columns)
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            with cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        else:
-            marks = ", ".join("%s" for _ in columns)
-            cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)  # noqa: S608
 
 
 def _store(bodies: list[dict], extract_times: list[float]) -> None:
@@ -159,10 +138,10 @@ def _store(bodies: list[dict], extract_times: list[float]) -> None:
         text = orjson.dumps(body).decode()
         rows.append((key, body["resourceType"], body["id"], 1, moment, text, 1, False, ""))
     with transaction.atomic():
-        _write(StoredResource, RESOURCE_COLUMNS, rows)
+        store_rows(StoredResource, RESOURCE_COLUMNS, rows)
         history = [(f"{r[0]}/_history/1", *r[1:], "POST", "", "") for r in rows]
-        _write(ResourceVersion, VERSION_COLUMNS, history)
-        _write(SearchToken, COLUMNS, tokens)
+        store_rows(ResourceVersion, VERSION_COLUMNS, history)
+        store_rows(SearchToken, COLUMNS, tokens)
 
 
 @contextmanager
@@ -337,8 +316,8 @@ def main() -> None:
                 timed(
                     api,
                     [
-                        f"/Observation?subject:Patient.name=Family{rng.randrange(1000)}&_count=50"
-                        for _ in range(args.repeat)
+                        f"/Observation?subject:Patient.name=Family{family}&_count=50"
+                        for family in rng.choices(range(min(FAMILIES, len(ids))), k=args.repeat)
                     ],
                     args.repeat,
                 ),
