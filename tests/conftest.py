@@ -31,6 +31,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Shipping a test's writes queued in the background ends before its fixtures are torn
+    down: the shipper's recount holds a Group's row lock while it reads the versions, and the
+    TRUNCATE that empties a transactional test's database takes the same tables in the other
+    order (a deadlock seen in CI at the teardown of test_read_your_writes)."""
+    from groups.outbox import background
+
+    background.flush(timeout=60.0)  # a shipper still stuck then is the test's own finding
+
+
 @pytest.fixture(scope="session", autouse=True)
 def clickhouse_schema(django_db_blocker: Any) -> None:
     """The member event tables exist before any test runs.
