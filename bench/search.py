@@ -30,8 +30,8 @@ the client's wall time):
 
 At 10^6 resources use ``--patients 90910``. Seeding writes the rows with COPY (PostgreSQL)
 or one ``executemany`` per batch (SQLite) and builds the search index's secondary indexes
-after the load (dropped first, rebuilt from the model's definitions); it prints how long
-it took.
+after the load (``fhirservice.search.reindex_indexes``, as ``reindex_search`` rebuilding:
+dropped first, built again from the migrations' definitions); it prints how long it took.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import statistics
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -144,35 +143,21 @@ def _store(bodies: list[dict], extract_times: list[float]) -> None:
         store_rows(SearchToken, COLUMNS, tokens)
 
 
-@contextmanager
-def _index_built_after():
-    """The search index's secondary indexes dropped while the data is loaded and built
-    again (from the model's definitions) once it is in: one sorted build per index instead
-    of 10^7 random insertions into eight of them."""
-    from django.db import connection
-
-    from fhirservice.models import SearchToken
-
-    indexes = SearchToken._meta.indexes
-    with connection.schema_editor() as editor:
-        for index in indexes:
-            editor.remove_index(SearchToken, index)
-    try:
-        yield
-    finally:
-        started = time.perf_counter()
-        with connection.schema_editor() as editor:
-            for index in indexes:
-                editor.add_index(SearchToken, index)
-        print(f"  indexes built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-
-
 def build(patients: int) -> tuple[list[str], float]:
     """Store the data set; the patient ids and the extraction p50 (ms) while storing it."""
+    from django.db import connection
+
+    from fhirservice.search import reindex_indexes
+
     ids: list[str] = []
     extract_times: list[float] = []
+
+    def built(seconds: float) -> None:
+        print(f"  indexes built in {seconds:.0f} s", file=sys.stderr)
+
     started = time.perf_counter()
-    with _index_built_after():
+    # One sorted build per index after the load, instead of 10^7 random insertions.
+    with reindex_indexes.built_after(connection, built):
         for first in range(0, patients, BATCH):
             batch = []
             for n in range(first, min(first + BATCH, patients)):

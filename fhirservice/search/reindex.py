@@ -15,6 +15,15 @@ most) are left alone; for the rest, per batch one SELECT of the versions (a key 
 DELETE of the old rows, and the new rows in one ``COPY`` on PostgreSQL (psycopg formats
 each tuple in C; COPY text built in Python was ~3x slower) or multi-row INSERTs
 (``store.rows.insert_values``) on SQLite. Other backends (MongoDB) go through the ORM.
+
+A run that writes every row (over an empty index: nothing to compare with; or asked to
+rebuild) drops the search indexes first and builds each again once its scope is done, one
+sorted pass instead of a random insertion per row and index (``reindex_indexes``; ~2x an
+emptied index's rate at 22,000 resources, more at 10^6 where the indexes outgrow memory).
+The primary key and the indexes led by ``resource_key`` stay: rows come in key order, so
+their entries append, and every write (this one's DELETE too) finds a resource's rows by
+them. The missing indexes are the state that survives a crash: a run that finds them
+missing rebuilds, resuming after the checkpoint, and builds them when done.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +41,7 @@ from django.db import connections, router, transaction
 from django.utils import timezone
 
 from fhirservice.models import SearchReindexCheckpoint, SearchToken, StoredResource
-from fhirservice.search import reindex_worker
+from fhirservice.search import reindex_indexes, reindex_worker
 from fhirservice.search.extract import Row
 from fhirservice.store.rows import insert_values
 
@@ -43,7 +53,8 @@ class ReindexReport:
     """What a run did: resources re-extracted, rows written, resources whose rows were
     already right (not rewritten), the key it stopped after, and
     the seconds this process spent reading bodies and writing rows (the rest of a run is
-    extraction, or waiting for the workers' extraction)."""
+    extraction, or waiting for the workers' extraction); whether it rebuilt (every row
+    written, the search indexes dropped and built again) and the seconds the build took."""
 
     resources: int = 0
     rows: int = 0
@@ -52,6 +63,8 @@ class ReindexReport:
     up_to_date: int = 0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
+    rebuild: bool = False
+    index_seconds: float = 0.0
 
 
 def checkpoint_name(resource_type: str | None) -> str:
@@ -87,6 +100,7 @@ def search_reindex(
     batch_size: int = 500,
     limit: int | None = None,
     workers: int = 1,
+    rebuild: bool = False,
     progress: Progress | None = None,
 ) -> ReindexReport:
     """Re-extract the SearchToken rows of stored resources, resuming from the checkpoint.
@@ -94,6 +108,12 @@ def search_reindex(
     A resource rewritten while its batch is processed keeps the rows its writer stored: the
     batch replaces rows only of resources still at the version it read. ``workers`` > 1
     extracts in that many processes (see the module docstring).
+
+    A rebuild writes every row without comparing, into the table with its search indexes
+    dropped (``reindex_indexes``), and builds them again once the scope is done. A run
+    rebuilds when asked (``rebuild``), when it starts over an empty index (nothing to
+    compare with), or when it finds indexes missing: an earlier rebuild was interrupted,
+    and this run completes it.
     """
     name = checkpoint_name(resource_type)
     now = timezone.now()
@@ -105,28 +125,45 @@ def search_reindex(
         checkpoint.started_at = now
     report = ReindexReport(last_key=checkpoint.last_key)
     writer = _Writer(connections[router.db_for_write(SearchToken)])
+    report.rebuild = writer.raw and (
+        rebuild
+        or bool(reindex_indexes.missing(writer.connection))
+        or (not report.last_key and not SearchToken.objects.exists())
+    )
+    if report.rebuild:
+        # Saved first: should the run stop at once, the dropped indexes say a rebuild is
+        # under way and the checkpoint where it resumes.
+        checkpoint.save()
+        reindex_indexes.drop(writer.connection)
+        writer.rebuild = True
     batches = _batches(writer, resource_type, report.last_key, batch_size, limit, report)
-    for batch, rows in _extracted(batches, workers):
-        started = time.perf_counter()
-        with transaction.atomic(using=writer.connection.alias):
-            written, skipped = writer.replace(batch, rows)
-            report.rows += written
-            report.up_to_date += skipped
-            report.resources += len(batch)
-            report.last_key = batch[-1][0]
-            checkpoint.last_key = report.last_key
-            checkpoint.done += len(batch)
-            checkpoint.updated_at = timezone.now()
-            checkpoint.save()
-        report.write_seconds += time.perf_counter() - started
-        if progress is not None:
-            progress(len(batch), rows=report.rows, up_to_date=report.up_to_date)
+    with writer.session():
+        for batch, rows in _extracted(batches, workers):
+            started = time.perf_counter()
+            with transaction.atomic(using=writer.connection.alias):
+                written, skipped = writer.replace(batch, rows)
+                report.rows += written
+                report.up_to_date += skipped
+                report.resources += len(batch)
+                report.last_key = batch[-1][0]
+                checkpoint.last_key = report.last_key
+                checkpoint.done += len(batch)
+                checkpoint.updated_at = timezone.now()
+                checkpoint.save()
+            report.write_seconds += time.perf_counter() - started
+            if progress is not None:
+                progress(len(batch), rows=report.rows, up_to_date=report.up_to_date)
     report.finished = (
         limit is None
         or report.resources < limit
         or not _scope(resource_type, report.last_key).exists()
     )
     if report.finished:
+        if report.rebuild:
+            started = time.perf_counter()
+            reindex_indexes.build_missing(writer.connection)
+            writer.analyze()
+            report.index_seconds = time.perf_counter() - started
         checkpoint.finished_at = timezone.now()
         checkpoint.save()
     return report
@@ -210,6 +247,8 @@ class _Writer:
     def __init__(self, connection: Any) -> None:
         self.connection = connection
         self.vendor = connection.vendor
+        # Every row is written, none compared (a rebuild).
+        self.rebuild = False
         quote = connection.ops.quote_name
         stored = quote(StoredResource._meta.db_table)
         tokens = quote(SearchToken._meta.db_table)
@@ -219,11 +258,35 @@ class _Writer:
         self.versions_sql = f"SELECT key, version_id FROM {stored} WHERE key >= %s AND key <= %s"  # noqa: S608
         self.delete_sql = f"DELETE FROM {tokens} WHERE {resource_key} "  # noqa: S608
         self.copy_sql = f"COPY {tokens} ({columns}) FROM STDIN"
+        self.analyze_sql = f"ANALYZE {tokens}"
 
     @property
     def raw(self) -> bool:
         """Whether this backend takes the raw SQL."""
         return self.vendor in ("postgresql", "sqlite")
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """This connection's settings for a rebuild's load (PostgreSQL: commits do not wait
+        for their WAL flush; a crash loses at most the last batches, which the checkpoint
+        has not recorded either, and the index is rebuildable from the stored resources)."""
+        if not (self.rebuild and self.vendor == "postgresql"):
+            yield
+            return
+        with self.connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO off")
+        try:
+            yield
+        finally:
+            with self.connection.cursor() as cursor:
+                cursor.execute("RESET synchronous_commit")
+
+    def analyze(self) -> None:
+        """Planner statistics for the rebuilt table (PostgreSQL: the ones it had described
+        the table before the rebuild, perhaps empty)."""
+        if self.vendor == "postgresql":
+            with self.connection.cursor() as cursor:
+                cursor.execute(self.analyze_sql)
 
     def read(self, resource_type: str | None, after: str, size: int) -> Batch:
         """Up to ``size`` (key, version, deleted, body) after ``after``, in key order."""
@@ -261,7 +324,7 @@ class _Writer:
         fresh = [row for row in rows if row[_RESOURCE_KEY] in kept]
         # Resources whose stored rows are already these: nothing to rewrite (after a
         # definitions upgrade most are; rewriting a row costs its eight index entries).
-        same = _already_stored(unchanged, fresh)
+        same = set() if self.rebuild else _already_stored(unchanged, fresh)
         if same:
             unchanged = [key for key in unchanged if key not in same]
             fresh = [row for row in fresh if row[_RESOURCE_KEY] not in same]

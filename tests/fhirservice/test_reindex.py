@@ -13,6 +13,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from fhirservice.models import SearchReindexCheckpoint, SearchToken
+from fhirservice.search import reindex_indexes
 from tests.support import patient
 
 
@@ -142,3 +143,52 @@ def test_reindex_writes_the_rows_the_write_path_wrote(api):
 def test_bad_arguments_are_refused(db, args):
     with pytest.raises(CommandError):
         reindex(*args)
+
+
+def missing_indexes() -> list[str]:
+    """The search indexes the migrations define that the database lacks."""
+    from django.db import connection
+
+    return reindex_indexes.missing(connection)
+
+
+def test_a_rebuild_stopped_after_dropping_the_indexes_is_completed_by_the_next_run(api, stored):
+    """Over an empty index the run rebuilds: the search indexes are dropped for the load
+    and, when it stops early (as a killed run would), still missing; the next run finds
+    them missing, resumes the rebuild after the checkpoint and builds them at the end."""
+    assert "2 resources" in reindex("--limit", "2", "--batch-size", "1")
+    assert "tok_type_param_value" in missing_indexes()
+    assert "tok_resource" not in missing_indexes()  # every write's lookup stays
+    assert "3 resources" in reindex()
+    assert missing_indexes() == []
+    assert ids(api, "/Patient?family=family1") == {stored["p1"]}
+    assert ids(api, f"/Observation?subject=Patient/{stored['p0']}&code=1001-0") == {stored["o1"]}
+
+
+def test_indexes_missing_after_a_finished_run_are_built_by_the_next(api, stored):
+    """A run killed while building the indexes again (some built, its checkpoint at the
+    end): the next run rebuilds from the start and builds the rest."""
+    from django.db import connection
+
+    reindex()
+    rows = index_rows()
+    reindex_indexes.drop(connection)
+    assert missing_indexes() != []
+    assert "(0 index rows written" not in reindex()  # every row written again
+    assert missing_indexes() == []
+    assert index_rows() == rows
+
+
+def test_rows_after_a_rebuild_equal_rows_after_a_normal_reindex(api, stored):
+    body = observation(f"Patient/{stored['p1']}", "3000-1")
+    body["effectivePeriod"] = {"start": "2024-01-02T03:04:05.678+02:00", "end": "2024-02"}
+    body["valueQuantity"] = {"value": 1.5, "system": "http://unitsofmeasure.org", "code": "mg"}
+    api.post("/Observation", body)
+    assert "6 resources" in reindex("--batch-size", "2")
+    normal = raw_index_rows()
+    assert "(0 index rows written, 6 resources already up to date)" in reindex()
+    # --rebuild over the intact index: every row rewritten, none doubled.
+    out = reindex("--rebuild", "--batch-size", "2")
+    assert f"({len(normal)} index rows written, 0 resources already up to date)" in out
+    assert raw_index_rows() == normal
+    assert missing_indexes() == []
