@@ -124,20 +124,33 @@ def span_class(low: datetime, high: datetime) -> int:
 SOLE = tuple(range(WIDE + 1))
 
 
-def _spans_q(boxes: list[Box], spans: tuple[int, ...]) -> Q:
-    """Rows of the given ``span`` values in any of ``boxes``. A bound on ``high`` gives each
-    bounded class its own index range, with the bound on ``low`` the class implies; the
-    other spans share one range per box (``span IN (…)``)."""
-    condition = Q(pk__in=[])
+def _span_ranges(boxes: list[Box], spans: tuple[int, ...]) -> list[Q]:
+    """Rows of the given ``span`` values in any of ``boxes``, as the filters of index ranges
+    (OR'd, the rows meant). A bound on ``high`` gives each bounded class its own index range,
+    with the bound on ``low`` the class implies; the other spans share one range per box
+    (``span IN (…)``)."""
+    ranges = []
     for box in boxes:
         shared = spans
         if box.high_above is not None:
             shared = tuple(span for span in spans if span >= WIDE)
             for span in (span for span in spans if span < WIDE):
                 lowest = box.high_above - SPAN_WIDTHS[span]
-                condition |= Q(span=span, low__gte=lowest) & box.q()
+                ranges.append(Q(span=span, low__gte=lowest) & box.q())
         if shared:
-            condition |= Q(span__in=shared) & box.q()
+            ranges.append(Q(span__in=shared) & box.q())
+    return ranges
+
+
+def _spans_q(boxes: list[Box], spans: tuple[int, ...]) -> Q:
+    """Rows of the given ``span`` values in any of ``boxes`` (:func:`_span_ranges` OR'd)."""
+    return _any(_span_ranges(boxes, spans))
+
+
+def _any(conditions: list[Q]) -> Q:
+    condition = Q(pk__in=[])
+    for one in conditions:
+        condition |= one
     return condition
 
 
@@ -168,10 +181,10 @@ def date_rows(resource_type: str, name: str, conditions: list[list[Box]]) -> Que
             merged = None  # each condition then reads its own sole rows too
             break
     if len(conditions) == 1:
-        return rows.filter(_spans_q(conditions[0], (*SOLE, SEVERAL))).values("resource_key")
+        return _read_once(rows, _span_ranges(conditions[0], (*SOLE, SEVERAL)))
     several = rows.filter(span=SEVERAL)
     if merged is not None and not several.exists():
-        return rows.filter(_spans_q(merged, SOLE)).values("resource_key")
+        return _read_once(rows, _span_ranges(merged, SOLE))
     keys = None
     for alternatives in conditions:
         sole = _spans_q(merged if merged is not None else alternatives, SOLE)
@@ -179,3 +192,23 @@ def date_rows(resource_type: str, name: str, conditions: list[list[Box]]) -> Que
         keys = part if keys is None else keys.filter(resource_key__in=part.values("resource_key"))
     assert keys is not None
     return keys.values("resource_key")
+
+
+def _read_once(rows: QuerySet[SearchToken], ranges: list[Q]) -> QuerySet[SearchToken]:
+    """The keys of ``rows`` in any of ``ranges``; the ranges stay with the QuerySet (as
+    ``index_ranges``, see :func:`index_ranges`)."""
+    keys = rows.filter(_any(ranges)).values("resource_key")
+    keys.index_ranges = [rows.filter(one) for one in ranges]  # type: ignore[attr-defined]
+    return keys
+
+
+def index_ranges(keys: QuerySet[SearchToken]) -> list[QuerySet[SearchToken]] | None:
+    """The index ranges whose union is a date search's set of keys (:func:`date_rows`), or
+    None for any other set.
+
+    Read on their own, each is an index-only scan of ``(type, param, span, low, high,
+    resource_key)``. PostgreSQL reads their OR through a bitmap of the heap pages instead:
+    a week of 10^6 Observations is 17,000 rows on 15,000 pages (250 ms, against 45 ms for
+    the UNION of the ranges, EXPLAIN ANALYZE at load 10).
+    """
+    return getattr(keys, "index_ranges", None) or None

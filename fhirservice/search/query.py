@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
+from django.db import connection
 from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
@@ -34,7 +35,7 @@ from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES, is_resource_type
 from fhirservice.models import SearchToken, StoredResource
 from fhirservice.plugins import search_param
 from fhirservice.search.chain import chain_filter, is_chain
-from fhirservice.search.dates import Box, boxes_q, date_rows, prefix_boxes
+from fhirservice.search.dates import Box, boxes_q, date_rows, index_ranges, prefix_boxes
 from fhirservice.search.extract import (
     EARLIEST,
     UNSUPPORTED_PARAMS,
@@ -745,7 +746,25 @@ def _count(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> int:
     sets = _index_sets(spec)
     if sets is None:
         return queryset.count()
+    ranges = _ranges(sets)
+    if ranges is not None:
+        return _union(ranges).count()
     return _intersection(sets).distinct().count()
+
+
+def _ranges(sets: list[QuerySet[SearchToken]]) -> list[QuerySet[SearchToken]] | None:
+    """The index ranges of a search whose one set of index rows is a date search's
+    (fhirservice.search.dates.index_ranges), on the SQL stores; else None."""
+    if len(sets) != 1 or connection.vendor not in ("postgresql", "sqlite"):
+        return None
+    return index_ranges(sets[0])
+
+
+def _union(ranges: list[QuerySet[SearchToken]]) -> QuerySet[SearchToken]:
+    """The distinct keys of the rows in any of ``ranges``: a UNION, each range read on its own
+    (an index-only scan on PostgreSQL)."""
+    keys = [one.values_list("resource_key", flat=True) for one in ranges]
+    return keys[0].union(*keys[1:]) if len(keys) > 1 else keys[0].distinct()
 
 
 def _page_by_index(spec: SearchSpec, sets: list[QuerySet[SearchToken]]) -> list[StoredResource]:
@@ -753,17 +772,17 @@ def _page_by_index(spec: SearchSpec, sets: list[QuerySet[SearchToken]]) -> list[
     after the cursor, then those rows. A date range's matches come from the index in date
     order; joining all of them to StoredResource to keep 51 cost more than the search."""
     descending = spec.sort[0][1]
-    keys = (
-        _intersection(sets)
-        .order_by("-resource_key" if descending else "resource_key")
-        .values_list("resource_key", flat=True)
-        .distinct()
-    )
+    after = Q()
     if spec.cursor is not None:
         if len(spec.cursor) != 1 or not isinstance(spec.cursor[0], str):
             raise BadRequest(MSG_BAD_CURSOR, detail_code="MSG_PARAM_INVALID")
-        keys = keys.filter(**{f"resource_key__{'lt' if descending else 'gt'}": spec.cursor[0]})
-    page = list(keys[: spec.count + 1])
+        after = Q(**{f"resource_key__{'lt' if descending else 'gt'}": spec.cursor[0]})
+    ranges = _ranges(sets)
+    if ranges is not None:
+        keys = _union([one.filter(after) for one in ranges])
+    else:
+        keys = _intersection(sets).filter(after).values_list("resource_key", flat=True).distinct()
+    page = list(keys.order_by("-resource_key" if descending else "resource_key")[: spec.count + 1])
     found = StoredResource.objects.filter(
         key__in=page, resource_type=spec.resource_type, deleted=False
     ).in_bulk()

@@ -13,10 +13,13 @@ from urllib.parse import urlencode
 
 import pytest
 from django.apps import apps
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from fhirservice.models import SearchToken
 from fhirservice.search.dates import SEVERAL
 from fhirservice.search.extract import extract_tokens
+from fhirservice.search.query import parse_search, run_search
 
 SERVER = "http://testserver/4_0_0"
 
@@ -125,6 +128,35 @@ def test_a_date_range_pages_in_id_order_through_every_match(api):
     assert page_through(api, f"/Observation?{query}&_sort=-_id") == (inside[::-1], 7)
     only_dates = "date=ge2024-03-03&date=lt2024-03-10&_count=3"
     assert page_through(api, f"/Observation?{only_dates}") == (inside, 7)
+
+
+def test_a_date_search_alone_reads_its_index_ranges_as_one_union(api):
+    """Its page and total come from the UNION of the index ranges (each read on its own, no
+    bitmap of heap pages on PostgreSQL): the same matches, counted once each, in both
+    orders and across pages, where ranges overlap (ne) and a resource matches on two rows."""
+    made = {
+        "two values": api.post(
+            "/Encounter", encounter(("2024-01-10", "2024-01-12"), ("2024-06-01", "2024-06-03"))
+        ).body["id"],
+        "march": api.post("/Encounter", encounter(("2024-03-05", "2024-03-07"))).body["id"],
+        "a day": api.post(
+            "/Encounter", encounter(("2024-04-02T08:00:00Z", "2024-04-02T09:00:00Z"))
+        ).body["id"],
+    }
+    started = encounter(("2023-12-01", "2023-12-02"))
+    del started["location"][0]["period"]["end"]  # still going: wider than any class
+    made["open"] = api.post("/Encounter", started).body["id"]
+    query = "location-period=ne2024-03-06&_count=1"
+    expected = sorted(made.values())
+    assert page_through(api, f"/Encounter?{query}") == (expected, 4)
+    assert page_through(api, f"/Encounter?{query}&_sort=-_id") == (expected[::-1], 4)
+    expected = sorted(made[name] for name in ("march", "open"))
+    assert page_through(api, "/Encounter?location-period=ap2024-03-06") == (expected, 2)
+    spec = parse_search("Encounter", [("location-period", "ne2024-03-06")], strict=True)
+    with CaptureQueriesContext(connection) as queries:
+        assert len(run_search(spec).rows) == 4
+    reads = [q["sql"] for q in queries.captured_queries if "span" in q["sql"]]
+    assert len(reads) == 2 and all(" UNION " in sql for sql in reads)  # the total, the page
 
 
 def test_the_migration_classifies_date_rows_stored_before_the_column(api, monkeypatch):
