@@ -256,6 +256,13 @@ class _Writer:
         resource_key = quote(SearchToken._meta.get_field("resource_key").column)
         self.read_sql = f"SELECT key, version_id, deleted, body FROM {stored} WHERE key > %s"  # noqa: S608
         self.versions_sql = f"SELECT key, version_id FROM {stored} WHERE key >= %s AND key <= %s"  # noqa: S608
+        if self.vendor == "postgresql":
+            # Until the batch commits, a writer of these resources (it locks the row first,
+            # then replaces the rows) waits; one already under way is waited for, and its
+            # new version read. Unlocked, a write committed between this read and the
+            # DELETE had its rows deleted and the old version's copied in. (SQLite: the
+            # batch's transaction holds the database's write lock from its start.)
+            self.versions_sql += " FOR SHARE"
         self.delete_sql = f"DELETE FROM {tokens} WHERE {resource_key} "  # noqa: S608
         self.copy_sql = f"COPY {tokens} ({columns}) FROM STDIN"
         self.analyze_sql = f"ANALYZE {tokens}"

@@ -7,6 +7,7 @@ checkpoint; ``--type`` limits it to one type; bad arguments are refused.
 
 from __future__ import annotations
 
+import json
 from io import StringIO
 
 import pytest
@@ -192,3 +193,62 @@ def test_rows_after_a_rebuild_equal_rows_after_a_normal_reindex(api, stored):
     assert f"({len(normal)} index rows written, 0 resources already up to date)" in out
     assert raw_index_rows() == normal
     assert missing_indexes() == []
+
+
+def test_a_write_under_way_during_a_batch_keeps_its_rows(live_api):
+    """A write holding its resource's row (locked, new version and rows written, not yet
+    committed) while a batch replaces that resource's rows: the batch waits for it and
+    leaves the new version's rows. Unlocked, the batch read the old version (its stored rows
+    gone wrong, so they are replaced), its DELETE missed the rows the write committed and
+    its INSERT collided with them."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from fhirservice.models import StoredResource
+    from fhirservice.search.extract import extract_rows
+    from fhirservice.store.rows import insert_values
+
+    pid = live_api.post("/Patient", patient(family="Before")).body["id"]
+    key = f"Patient/{pid}"
+    SearchToken.objects.filter(resource_key=key, param="family").update(value="wrong")
+    locked, release, outcome = threading.Event(), threading.Event(), {}
+
+    def write() -> None:
+        try:
+            with transaction.atomic():
+                row = StoredResource.objects.select_for_update().get(key=key)
+                body = json.loads(row.body)
+                body["name"] = [{"family": "After"}]
+                StoredResource.objects.filter(key=key).update(
+                    body=json.dumps(body), version_id=row.version_id + 1
+                )
+                SearchToken.objects.filter(resource_key=key).delete()
+                insert_values(SearchToken, extract_rows(key, body))
+                locked.set()
+                release.wait(10)
+        finally:
+            locked.set()
+            connection.close()
+
+    def run_reindex() -> None:
+        try:
+            outcome["out"] = reindex()
+        except Exception as error:  # the test's assertion reports it
+            outcome["error"] = error
+        finally:
+            connection.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert locked.wait(10)
+    reindexer = threading.Thread(target=run_reindex)
+    reindexer.start()
+    reindexer.join(1)  # the batch reaches the locked row and waits
+    release.set()
+    writer.join(10)
+    reindexer.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    assert "1 resources" in outcome["out"]
+    assert ids(live_api, "/Patient?family=after") == {pid}
+    assert ids(live_api, "/Patient?family=before") == set()
