@@ -131,8 +131,8 @@ def test_a_date_range_pages_in_id_order_through_every_match(api):
 
 
 def test_a_date_search_alone_reads_its_index_ranges_as_one_union(api):
-    """Its page and total come from the UNION of the index ranges (each read on its own, no
-    bitmap of heap pages on PostgreSQL): the same matches, counted once each, in both
+    """On PostgreSQL its page and total come from the UNION of the index ranges (each read on
+    its own, no bitmap of heap pages): the same matches, counted once each, in both
     orders and across pages, where ranges overlap (ne) and a resource matches on two rows."""
     made = {
         "two values": api.post(
@@ -156,7 +156,8 @@ def test_a_date_search_alone_reads_its_index_ranges_as_one_union(api):
     with CaptureQueriesContext(connection) as queries:
         assert len(run_search(spec).rows) == 4
     reads = [q["sql"] for q in queries.captured_queries if "span" in q["sql"]]
-    assert len(reads) == 2 and all(" UNION " in sql for sql in reads)  # the total, the page
+    union = connection.vendor == "postgresql"  # SQLite reads the OR from the index already
+    assert len(reads) == 2 and all((" UNION " in sql) == union for sql in reads)
 
 
 def test_the_migration_classifies_date_rows_stored_before_the_column(api, monkeypatch):
