@@ -25,7 +25,13 @@ class FhirServiceConfig(AppConfig):
         """Fail fast on bad FHIR_SERVICE values; prepare the binding check at start-up."""
         fhir_settings.validate_all()
         gc.set_threshold(*GC_THRESHOLDS)
+        from fhirservice.access import authentication
         from fhirservice.fhir import bindings
-        from fhirservice.serving import service_starting
+        from fhirservice.serving import request_thread_starting, service_starting
+        from fhirservice.store import services
 
         service_starting.connect(bindings.warm_up, dispatch_uid="fhirservice.bindings.warm_up")
+        request_thread_starting.connect(
+            authentication.warm_up, dispatch_uid="fhirservice.authentication.warm_up"
+        )
+        request_thread_starting.connect(services.warm_up, dispatch_uid="fhirservice.store.warm_up")

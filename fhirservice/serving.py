@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
+from concurrent import futures
 
-from django.db import connections
+from django.db import close_old_connections, connections
 from django.dispatch import Signal
+from django.urls import URLResolver, get_resolver
 
 from fhirservice.clickhouse import ClickHouseUnavailable, get_clickhouse
 
@@ -32,6 +35,13 @@ service_starting = Signal()
 # Sent once per server process as it exits, after its last request, while both stores are
 # still open; receivers take keyword arguments only and must bound their own time.
 service_stopping = Signal()
+# Sent once in each request thread of a server process before it serves, on that thread's
+# own metadata connection; receivers take keyword arguments only and write nothing.
+request_thread_starting = Signal()
+
+# The longest wait for the request threads' warm-up (gunicorn gives a booting worker 30 s
+# before it counts as hung; the digests' warm-up may already have taken 5).
+THREADS_SECONDS = 10.0
 
 
 def warm_up() -> None:
@@ -41,6 +51,7 @@ def warm_up() -> None:
         get_clickhouse()
     except ClickHouseUnavailable:
         logger.warning("ClickHouse is unavailable at start; its client opens on first use")
+    _compile_url_patterns(get_resolver())
     for receiver, result in service_starting.send_robust(sender=None):
         if isinstance(result, Exception):
             logger.error("Warm-up step %r failed", receiver, exc_info=result)
@@ -50,6 +61,57 @@ def warm_up() -> None:
     # twice (warm_up called again) would run the receivers twice.
     atexit.unregister(service_stop)
     atexit.register(service_stop)
+
+
+def _compile_url_patterns(resolver: URLResolver) -> None:
+    """Compile every URL pattern's regular expression (Django compiles each on its first
+    match attempt: ~1 ms of the first requests whose paths reach the FHIR patterns)."""
+    for pattern in resolver.url_patterns:
+        pattern.pattern.regex  # noqa: B018 - the property compiles and keeps it
+        if isinstance(pattern, URLResolver):
+            _compile_url_patterns(pattern)
+
+
+def warm_request_threads(pool: futures.Executor | None, threads: int) -> int:
+    """Warm each of the ``threads`` threads of ``pool`` (gunicorn's ``gthread`` pool) with
+    :func:`request_thread_warm_up`, or this thread when ``pool`` is None (a ``sync`` worker
+    serves on its main thread); how many threads were warmed within ``THREADS_SECONDS``.
+
+    A pool starts a thread per task until it has ``threads`` of them, but hands a task to an
+    idle thread when there is one: every task waits at a barrier until all have started,
+    so each runs on a thread of its own and the pool ends up with all of its threads.
+    """
+    if pool is None:
+        request_thread_warm_up()
+        return 1
+    barrier = threading.Barrier(threads)
+    tasks = [pool.submit(_warm_at, barrier) for _ in range(threads)]
+    done, _ = futures.wait(tasks, timeout=THREADS_SECONDS)
+    warmed = sum(1 for task in done if task.exception() is None)
+    if warmed < threads:
+        barrier.abort()  # a thread still waiting gives up; requests warm what is left
+        logger.warning("Warmed %d of %d request threads before serving", warmed, threads)
+    return warmed
+
+
+def _warm_at(barrier: threading.Barrier) -> None:
+    barrier.wait(THREADS_SECONDS)
+    request_thread_warm_up()
+
+
+def request_thread_warm_up() -> None:
+    """Open this thread's metadata connections and send ``request_thread_starting``, then
+    close what Django would close at the end of a request (all of them with
+    ``CONN_MAX_AGE=0``); a failing step is logged (the first request then does it)."""
+    for alias in connections:
+        try:
+            connections[alias].ensure_connection()
+        except Exception:
+            logger.exception("Request thread warm-up: opening the %r connection failed", alias)
+    for receiver, result in request_thread_starting.send_robust(sender=None):
+        if isinstance(result, Exception):
+            logger.error("Request thread warm-up step %r failed", receiver, exc_info=result)
+    close_old_connections()
 
 
 def service_stop() -> None:

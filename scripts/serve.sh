@@ -60,5 +60,8 @@ echo "Serving $base/. Defaults: SQLite + chdb under var/ (set DATABASE_URL / CLI
 # the request's time.
 worker_tmp=
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then worker_tmp=/dev/shm; fi
+# fhirservice.gunicorn_conf: each request thread opens its metadata connection before the
+# worker accepts a connection (fhirservice.serving.warm_request_threads).
 exec "$VENV/bin/gunicorn" fhirservice.wsgi:application --bind "127.0.0.1:${PORT}" \
+    --config python:fhirservice.gunicorn_conf \
     --workers "$WORKERS" --threads 8 ${worker_tmp:+--worker-tmp-dir "$worker_tmp"}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.db import IntegrityError
+from django.db import IntegrityError, connections, router, transaction
 from django.utils import timezone
 
 from fhirservice import access, db
@@ -232,6 +232,17 @@ def current_row(key: str, *, lock: bool = False) -> StoredResource | None:
     and slice, compiled per call, cost more than running the query.
     """
     return row_by_key(StoredResource, key, lock=lock)
+
+
+def warm_up(**_: Any) -> None:
+    """Look up a key no resource has, plain and locked, once on this thread's connection:
+    both statements are compiled for the process and a new PostgreSQL session reads the
+    table's catalog entries now rather than in a request. A ``request_thread_starting``
+    receiver (``fhirservice.serving``)."""
+    current_row("")
+    if connections[router.db_for_write(StoredResource)].features.has_select_for_update:
+        with transaction.atomic():
+            current_row("", lock=True)
 
 
 def _same_content(current: StoredResource, body: dict[str, Any] | None) -> bool:
