@@ -14,7 +14,9 @@ operations' look-ups, ``Group?member=`` and ``$group-memberships``. Every Group 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
+from functools import cache
 from itertools import chain
 from typing import Any
 
@@ -26,6 +28,7 @@ from fhirservice.errors import MSG_TOO_MANY_PATCH_OPS as MSG_TOO_MANY_OPS
 from fhirservice.errors import BadRequest, Conflict, NotFound, TooCostly
 from fhirservice.fhir.validation import validate_resource
 from fhirservice.models import StoredResource
+from fhirservice.search.extract import search_params
 from fhirservice.store.content import apply_json_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite
 from fhirservice.store.json import loads
@@ -67,6 +70,9 @@ MSG_NOT_BACKFILLED = (
 )
 # Members per chunk of a streamed roster.
 RENDER_BATCH = 1000
+# ``quantity`` as an element of a search parameter's FHIRPath expression.
+_QUANTITY_PATH = re.compile(r"\.quantity\b")
+_ABSENT = object()
 
 
 def parse_roster(members: Any) -> Mapping[str, Member]:
@@ -110,6 +116,30 @@ def _page_of(
         if active is None or (not member.inactive) == active:
             page.append(MemberState(*member, pos=0, present=True))
     return page
+
+
+@cache
+def _quantity_searchable() -> bool:
+    """Whether a search parameter of Group reads ``quantity`` (none of R4's does)."""
+    return any(
+        _QUANTITY_PATH.search(part.expression)
+        for param in search_params("Group").values()
+        for part in param.parts
+    )
+
+
+def _same_searchable(previous: dict[str, Any], body: dict[str, Any] | None) -> bool:
+    """Whether a new Group body (without server meta) leaves every element a search
+    parameter reads as ``previous`` (a stored body) has it: equal but for ``quantity``,
+    which the roster write sets and no search parameter reads. Then the write keeps the
+    stored search values instead of extracting both versions' to compare (PATCH +1 and
+    $add-member change nothing else)."""
+    if body is None or _quantity_searchable():
+        return False
+    before = without_server_meta(previous)
+    return len(before) - ("quantity" in before) == len(body) - ("quantity" in body) and all(
+        key == "quantity" or body.get(key, _ABSENT) == value for key, value in before.items()
+    )
 
 
 def _refuse_if_inline(row: Any) -> None:
@@ -208,9 +238,12 @@ class ClickHouseRosters(RosterStorage):
         members_written_mark(draft.context)
 
     def write(self, write: VersionWrite, change: RosterChange) -> None:
-        """Turn the change into member events in the outbox; set quantity and ``changed``."""
+        """Turn the change into member events in the outbox; set quantity, ``changed`` and
+        ``same_search_values``."""
         previous_alive = write.previous is not None and not write.previous.deleted
-        previous_quantity = loads(write.previous.body).get("quantity", 0) if previous_alive else 0
+        previous_body = loads(write.previous.body) if previous_alive else {}
+        previous_quantity = previous_body.get("quantity", 0)
+        write.same_search_values = previous_alive and _same_searchable(previous_body, write.body)
         if isinstance(change, Replace) and change.members is None:
             if write.method == "PUT" and previous_alive and fhir_settings.GROUP_PUT_KEEPS_ROSTER:
                 write.body = {**write.body, "quantity": previous_quantity}

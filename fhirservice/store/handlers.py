@@ -8,8 +8,9 @@ and/or listens to :data:`resource_saved`:
   payload handled elsewhere (the Group roster), and validates both;
 - ``resource_saved`` is sent inside the write transaction for every new version, once its
   number is known and before its rows are persisted. Receivers may write rows of their own in
-  the same transaction, set server-computed elements on ``write.body`` (Group.quantity), and
-  set ``write.changed`` when they changed state that the body does not show.
+  the same transaction, set server-computed elements on ``write.body`` (Group.quantity),
+  set ``write.changed`` when they changed state that the body does not show, and set
+  ``write.same_search_values`` when the write left every searchable element as it was.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class VersionWrite:
     payload: Any = None
     deleted: bool = False
     changed: bool = False
+    # Set by a type's write path that knows no element a search parameter reads changed
+    # from ``previous`` (a Group roster write changes only ``quantity``): the stored search
+    # values are kept without extracting them twice to compare.
+    same_search_values: bool = False
 
     @property
     def key(self) -> str:

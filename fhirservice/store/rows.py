@@ -12,6 +12,8 @@ conversion the ORM applies too. Other backends (MongoDB) take ``bulk_create``.
 ``filter(pk=...)[:1]`` per call was about a third of a plain read's Django time, more than
 running the statement. The ORM compiles it once (so the SQL, columns and locking clause are
 its own) and each call binds the key and applies the backend's converters to the values.
+:func:`update_row` is the compare-and-set UPDATE of a new version: ``filter().update()``
+compiled per call was ~8% of a served Group PATCH's CPU.
 """
 
 from __future__ import annotations
@@ -163,3 +165,45 @@ def _lookup(model: type[Model], alias: str, lock: bool) -> tuple[str, list[tuple
     if params != (KEY_SLOT,):
         raise ValueError(MSG_LOOKUP_COMPILED.format(model=model.__name__, params=params))
     return sql, [(column.target.attname, column) for column, _, _ in compiler.select]
+
+
+def update_row(
+    model: type[Model], key: Any, *, where: dict[str, Any], values: dict[str, Any]
+) -> int:
+    """``UPDATE`` the row of ``model`` whose primary key is ``key`` and whose fields equal
+    ``where`` (a compare-and-set), setting ``values``; the number of rows updated (0 or 1).
+
+    The statement is built once per model and field names; each value goes through its
+    field's ``get_db_prep_save`` (``where`` values through ``get_db_prep_value``, as the ORM's
+    ``exact`` lookup does; none may be None)."""
+    connection = connections[router.db_for_write(model)]
+    if connection.vendor not in SQL_VENDORS:
+        return model._default_manager.filter(pk=key, **where).update(**values)
+    sql, set_fields, where_fields = _update(model, connection.alias, tuple(values), tuple(where))
+    params = (
+        [field.get_db_prep_save(values[field.name], connection) for field in set_fields]
+        + [key]
+        + [field.get_db_prep_value(where[field.name], connection) for field in where_fields]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+@cache
+def _update(
+    model: type[Model], alias: str, names: tuple[str, ...], where: tuple[str, ...]
+) -> tuple[str, tuple[Any, ...], tuple[Any, ...]]:
+    """``UPDATE table SET ... WHERE pk = %s AND ...`` and the fields of its parameters."""
+    quote = connections[alias].ops.quote_name
+    meta = model._meta
+    set_fields = tuple(meta.get_field(name) for name in names)
+    where_fields = tuple(meta.get_field(name) for name in where)
+    assignments = ", ".join(f"{quote(field.column)} = %s" for field in set_fields)
+    conditions = " AND ".join(
+        [f"{quote(meta.pk.column)} = %s"]
+        + [f"{quote(field.column)} = %s" for field in where_fields]
+    )
+    # Names from the model's own metadata, quoted; every value is a bound parameter.
+    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {conditions}"  # noqa: S608
+    return sql, set_fields, where_fields

@@ -49,7 +49,7 @@ from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
-from fhirservice.store.rows import insert_rows, insert_values, row_by_key
+from fhirservice.store.rows import insert_rows, insert_values, row_by_key, update_row
 
 MSG_TYPE_MISMATCH = "The body's resourceType {found!r} does not match the URL's {expected!r}"
 MSG_ID_MISMATCH = "The body's id {found!r} does not match the URL's id {expected!r}"
@@ -287,9 +287,9 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
     if current is None:
         insert_rows(StoredResource, [row])
     else:
-        updated = StoredResource.objects.filter(
-            key=draft.key, version_id=current.version_id
-        ).update(**fields)
+        updated = update_row(
+            StoredResource, draft.key, where={"version_id": current.version_id}, values=fields
+        )
         if updated != 1:
             raise VersionRace(draft.key)
     version = ResourceVersion(
@@ -302,12 +302,19 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         **fields,
     )
     insert_rows(ResourceVersion, [version])
+    if draft.same_search_values and not draft.deleted and _has_tokens(current):
+        return row
     tokens = extract_rows(draft.key, draft.body) if draft.body is not None else []
     if not _same_tokens(current, tokens):
         if current is not None:  # a first version has no tokens to replace
             SearchToken.objects.filter(resource_key=draft.key).delete()
         insert_values(SearchToken, tokens)
     return row
+
+
+def _has_tokens(current: StoredResource | None) -> bool:
+    """Whether the stored search tokens are those of ``current``'s body (a live version)."""
+    return current is not None and not current.deleted and bool(current.body)
 
 
 def _same_tokens(current: StoredResource | None, tokens: list[Row]) -> bool:
@@ -317,7 +324,7 @@ def _same_tokens(current: StoredResource | None, tokens: list[Row]) -> bool:
     parameter indexes: rewriting its tokens cost two statements per write (a third of a
     PATCH adding one member on PostgreSQL).
     """
-    if current is None or current.deleted or not current.body:
+    if not _has_tokens(current):
         return False
     return extract_rows(current.key, json.loads(current.body)) == tokens
 

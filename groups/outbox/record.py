@@ -15,6 +15,7 @@ from django.utils import timezone
 from fhirservice import db
 from fhirservice.conf import fhir_settings
 from fhirservice.store.handlers import VersionWrite
+from fhirservice.store.rows import insert_rows
 from groups.digest import digests
 from groups.models import MemberOutbox
 from groups.outbox import background
@@ -51,7 +52,9 @@ def member_events_record(
         # UNNEST(array), and psycopg escapes array elements in Python (a regex substitution
         # per quote character): 4 s for one 10^5-member create's 6 MB of events, 0.2 s this
         # way. Each row's JSON goes once it is stored (a 10^6-member create's is ~67 MB).
-        row.save(force_insert=True)
+        # Through the statement compiled once per process (``rows.insert_rows``): the ORM's
+        # ``save`` (signals, the insert compiler) was ~7% of a served PATCH +1's CPU.
+        insert_rows(MemberOutbox, [row])
         keys.append(row.key)
     digests.note_write(roster, write.version_id, events)
     known = None
