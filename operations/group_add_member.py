@@ -76,7 +76,7 @@ def handle(
     period = params.period or {}
 
     def region(tx: Region) -> tuple[str, int]:
-        group = tx.read("Group", resource_id)
+        group = tx.read("Group", resource_id, lock=True)  # first: see Region.read
         tx.expect(group, params.group_version)
         if params.identifier is not None:
             patient = patient_by_identifier(params.identifier)

@@ -72,7 +72,7 @@ def handle(
     params = RemoveMemberParams.from_values(values)
 
     def region(tx: Region) -> int:
-        group = tx.read("Group", resource_id)
+        group = tx.read("Group", resource_id, lock=True)  # first: see Region.read
         tx.expect(group, params.group_version)
         ref = (
             patient_by_identifier(params.identifier)

@@ -47,10 +47,20 @@ class Region:
     def __init__(self, context: WriteContext) -> None:
         self.context = context
         self.read_versions: dict[str, int] = {}
+        self.written: dict[str, int] = {}
 
-    def read(self, resource_type: str, resource_id: str) -> StoredResource:
-        """Read a current resource (404/410 as usual) and remember its version."""
-        row = resource_read(resource_type=resource_type, resource_id=resource_id)
+    def read(self, resource_type: str, resource_id: str, *, lock: bool = False) -> StoredResource:
+        """Read a current resource (404/410 as usual) and remember its version.
+
+        ``lock``: the row is locked until commit (PostgreSQL ``FOR UPDATE``), for the one
+        resource a region writes, read first. A serializable transaction's snapshot starts
+        at its first statement: read unlocked, the row could be changed by a concurrent
+        writer (a PATCH) while the region looks up its Patient, and the region's write then
+        failed ("could not serialize access due to concurrent update") and ran again from
+        the start. Locked first, such a writer waits for the region instead, and a region
+        that waited and lost is retried having spent one statement.
+        """
+        row = resource_read(resource_type=resource_type, resource_id=resource_id, lock=lock)
         self.read_versions.setdefault(row.key, row.version_id)
         return row
 
@@ -62,18 +72,25 @@ class Region:
             )
 
     def wrote(self, key: str, version: int) -> None:
-        """Record that the region itself produced ``version`` of ``key``."""
-        self.read_versions[key] = version
+        """Record that the region itself produced ``version`` of ``key``.
+
+        Its write was a compare-and-set on the version it replaced, and the row stays the
+        region's until commit (PostgreSQL's row lock, SQLite's one writer, MongoDB's write
+        conflicts), so :meth:`verify` does not read it again.
+        """
+        self.written[key] = version
 
     def verify(self) -> None:
-        """Re-check every read version; raise RegionRace when one changed."""
-        current = dict(
-            StoredResource.objects.filter(key__in=list(self.read_versions)).values_list(
-                "key", "version_id"
-            )
-        )
-        for key, version in self.read_versions.items():
-            if current.get(key) != version:
+        """Re-check every version read and not written since; raise RegionRace when one
+        changed. A region that only read what it wrote sends no statement: re-reading its
+        own write was a statement per $add-member, and one more read that PostgreSQL's
+        serializable isolation tracks against every concurrent writer."""
+        keys = [key for key in self.read_versions if key not in self.written]
+        if not keys:
+            return
+        current = dict(StoredResource.objects.filter(key__in=keys).values_list("key", "version_id"))
+        for key in keys:
+            if current.get(key) != self.read_versions[key]:
                 raise RegionRace(key)
 
 

@@ -29,11 +29,12 @@ from fhirservice.store.services import check_id, check_type, current_row
 MSG_BAD_SINCE = "_since must be an instant, e.g. 2026-01-01T00:00:00Z: {value!r}"
 
 
-def resource_read(*, resource_type: str, resource_id: str) -> StoredResource:
-    """The current version; 404 when unknown, 410 when deleted."""
+def resource_read(*, resource_type: str, resource_id: str, lock: bool = False) -> StoredResource:
+    """The current version; 404 when unknown, 410 when deleted. ``lock``: the row locked
+    until the transaction commits, where the backend locks rows (``current_row``)."""
     check_type(resource_type)
     check_id(resource_id)
-    row = current_row(f"{resource_type}/{resource_id}")
+    row = current_row(f"{resource_type}/{resource_id}", lock=lock)
     if row is None or not is_visible(row):
         raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
     if row.deleted:
