@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.migrations.loader import MigrationLoader
 from django.db.models import Index
 
@@ -36,6 +38,9 @@ LOOKUP_COLUMN = "resource_key"
 # PostgreSQL memory for sorting an index build in this session (the default 64 MB spills
 # a 10^7-row build to disk in several runs).
 PG_BUILD_MEMORY = "256MB"
+# PostgreSQL sessions building indexes at once (22,000 resources: 5.7-6.8 s in two against
+# 7.3-8.0 s in one, each with its parallel workers, 2 cores at load 17).
+BUILD_SESSIONS = 2
 
 
 def _state_model(connection: Any) -> Any:
@@ -87,18 +92,41 @@ def drop(connection: Any) -> list[str]:
 
 def build_missing(connection: Any) -> list[str]:
     """Create every index of the migration state missing from the database, each in its own
-    transaction (PostgreSQL: with more sort memory for this session); their names."""
+    transaction (PostgreSQL: with more sort memory, and in ``BUILD_SESSIONS`` sessions at
+    once outside a transaction); their names."""
     model = _state_model(connection)
     present = _existing(connection, model)
     todo = [index for index in model._meta.indexes if index.name not in present]
     if not todo:
         return []
+    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+        # Builds of one table run side by side (each takes a SHARE lock, which they share);
+        # one build's serial phases (its final merge, writing the index) leave cores idle
+        # that another's sort uses. Inside a transaction other sessions would not see its
+        # rows (and would wait for its locks), so it builds alone.
+        shares = [todo[n::BUILD_SESSIONS] for n in range(BUILD_SESSIONS)]
+        with ThreadPoolExecutor(BUILD_SESSIONS) as pool:
+            list(pool.map(partial(_build_in_own_session, connection.alias, model), shares))
+    else:
+        _build(connection, model, todo)
+    return [index.name for index in todo]
+
+
+def _build(connection: Any, model: Any, indexes: list[Index]) -> None:
     editor = _editor(connection)
     with _build_session(connection):
-        for index in todo:
+        for index in indexes:
             with transaction.atomic(using=connection.alias):
                 editor.execute(index.create_sql(model, editor))
-    return [index.name for index in todo]
+
+
+def _build_in_own_session(alias: str, model: Any, indexes: list[Index]) -> None:
+    """``_build`` in this thread's own connection (Django's are per thread), closed after."""
+    connection = connections[alias]
+    try:
+        _build(connection, model, indexes)
+    finally:
+        connection.close()
 
 
 def _editor(connection: Any) -> Any:

@@ -252,3 +252,26 @@ def test_a_write_under_way_during_a_batch_keeps_its_rows(live_api):
     assert "1 resources" in outcome["out"]
     assert ids(live_api, "/Patient?family=after") == {pid}
     assert ids(live_api, "/Patient?family=before") == set()
+
+
+@pytest.fixture
+def indexes_restored():
+    """The search indexes exist after the test whatever it left: a committing test's
+    database is emptied afterwards, not rolled back."""
+    from django.db import connection
+
+    yield
+    reindex_indexes.build_missing(connection)
+
+
+def test_a_rebuild_of_committed_rows_builds_its_indexes_in_several_sessions(
+    live_api, indexes_restored
+):
+    """Outside a transaction PostgreSQL builds the indexes in several sessions at once
+    (other connections see the rows); every index exists afterwards and finds its rows."""
+    made = {n: live_api.post("/Patient", patient(family=f"Built{n}")).body["id"] for n in range(3)}
+    SearchToken.objects.all().delete()
+    out = reindex()
+    assert "3 resources" in out and "rebuilt" in out
+    assert missing_indexes() == []
+    assert ids(live_api, "/Patient?family=built1") == {made[1]}
