@@ -66,8 +66,9 @@ class Command(BaseCommand):
             "--rebuild",
             action="store_true",
             help="Write every row without comparing, the search indexes dropped and built "
-            "again at the end (done anyway over an empty index). Searches are slow until the "
-            "run finishes; an interrupted rebuild is completed by the next run.",
+            "again at the end (done anyway over an empty index; PostgreSQL and SQLite). "
+            "Searches are slow until the run finishes; an interrupted rebuild is completed by "
+            "the next run.",
         )
         parser.add_argument(
             "--dry-run", action="store_true", help="Say how many resources a run would visit."
