@@ -22,6 +22,7 @@ import logging
 import threading
 from concurrent import futures
 
+from django.apps import apps
 from django.db import close_old_connections, connections
 from django.dispatch import Signal
 from django.urls import URLResolver, get_resolver
@@ -52,6 +53,7 @@ def warm_up() -> None:
     except ClickHouseUnavailable:
         logger.warning("ClickHouse is unavailable at start; its client opens on first use")
     _compile_url_patterns(get_resolver())
+    _fill_model_caches()
     for receiver, result in service_starting.send_robust(sender=None):
         if isinstance(result, Exception):
             logger.error("Warm-up step %r failed", receiver, exc_info=result)
@@ -70,6 +72,15 @@ def _compile_url_patterns(resolver: URLResolver) -> None:
         pattern.pattern.regex  # noqa: B018 - the property compiles and keeps it
         if isinstance(pattern, URLResolver):
             _compile_url_patterns(pattern)
+
+
+def _fill_model_caches() -> None:
+    """Fill the field caches of every model (Django fills each on first use; the reverse
+    relation tree walks all models: ~0.5 ms of the first write of a server process)."""
+    for model in apps.get_models():
+        model._meta.concrete_fields  # noqa: B018 - cached properties, filled once
+        model._meta.fields_map  # noqa: B018
+        model._meta.related_objects  # noqa: B018
 
 
 def warm_request_threads(pool: futures.Executor | None, threads: int) -> int:

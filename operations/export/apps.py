@@ -33,5 +33,6 @@ class ExportConfig(AppConfig):
         resource_saved.connect(
             compartment.on_resource_saved, dispatch_uid="export.compartment_index"
         )
+        service_starting.connect(compartment.warm_up, dispatch_uid="export.compartment_warm_up")
         service_starting.connect(worker.worker_thread_start, dispatch_uid="export.worker")
         service_stopping.connect(worker.worker_thread_stop, dispatch_uid="export.worker")

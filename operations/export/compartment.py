@@ -56,6 +56,12 @@ def patient_compartment() -> dict[str, tuple[tuple[str, ...], ...]]:
     return out
 
 
+def warm_up(**_: Any) -> None:
+    """Build :func:`patient_compartment` before the first write needs it (~0.3 ms of the
+    first write of a server process). A ``service_starting`` receiver."""
+    patient_compartment()
+
+
 def _walk(value: Any, path: tuple[str, ...]) -> Iterator[Any]:
     if isinstance(value, list):
         for item in value:

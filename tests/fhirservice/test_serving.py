@@ -72,3 +72,42 @@ def test_the_warm_up_runs_once_on_each_thread(transactional_db, threads):
     finally:
         request_thread_starting.disconnect(dispatch_uid="test_serving")
     assert len(set(seen)) == len(seen) == threads
+
+
+def url_patterns(resolver) -> list:
+    """Every pattern below ``resolver`` (resolvers included)."""
+    from django.urls import URLResolver
+
+    found = []
+    for pattern in resolver.url_patterns:
+        found.append(pattern)
+        if isinstance(pattern, URLResolver):
+            found.extend(url_patterns(pattern))
+    return found
+
+
+def test_the_start_up_fills_what_the_first_write_used_to_fill(transactional_db):
+    # Process-wide caches Django and the export index fill on first use: URL regexes
+    # (~1 ms), model field maps and the reverse relation tree (~0.5 ms), the Patient
+    # compartment table (~0.3 ms) of the first write after a restart.
+    from django.apps import apps
+    from django.conf import settings
+    from django.test import override_settings
+    from django.urls import get_resolver
+
+    from fhirservice.serving import warm_up
+    from operations.export.compartment import patient_compartment
+
+    patterns = url_patterns(get_resolver())
+    for pattern in patterns:
+        pattern.pattern.__dict__.pop("regex", None)
+    for model in apps.get_models():
+        model._meta._expire_cache()
+    patient_compartment.cache_clear()
+    # Without the process's background threads (relay, export worker): not this test's.
+    quiet = {**(settings.FHIR_SERVICE or {}), "EXPORT_WORKER_THREAD": False}
+    with override_settings(FHIR_SERVICE={**quiet, "MEMBER_RELAY_INTERVAL": 0}):
+        warm_up()
+    assert all("regex" in pattern.pattern.__dict__ for pattern in patterns)
+    assert all("related_objects" in model._meta.__dict__ for model in apps.get_models())
+    assert patient_compartment.cache_info().currsize == 1
