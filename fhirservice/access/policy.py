@@ -35,6 +35,7 @@ from rest_framework.request import Request
 
 from fhirservice.access import Access, activate, deactivate
 from fhirservice.access.authentication import (
+    READ_KEY_ATTR,
     BearerTokenAuthentication,
     StaffSessionAuthentication,
     staff_access,
@@ -204,6 +205,9 @@ class AccessControlledView:
                 return staff_access(user)
             return Access()
         public = requirement_for(self, request).interaction == PUBLIC
+        read_key = self.read_ahead_key(request)
+        if read_key is not None:
+            setattr(request._request, READ_KEY_ATTR, read_key)
         try:
             request.user  # noqa: B018  (runs the authentication classes)
         except Unauthorized:
@@ -215,6 +219,12 @@ class AccessControlledView:
                 return ANONYMOUS
             raise Unauthorized()
         return request.auth
+
+    def read_ahead_key(self, request: Request) -> str | None:
+        """The store key of the current row this request reads first, if it reads one: the
+        bearer token's lookup reads it in the same statement (``access.authentication``).
+        None here; a view that reads one row says which."""
+        return None
 
     def check_permissions(self, request: Request) -> None:
         """403 unless the caller's scopes cover the interaction (when ``FHIR_AUTH`` is on)."""

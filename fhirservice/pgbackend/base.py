@@ -9,14 +9,29 @@ dropped connection is readable while that of a healthy idle one is not: polling 
 waiting tells the two apart. When it is readable, or the session is not idle, Django's own
 check decides. A connection lost without a word (a network partition) goes unnoticed by
 either check until a query fails; the request then answers 503 as before.
+
+:meth:`DatabaseWrapper.prepared_cursor` is the cursor of the few fixed statements every
+request runs (the bearer token's lookup, the current row of a read): Django's cursors bind
+parameters on the client, so PostgreSQL parsed and planned each of them anew, and planning
+the token lookup's three-table join was ~0.3-0.5 ms of the server's time, several times what
+running it takes. This cursor binds on the server and prepares each statement at its first
+run ``prepare_threshold`` times (5) on a connection; later runs skip parse and plan (psycopg
+keeps a connection's 100 most recent). Django's cursors never prepare. Django turns
+preparing off by default (``prepare_threshold`` None) so that transaction-mode poolers
+(PgBouncer before 1.21) keep working; the settings turn it on, and behind such a pooler
+``FHIR_DB_PREPARED=false`` turns it off again. A migration that changes the
+type of a column these statements select needs the workers restarted (PostgreSQL refuses a
+prepared statement whose result type changed).
 """
 
 from __future__ import annotations
 
 import select
+from typing import Any
 
 from django.db.backends.postgresql import base
-from psycopg.pq import TransactionStatus
+from django.db.backends.postgresql.psycopg_any import register_tzloader
+from psycopg.pq import Format, TransactionStatus
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
@@ -34,6 +49,57 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if not self._seems_usable():
             self.close()
         self.health_check_done = True
+
+    def prepared_cursor(self) -> Any:
+        """A cursor (wrapped as ``cursor()`` wraps one) that binds on the server, so that
+        psycopg prepares a statement it runs again and again; ``cursor()`` when the
+        connection prepares nothing (``prepare_threshold`` None).
+
+        For statements whose text the ORM compiled, with ``%s`` only where a value goes:
+        server-side binding refuses parameters in places the ORM may put them elsewhere
+        (why Django binds on the client by default).
+        """
+        self.close_if_health_check_failed()
+        self.ensure_connection()
+        if self.connection.prepare_threshold is None:
+            return self.cursor()
+        with self.wrap_database_errors:
+            cursor = base.ServerBindingCursor(self.connection)
+            # As create_cursor(): timestamps in the connection's time zone.
+            loader = self.connection.adapters.get_loader(base.TIMESTAMPTZ_OID, Format.TEXT)
+            if self.timezone != loader.timezone:
+                register_tzloader(self.timezone, cursor)
+            return self._prepare_cursor(cursor)
+
+    def transaction_unbegun(self) -> bool:
+        """Whether this thread is in its outermost atomic block only (no savepoint) and no
+        statement ran in it yet: psycopg sends BEGIN with a transaction's first statement,
+        so the server knows of no transaction."""
+        return (
+            self.in_atomic_block
+            and not self.savepoint_ids
+            and self.connection is not None
+            and self.connection.info.transaction_status == TransactionStatus.IDLE
+        )
+
+    def run_alone(self, sql: str, params: Any) -> None:
+        """Run ``sql`` as the whole of the current, unbegun transaction (see
+        :meth:`transaction_unbegun`; the caller runs nothing else in it): sent in autocommit,
+        the statement commits by itself, with no BEGIN and COMMIT round trips.
+
+        Django's atomic block stays open around it; the COMMIT or ROLLBACK that ends the
+        block finds no transaction on the connection and sends nothing (psycopg ends only a
+        transaction it began). A failing statement changes nothing (its own transaction
+        rolls back) and raises as any statement would, inside the block.
+        """
+        raw = self.connection
+        raw.autocommit = True
+        try:
+            with self.cursor() as cursor:
+                cursor.execute(sql, params)
+        finally:
+            if raw.info.transaction_status == TransactionStatus.IDLE:
+                raw.autocommit = False  # else the connection broke, and Django closes it
 
     def _seems_usable(self) -> bool:
         connection = self.connection

@@ -10,6 +10,7 @@ from django.http import HttpResponse
 from rest_framework.request import Request
 
 from fhirservice import access
+from fhirservice.access.authentication import READ_ROW_ATTR
 from fhirservice.access.policy import require_permission
 from fhirservice.bundles import process_bundle
 from fhirservice.capability import capability_statement
@@ -264,9 +265,20 @@ def render_json(value: Any) -> bytes:
 class InstanceView(FhirView):
     """``[base]/[type]/[id]``: read, update, patch, delete."""
 
+    def read_ahead_key(self, request: Request) -> str | None:
+        """A read's row: read with the bearer token, in one statement."""
+        kwargs = self.kwargs
+        if request.method not in ("GET", "HEAD") or "resource_type" not in kwargs:
+            return None  # a write, or a route without a type (OperationDefinition/[id])
+        return f"{kwargs['resource_type']}/{kwargs['resource_id']}"
+
     def get(self, request: Request, resource_type: str, resource_id: str) -> HttpResponse:
         """Read the current version (304 when If-None-Match names it)."""
-        row = resource_read(resource_type=resource_type, resource_id=resource_id)
+        row = resource_read(
+            resource_type=resource_type,
+            resource_id=resource_id,
+            read_ahead=getattr(request._request, READ_ROW_ATTR, None),
+        )
         headers = version_headers(row)
         if request.META.get("HTTP_IF_NONE_MATCH", "").strip() == headers["ETag"]:
             return fhir_http_response(None, status=304, headers=headers)

@@ -14,11 +14,18 @@ running the statement. The ORM compiles it once (so the SQL, columns and locking
 its own) and each call binds the key and applies the backend's converters to the values.
 :func:`update_row` is the compare-and-set UPDATE of a new version: ``filter().update()``
 compiled per call was ~8% of a served Group PATCH's CPU.
+
+:func:`row_by_key_with` reads such a row in the statement of another one-row lookup (a
+read's current row with its bearer token's lookup): one round trip instead of two.
+
+The key lookups run on :func:`prepared_cursor`: on PostgreSQL the server plans such a
+statement once per connection instead of once per call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -49,6 +56,30 @@ PLAIN_TYPES = frozenset(
 KEY_SLOT = "key"
 MSG_LOOKUP_COMPILED = "The lookup of {model} compiled with parameters {params!r}, not one key"
 MSG_LOCK_OUTSIDE_TRANSACTION = "A locking read of {model} needs a transaction"
+# The combined lookup of row_by_key_with: a row of ``one`` whether or not either lookup finds
+# its row; "present" tells a found first row from the LEFT JOIN's nulls.
+JOINED_SQL = (
+    'SELECT * FROM (SELECT 1 AS "one") AS "one"'
+    ' LEFT JOIN (SELECT 1 AS "present", "q".* FROM ({first}) AS "q") AS "a" ON 1 = 1'
+    ' LEFT JOIN ({lookup}) AS "b" ON 1 = 1'
+)
+
+
+@dataclass(frozen=True)
+class ReadAhead:
+    """A current row read before the code that uses it asked (None: there is none), with the
+    key it was read by."""
+
+    key: str
+    row: Model | None
+
+
+def prepared_cursor(connection: Any) -> Any:
+    """A cursor of ``connection`` for a statement the ORM compiled once and a request runs
+    every time: on PostgreSQL one that binds on the server, so the statement is prepared
+    after its first few runs (``fhirservice.pgbackend``); elsewhere the usual cursor."""
+    make = getattr(connection, "prepared_cursor", None)
+    return make() if make is not None else connection.cursor()
 
 
 def insert_rows(model: type[Model], rows: Sequence[Model]) -> None:
@@ -60,15 +91,16 @@ def insert_rows(model: type[Model], rows: Sequence[Model]) -> None:
     if connection.vendor not in SQL_VENDORS:
         model.objects.bulk_create(rows)
         return
+    _execute(model, connection, _instance_values(model, connection, rows))
+
+
+def _instance_values(model: type[Model], connection: Any, rows: Sequence[Model]) -> list[list]:
+    """The database values of new instances, in the model's field order."""
     fields = model._meta.concrete_fields
-    _execute(
-        model,
-        connection,
-        [
-            [field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields]
-            for row in rows
-        ],
-    )
+    return [
+        [field.get_db_prep_save(getattr(row, field.attname), connection) for field in fields]
+        for row in rows
+    ]
 
 
 def insert_values(model: type[Model], rows: Sequence[tuple[Any, ...]]) -> None:
@@ -85,16 +117,67 @@ def insert_values(model: type[Model], rows: Sequence[tuple[Any, ...]]) -> None:
     if connection.vendor not in SQL_VENDORS:
         model.objects.bulk_create([model(*row) for row in rows])
         return
+    _execute(model, connection, _tuple_values(model, connection, rows))
+
+
+def _tuple_values(
+    model: type[Model], connection: Any, rows: Sequence[tuple[Any, ...]]
+) -> Sequence[Sequence[Any]]:
+    """The database values of rows given as tuples (see :func:`insert_values`)."""
     converted = _converted_fields(model)
-    if converted:
-        values = [list(row) for row in rows]
-        for row in values:
-            for index, field in converted:
-                if row[index] is not None:
-                    row[index] = field.get_db_prep_save(row[index], connection)
-        _execute(model, connection, values)
-    else:
-        _execute(model, connection, rows)
+    if not converted:
+        return rows
+    values = [list(row) for row in rows]
+    for row in values:
+        for index, field in converted:
+            if row[index] is not None:
+                row[index] = field.get_db_prep_save(row[index], connection)
+    return values
+
+
+def insert_all(
+    batches: Sequence[tuple[type[Model], Sequence[Model] | Sequence[tuple[Any, ...]]]],
+    *,
+    alone: bool = False,
+) -> None:
+    """INSERT each batch, in order: ``(model, rows)``, the rows new instances
+    (:func:`insert_rows`) or tuples of field values (:func:`insert_values`).
+
+    ``alone``: the caller's transaction does nothing after these inserts (the caller's
+    atomic block is the outermost and ends when they are done). On PostgreSQL, when nothing
+    ran in that transaction before either, the batches go as one statement, each but the
+    last a data-modifying ``WITH`` part, sent as a transaction of its own
+    (``pgbackend.base.DatabaseWrapper.run_alone``): a statement is atomic by itself, so the
+    server sees neither BEGIN nor COMMIT, and the write is one round trip instead of five
+    (BEGIN, three INSERTs, COMMIT). Anything else inserts batch by batch inside the
+    transaction.
+    """
+    batches = [(model, rows) for model, rows in batches if rows]
+    if not batches:
+        return
+    connection = connections[router.db_for_write(batches[0][0])]
+    alone_statement = getattr(connection, "run_alone", None) if alone else None
+    if alone_statement is not None and len(batches) > 1 and connection.transaction_unbegun():
+        parts, params = [], []
+        for model, rows in batches:
+            values = (
+                _instance_values(model, connection, rows)
+                if isinstance(rows[0], Model)
+                else _tuple_values(model, connection, rows)
+            )
+            head, row_sql = _statement(model, connection.alias)
+            parts.append(head + ", ".join([row_sql] * len(values)))
+            params.extend(value for row in values for value in row)
+        *ahead, last = parts
+        # Statements built from the models' metadata; every value is a bound parameter.
+        ahead_sql = ", ".join(f'"w{index}" AS ({part})' for index, part in enumerate(ahead))
+        alone_statement(f"WITH {ahead_sql} {last}", params)
+        return
+    for model, rows in batches:
+        if isinstance(rows[0], Model):
+            insert_rows(model, rows)
+        else:
+            insert_values(model, rows)
 
 
 def _execute(model: type[Model], connection: Any, rows: Sequence[Sequence[Any]]) -> None:
@@ -139,11 +222,39 @@ def row_by_key(model: type[Model], key: Any, *, lock: bool = False) -> Model | N
         # The ORM checks this when it compiles a locking read; the compiled one skips it.
         raise ValueError(MSG_LOCK_OUTSIDE_TRANSACTION.format(model=model.__name__))
     sql, columns = _lookup(model, connection.alias, lock)
-    with connection.cursor() as cursor:
+    with prepared_cursor(connection) as cursor:
         cursor.execute(sql, [key])
         row = cursor.fetchone()
     if row is None:
         return None
+    return _instance(model, connection, columns, row)
+
+
+def row_by_key_with(
+    model: type[Model], key: Any, sql: str, params: Sequence[Any]
+) -> tuple[tuple[Any, ...] | None, Model | None]:
+    """The row ``sql`` selects (a lookup of at most one row, e.g. ``LIMIT 1``; None when it
+    finds none) and the instance of ``model`` whose primary key is ``key`` (or None), read in
+    one statement. SQL backends only (``SQL_VENDORS``); ``sql`` for ``model``'s database.
+    """
+    connection = connections[router.db_for_read(model)]
+    lookup, columns = _lookup(model, connection.alias, False)
+    # Two statements compiled by the ORM, each a subquery here; values are bound parameters.
+    statement = JOINED_SQL.format(first=sql, lookup=lookup)
+    with prepared_cursor(connection) as cursor:
+        cursor.execute(statement, [*params, key])
+        row = cursor.fetchone()
+    width = len(row) - 2 - len(columns)
+    first = tuple(row[2 : 2 + width]) if row[1] is not None else None
+    values = row[2 + width :]
+    found = values[_key_position(model, connection.alias)] is not None
+    return first, _instance(model, connection, columns, values) if found else None
+
+
+def _instance(
+    model: type[Model], connection: Any, columns: list[tuple[str, Any]], row: Sequence[Any]
+) -> Model:
+    """The instance of ``model`` from the values of a lookup's ``columns``."""
     values = list(row)
     for position, (_, column) in enumerate(columns):
         # Per call, from this thread's connection: SQLite's text timestamps and 0/1 booleans.
@@ -151,6 +262,13 @@ def row_by_key(model: type[Model], key: Any, *, lock: bool = False) -> Model | N
         for converter in converters:
             values[position] = converter(values[position], column, connection)
     return model.from_db(connection.alias, [name for name, _ in columns], values)
+
+
+@cache
+def _key_position(model: type[Model], alias: str) -> int:
+    """Where the primary key is among the columns of ``model``'s key lookup."""
+    names = [name for name, _ in _lookup(model, alias, False)[1]]
+    return names.index(model._meta.pk.attname)
 
 
 @cache

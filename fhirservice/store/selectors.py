@@ -24,17 +24,32 @@ from fhirservice.errors import (
 from fhirservice.models import ResourceVersion, StoredResource
 from fhirservice.search.query import decode_cursor, encode_cursor
 from fhirservice.search.values import date_range
+from fhirservice.store.rows import ReadAhead
 from fhirservice.store.services import check_id, check_type, current_row
 
 MSG_BAD_SINCE = "_since must be an instant, e.g. 2026-01-01T00:00:00Z: {value!r}"
 
 
-def resource_read(*, resource_type: str, resource_id: str, lock: bool = False) -> StoredResource:
+def resource_read(
+    *,
+    resource_type: str,
+    resource_id: str,
+    lock: bool = False,
+    read_ahead: ReadAhead | None = None,
+) -> StoredResource:
     """The current version; 404 when unknown, 410 when deleted. ``lock``: the row locked
-    until the transaction commits, where the backend locks rows (``current_row``)."""
+    until the transaction commits, where the backend locks rows (``current_row``).
+
+    ``read_ahead``: the row as read already in this request (with the bearer token), used
+    when it was read by this key and no lock is asked for.
+    """
     check_type(resource_type)
     check_id(resource_id)
-    row = current_row(f"{resource_type}/{resource_id}", lock=lock)
+    key = f"{resource_type}/{resource_id}"
+    if read_ahead is not None and read_ahead.key == key and not lock:
+        row = read_ahead.row
+    else:
+        row = current_row(key, lock=lock)
     if row is None or not is_visible(row):
         raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
     if row.deleted:

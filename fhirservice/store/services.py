@@ -2,7 +2,9 @@
 
 Every write goes through :func:`write_version`: one metadata transaction that reads the
 current row, lets the caller build the new content, sends ``resource_saved`` and persists the
-version with a compare-and-set on ``version_id`` (portable: no row locks). Losing a race
+version with a compare-and-set on ``version_id`` (portable: no row locks). A plain create on
+PostgreSQL whose receivers wrote nothing is that transaction as one INSERT statement
+(``rows.insert_all``). Losing a race
 retries the whole unit against the newer version, a bounded number of times; an ``If-Match``
 that names an old version answers 412 at once.
 
@@ -49,7 +51,7 @@ from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
-from fhirservice.store.rows import insert_rows, insert_values, row_by_key, update_row
+from fhirservice.store.rows import insert_all, insert_rows, insert_values, row_by_key, update_row
 
 MSG_TYPE_MISMATCH = "The body's resourceType {found!r} does not match the URL's {expected!r}"
 MSG_ID_MISMATCH = "The body's id {found!r} does not match the URL's id {expected!r}"
@@ -177,6 +179,8 @@ def write_version(
     id was just generated here (a UUID), so no row can exist and none is read.
     """
     key = f"{resource_type}/{resource_id}"
+    # The unit is the whole transaction (run_write opens it), and persisting is its end.
+    alone = not db.in_transaction()
 
     def unit() -> WriteResult:
         # A fresh id skips the lookup: it was a statement of its own and ~10% of a create's
@@ -219,7 +223,7 @@ def write_version(
         resource_saved.send(sender=VersionWrite, write=draft)
         if exists and not draft.changed and _same_content(current, draft.body):
             return WriteResult(row=current, created=False, changed=False)
-        row = _persist(draft, current)
+        row = _persist(draft, current, alone=alone)
         return WriteResult(row=row, created=not exists)
 
     return run_write(unit, key=key)
@@ -251,7 +255,15 @@ def _same_content(current: StoredResource, body: dict[str, Any] | None) -> bool:
     return without_server_meta(json.loads(current.body)) == without_server_meta(body)
 
 
-def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResource:
+def _persist(draft: VersionWrite, current: StoredResource | None, *, alone: bool) -> StoredResource:
+    """The rows of a new version: the current row (inserted, or updated with a compare-and-set
+    on its version), the history row and the search values.
+
+    ``alone``: nothing runs after this in the transaction. A first version then inserts its
+    three tables through ``rows.insert_all``, which on PostgreSQL sends them as one statement
+    outside a transaction when nothing ran in it before (``resource_saved`` receivers wrote
+    nothing): a plain create was BEGIN, three INSERTs and COMMIT, five round trips.
+    """
     moment = now()
     text = ""
     # An id keeps the organization of its first creator for life.
@@ -284,14 +296,6 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         resource_id=draft.resource_id,
         **fields,
     )
-    if current is None:
-        insert_rows(StoredResource, [row])
-    else:
-        updated = update_row(
-            StoredResource, draft.key, where={"version_id": current.version_id}, values=fields
-        )
-        if updated != 1:
-            raise VersionRace(draft.key)
     version = ResourceVersion(
         key=f"{draft.key}/_history/{draft.version_id}",
         resource_type=draft.resource_type,
@@ -301,13 +305,25 @@ def _persist(draft: VersionWrite, current: StoredResource | None) -> StoredResou
         actor=draft.context.actor,
         **fields,
     )
+    if current is None:
+        # A first version has no tokens to replace.
+        tokens = extract_rows(draft.key, draft.body) if draft.body is not None else []
+        insert_all(
+            [(StoredResource, [row]), (ResourceVersion, [version]), (SearchToken, tokens)],
+            alone=alone,
+        )
+        return row
+    updated = update_row(
+        StoredResource, draft.key, where={"version_id": current.version_id}, values=fields
+    )
+    if updated != 1:
+        raise VersionRace(draft.key)
     insert_rows(ResourceVersion, [version])
     if draft.same_search_values and not draft.deleted and _has_tokens(current):
         return row
     tokens = extract_rows(draft.key, draft.body) if draft.body is not None else []
     if not _same_tokens(current, tokens):
-        if current is not None:  # a first version has no tokens to replace
-            SearchToken.objects.filter(resource_key=draft.key).delete()
+        SearchToken.objects.filter(resource_key=draft.key).delete()
         insert_values(SearchToken, tokens)
     return row
 
