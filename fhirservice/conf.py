@@ -70,6 +70,11 @@ DEFAULTS: dict[str, Any] = {
     # page (more are cut, with a warning entry), and rounds of :iterate after the first.
     "INCLUDE_MAX": 1000,
     "INCLUDE_ITERATE_DEPTH": 3,
+    # A search that does not ask for _total counts its matches only up to this many
+    # (fhirservice.search.query): Bundle.total when there are no more, none when there are.
+    # Counting 10^5 matches costs more than reading their first page; _total=accurate (or
+    # estimate), _summary=count and _count=0 always count them all.
+    "SEARCH_TOTAL_BOUND": 1000,
     # Writes must respect R4's required value-set bindings (fhirservice.fhir.bindings).
     # Off only to load data written before the rule; manage.py report_binding_violations
     # lists what stored data breaks it.
@@ -111,6 +116,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "UNAVAILABLE_LOG_INTERVAL": lambda v: type(v) in (int, float) and v >= 0,
     "INCLUDE_MAX": lambda v: type(v) is int and v >= 0,
     "INCLUDE_ITERATE_DEPTH": lambda v: type(v) is int and 0 <= v <= 10,
+    "SEARCH_TOTAL_BOUND": lambda v: type(v) is int and v >= 0,
     "REQUIRED_BINDINGS": lambda v: isinstance(v, bool),
     "JWKS_CACHE_SECONDS": lambda v: type(v) is int and v >= 0,
     "JWKS_FETCH_TIMEOUT": lambda v: type(v) in (int, float) and 0 < v <= 60,

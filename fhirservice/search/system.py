@@ -34,10 +34,12 @@ from fhirservice.search.query import (
     SearchNotSupported,
     SearchPage,
     SearchSpec,
+    bounded_total,
     known_param,
     page_of,
     parse_search,
     result_param,
+    total_bound,
 )
 from fhirservice.search.values import MAX_VALUE
 
@@ -187,9 +189,7 @@ def run_system_search(search: SystemSearch) -> SearchPage:
     """One page of a system search, its total and the next page's cursor."""
     queryset = system_queryset(search)
     spec = search.spec
-    total = None
-    if spec.total != "none" or spec.summary == "count":
-        total = queryset.count()
+    total = bounded_total(queryset, total_bound(spec))
     if spec.summary == "count" or spec.count == 0:
         return SearchPage(rows=[], total=total, next_cursor=None)
     return page_of(spec, queryset, total)

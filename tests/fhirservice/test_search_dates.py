@@ -174,3 +174,35 @@ def test_the_migration_classifies_date_rows_stored_before_the_column(api, monkey
     monkeypatch.setattr(migration, "BATCH", 3)  # batches that cut a resource's rows apart
     migration.classify(apps, None)
     assert dict(SearchToken.objects.filter(low__isnull=False).values_list("key", "span")) == written
+
+
+def test_a_total_nobody_asked_for_is_counted_only_up_to_the_bound(api, settings):
+    """Without ``_total`` a search counts at most SEARCH_TOTAL_BOUND matches: the total when
+    there are no more, none when there are; asking for it counts them all. The date search
+    alone (the UNION of index ranges on PostgreSQL), an intersection of index rows, a search
+    on StoredResource and a system search each go their own way to the count."""
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "SEARCH_TOTAL_BOUND": 3}
+    for day in range(1, 6):
+        body = encounter((f"2024-03-{day:02d}", f"2024-03-{day:02d}"))
+        api.post("/Encounter", {**body, "status": "finished" if day % 2 else "planned"})
+
+    def total(url: str) -> int | None:
+        bundle = api.get(url).body
+        return bundle.get("total")
+
+    dates = "/Encounter?location-period=ge2024-03-01"
+    assert total(dates) is None  # 5 matches, more than 3
+    assert len(api.get(dates).body["entry"]) == 5  # the page is whole all the same
+    assert total(f"{dates}&_total=accurate") == 5
+    assert total(f"{dates}&_total=estimate") == 5
+    assert total(f"{dates}&_summary=count") == 5
+    assert total(f"{dates}&_count=0") == 5
+    assert total(f"{dates}&_total=none") is None
+    assert total("/Encounter?location-period=ge2024-03-03") == 3  # exactly the bound
+    assert total("/Encounter?location-period=ge2024-03-01&status=finished") == 3
+    assert total("/Encounter?location-period=ge2024-03-01&status=planned") == 2
+    assert total("/Encounter?_lastUpdated=gt2000") is None  # no index rows: StoredResource
+    assert total("/Encounter?_lastUpdated=gt2000&_total=accurate") == 5
+    assert total("/?_type=Encounter") is None  # system search
+    assert total("/?_type=Encounter&_total=accurate") == 5
+    assert total("/?_type=Encounter&status=planned") == 2
