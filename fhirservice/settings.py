@@ -147,11 +147,12 @@ else:
         # Django's, with a health check that polls the socket instead of sending SELECT 1
         # before each request's first query (a round trip per request).
         DATABASES["default"]["ENGINE"] = "fhirservice.pgbackend"
-        # The per-request lookups as prepared statements, planned once per connection
-        # (psycopg prepares a statement at its 5th run; Django's own cursors never prepare);
-        # off behind a transaction-mode pooler that cannot keep them (pgbackend.base).
+        # The per-request lookups as prepared statements, planned once per connection, at
+        # their first run (the request threads' warm-up runs them; Django's own cursors
+        # never prepare); off behind a transaction-mode pooler that cannot keep them
+        # (pgbackend.base).
         if env.bool("FHIR_DB_PREPARED", default=True):
-            DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
+            DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 0)
     if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         # Writers wait for the lock instead of failing at once; WAL lets readers run beside
         # the single writer.

@@ -118,8 +118,11 @@ def warm_up(**_: Any) -> None:
     """Look up a checksum no token has, once on this thread's connection: the statement is
     compiled for the process, and a new PostgreSQL session reads the three tables' catalog
     entries now rather than in a request (~1.1 ms of its first lookup). A
-    ``request_thread_starting`` receiver (``fhirservice.serving``)."""
+    ``request_thread_starting`` receiver (``fhirservice.serving``). On PostgreSQL this
+    also prepares both statements on the connection (``pgbackend.base``): a read's
+    lookup of token and row together is a statement of its own."""
     _token_row("0" * 64)
+    _token_and_row("0" * 64, "")
 
 
 @cache

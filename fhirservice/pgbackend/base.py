@@ -14,9 +14,12 @@ either check until a query fails; the request then answers 503 as before.
 request runs (the bearer token's lookup, the current row of a read): Django's cursors bind
 parameters on the client, so PostgreSQL parsed and planned each of them anew, and planning
 the token lookup's three-table join was ~0.3-0.5 ms of the server's time, several times what
-running it takes. This cursor binds on the server and prepares each statement at its first
-run ``prepare_threshold`` times (5) on a connection; later runs skip parse and plan (psycopg
-keeps a connection's 100 most recent). Django's cursors never prepare. Django turns
+running it takes. This cursor binds on the server and prepares each statement after it ran
+``prepare_threshold`` times on a connection: 0 in the settings, so at its first run, which
+the request threads' warm-up (``fhirservice.serving``) makes before the worker serves; with
+psycopg's default of 5 the first five requests of every thread after a restart planned
+each lookup anew. Later runs skip parse and plan (psycopg keeps a connection's 100 most
+recent). Django's cursors never prepare. Django turns
 preparing off by default (``prepare_threshold`` None) so that transaction-mode poolers
 (PgBouncer before 1.21) keep working; the settings turn it on, and behind such a pooler
 ``FHIR_DB_PREPARED=false`` turns it off again. A migration that changes the
@@ -34,8 +37,20 @@ from django.db.backends.postgresql.psycopg_any import register_tzloader
 from psycopg.pq import Format, TransactionStatus
 
 
+class DatabaseOperations(base.DatabaseOperations):
+    """Django's, with the text of a prepared statement in the query log."""
+
+    def last_executed_query(self, cursor: Any, sql: str, params: Any) -> str | None:
+        """The statement as Django logs it (``django.db.backends``, captured queries). A run
+        of a prepared statement leaves psycopg no query text, so Django's answer is None:
+        the statement as sent then, ``%s`` where its parameters go (logged beside it)."""
+        return super().last_executed_query(cursor, sql, params) or sql
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     """PostgreSQL, checked for a dropped connection by polling its socket."""
+
+    ops_class = DatabaseOperations
 
     def close_if_health_check_failed(self) -> None:
         """Close the connection when the server ended it (once per request, as Django's)."""
