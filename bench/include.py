@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import orjson
 
@@ -83,7 +82,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     env.setup()
-    from django.conf import settings
 
     from bench.api import BENCH_ORGANIZATION
     from bench.http_api import HttpApi
@@ -91,14 +89,7 @@ def main() -> None:
     from fhirservice.access.clients import fhir_client_create
     from fhirservice.conf import fhir_settings
 
-    server_env = {"FHIR_AUTH": "on" if fhir_settings.AUTH else "off"}
-    if url := env.database_url():
-        server_env["DATABASE_URL"] = url
-    server = Server(
-        server_env,
-        base_path="/" + fhir_settings.BASE_PATH,
-        log_path=Path(settings.VAR_DIR) / "bench-server.log",
-    )
+    server = Server.from_settings()
     # Before the server starts: chdb serves one process per data path.
     header = f"{env.machine()}\nmetadata: {env.metadata_backend()}; members: {env.member_backend()}"
     server.start()

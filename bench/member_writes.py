@@ -128,21 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     """Set up, run the series, print the table."""
     args = _parse(argv)
     env.setup(migrate=not args.no_migrate)
-    from django.conf import settings
 
     from bench.api import access_credentials
     from bench.http_api import HttpApi
     from bench.server import Server
-    from fhirservice.conf import fhir_settings
 
-    server_env = {"FHIR_AUTH": "on" if fhir_settings.AUTH else "off"}
-    if url := env.database_url():
-        server_env["DATABASE_URL"] = url
-    server = Server(
-        server_env,
-        base_path="/" + fhir_settings.BASE_PATH,
-        log_path=Path(settings.VAR_DIR) / "bench-server.log",
-    )
+    server = Server.from_settings()
     header = f"{env.machine()}\nmetadata: {env.metadata_backend()}; members: {env.member_backend()}"
     server.start()
     credentials = access_credentials()

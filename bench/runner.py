@@ -302,19 +302,12 @@ class Bench:
         if self.args.in_process:
             self.api = Api()
             return
-        from django.conf import settings
 
         from bench.http_api import HttpApi
         from bench.server import Server
-        from fhirservice.conf import fhir_settings
 
-        server_env = {"FHIR_AUTH": "on" if fhir_settings.AUTH else "off"}
-        url = env.database_url()
-        if url:
-            server_env["DATABASE_URL"] = url
-        log = Path(settings.VAR_DIR) / "bench-server.log"
-        self.server = Server(server_env, base_path="/" + fhir_settings.BASE_PATH, log_path=log)
-        progress(f"starting the service (scripts/serve.sh; log {log})")
+        self.server = Server.from_settings()
+        progress(f"starting the service (scripts/serve.sh; log {self.server.log_path})")
         took = self.server.start()
         progress(f"  ... answering after {seconds(took)} at {self.server.base_url}")
         set_cpu_clock(self.server.cpu_seconds)

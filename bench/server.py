@@ -80,6 +80,25 @@ class Server:
         self._max_peak = 0
         self._worker: int | None = None
 
+    @classmethod
+    def from_settings(cls) -> Server:
+        """The service as the benchmark's own settings describe it: access control as
+        ``FHIR_SERVICE`` has it, the benchmark's ``DATABASE_URL``, the log beside its data
+        (``VAR_DIR/bench-server.log``)."""
+        from django.conf import settings
+
+        from bench import env
+        from fhirservice.conf import fhir_settings
+
+        server_env = {"FHIR_AUTH": "on" if fhir_settings.AUTH else "off"}
+        if url := env.database_url():
+            server_env["DATABASE_URL"] = url
+        return cls(
+            server_env,
+            base_path="/" + fhir_settings.BASE_PATH,
+            log_path=Path(settings.VAR_DIR) / "bench-server.log",
+        )
+
     @property
     def base_url(self) -> str:
         """The FHIR base URL of the running service."""
