@@ -56,10 +56,9 @@ def _existing(connection: Any, model: Any) -> set[str]:
         return set(connection.introspection.get_constraints(cursor, model._meta.db_table))
 
 
-def load_indexes(connection: Any) -> list[Index]:
-    """The indexes a load that writes every row drops: the migration state's, but those led
-    by ``resource_key``."""
-    model = _state_model(connection)
+def _load_indexes(model: Any) -> list[Index]:
+    """The indexes a load that writes every row drops: ``model``'s, but those led by
+    ``resource_key``."""
     return [
         index
         for index in model._meta.indexes
@@ -67,12 +66,16 @@ def load_indexes(connection: Any) -> list[Index]:
     ]
 
 
+def _absent(connection: Any, model: Any) -> list[Index]:
+    """``model``'s indexes that the database does not have."""
+    present = _existing(connection, model)
+    return [index for index in model._meta.indexes if index.name not in present]
+
+
 def missing(connection: Any) -> list[str]:
     """Names of the migration state's SearchToken indexes absent from the database: a
     rebuild dropped them and has not built them again yet."""
-    model = _state_model(connection)
-    present = _existing(connection, model)
-    return [index.name for index in model._meta.indexes if index.name not in present]
+    return [index.name for index in _absent(connection, _state_model(connection))]
 
 
 def drop(connection: Any) -> list[str]:
@@ -80,7 +83,7 @@ def drop(connection: Any) -> list[str]:
     model = _state_model(connection)
     present = _existing(connection, model)
     dropped = []
-    for index in load_indexes(connection):
+    for index in _load_indexes(model):
         if index.name in present:
             # Plain SQL both backends take (the schema editor's own would need it entered:
             # see ``_editor``).
@@ -95,8 +98,7 @@ def build_missing(connection: Any) -> list[str]:
     transaction (PostgreSQL: with more sort memory, and in ``BUILD_SESSIONS`` sessions at
     once outside a transaction); their names."""
     model = _state_model(connection)
-    present = _existing(connection, model)
-    todo = [index for index in model._meta.indexes if index.name not in present]
+    todo = _absent(connection, model)
     if not todo:
         return []
     if connection.vendor == "postgresql" and not connection.in_atomic_block:

@@ -77,7 +77,8 @@ class ReadAhead:
 def prepared_cursor(connection: Any) -> Any:
     """A cursor of ``connection`` for a statement the ORM compiled once and a request runs
     every time: on PostgreSQL one that binds on the server, so the statement is prepared
-    after its first few runs (``fhirservice.pgbackend``); elsewhere the usual cursor."""
+    at its first run (``prepare_threshold`` 0 in the settings; ``fhirservice.pgbackend``);
+    elsewhere the usual cursor."""
     make = getattr(connection, "prepared_cursor", None)
     return make() if make is not None else connection.cursor()
 
