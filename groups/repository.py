@@ -9,12 +9,10 @@ batch was inserted twice. No ``FINAL`` anywhere.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import islice
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from fhirservice.clickhouse import ClickHouseClient, get_clickhouse
@@ -57,30 +55,48 @@ _EVENT_STATE_COLUMNS = (
 # and reference/period text that needs no JSON escaping (printable ASCII without '"' and
 # '\\'; one match over the three concatenated, each being plain exactly when all are). Any
 # other member comes out as the hex of its reference (never starting with "{") and is
-# rendered in Python (members.render_member, whose output this matches byte for byte). A
-# streamed 10^6-member GET then passes ClickHouse's lines on as they are: no per-member
-# Python object on the embedded engine, one string per member on a server.
+# rendered in Python (members.render_member, whose output this matches byte for byte).
+#
+# It renders one state row's values (``r_*``, below): a state row holds argMax states of one
+# or more events, all by the same position, so finalizing each column gives the values of
+# that row's newest event, and the member's current state is its row with the largest
+# ``r_pos``. No GROUP BY: merging the argMax states in a hash table per member cost
+# ClickHouse 18.16 ~1.6 s of CPU per 10^6 members, and sorting the result ~0.5 s more.
 _PLAIN = r"'^[!#-\\[\\]-~]*$'"
 _JSON_OR_HEX = (
-    f"if((argMaxMerge(extra) AS s_extra) = '' AND match(concat(member_ref, "
-    f"(argMaxMerge(period_start) AS s_start), (argMaxMerge(period_end) AS s_end)), {_PLAIN}), "
+    f"if(r_extra = '' AND match(concat(member_ref, r_start, r_end), {_PLAIN}), "
     'concat(\'{"entity":{"reference":"\', member_ref, \'"}\', '
-    "if(s_start = '' AND s_end = '', '', concat(',\"period\":{', "
-    "if(s_start = '', '', concat('\"start\":\"', s_start, '\"')), "
-    "if(s_start != '' AND s_end != '', ',', ''), "
-    "if(s_end = '', '', concat('\"end\":\"', s_end, '\"')), '}')), "
-    "if(argMaxMerge(inactive) = 1, ',\"inactive\":true', ''), '}'), hex(member_ref))"
+    "if(r_start = '' AND r_end = '', '', concat(',\"period\":{', "
+    "if(r_start = '', '', concat('\"start\":\"', r_start, '\"')), "
+    "if(r_start != '' AND r_end != '', ',', ''), "
+    "if(r_end = '', '', concat('\"end\":\"', r_end, '\"')), '}')), "
+    "if(r_inactive = 1, ',\"inactive\":true', ''), '}'), hex(member_ref))"
 )
-_ROSTER_JSON_HEAD = (
-    f"SELECT {_JSON_OR_HEX} FROM {STATE} WHERE roster_key = %(k)s AND member_ref > %(after)s"
+_ROW_VALUES = (
+    "member_ref, finalizeAggregation(pos) AS r_pos, finalizeAggregation(present) AS r_present, "
+    "finalizeAggregation(extra) AS r_extra, finalizeAggregation(period_start) AS r_start, "
+    "finalizeAggregation(period_end) AS r_end, finalizeAggregation(inactive) AS r_inactive"
 )
-_ROSTER_JSON_TAIL = (
-    " GROUP BY roster_key, member_ref HAVING argMaxMerge(present) = 1 ORDER BY member_ref"
+# One window of the sort key as ONE row: its present members' elements, in reference order,
+# joined by commas (the response's text as it is), or, when any of them is in hex (to be
+# rendered in Python), each on a line of its own after a leading newline. The window's state
+# rows are collected as (reference, position, present, element) tuples and sorted as tuples
+# (deterministic: no reliance on the order in which groupArray sees rows); of each run of one
+# reference the last (newest) is kept, if present. A driver then decodes ~20 strings per
+# 10^6 members instead of 10^6, and Python neither splits nor scans the common window.
+_WINDOW_ELEMENTS = (
+    "arrayFilter((e, r, next_r, p) -> r != next_r AND p = 1, arrayMap(row -> row.4, rows), "
+    "arrayMap(row -> row.1, rows) AS refs, arrayPopFront(arrayPushBack(refs, '')), "
+    "arrayMap(row -> row.3, rows))"
 )
-# A line of those that is a reference in hex, not a rendered element.
-_HEX_LINE = re.compile(rb"^[0-9A-F]", re.MULTILINE)
-# Rows per chunk of a roster streamed from a ClickHouse server.
-_RENDER_ROWS = 10_000
+_ROSTER_JSON_WINDOW = (
+    "SELECT if(arrayExists(e -> substring(e, 1, 1) != '{', elements), "
+    "concat('\\n', arrayStringConcat(elements, '\\n')), arrayStringConcat(elements, ',')) "
+    f"FROM (SELECT {_WINDOW_ELEMENTS} AS elements FROM (SELECT arraySort(groupArray(("
+    f"member_ref, r_pos, r_present, {_JSON_OR_HEX}))) AS rows FROM (SELECT {_ROW_VALUES} "
+    f"FROM {STATE} WHERE roster_key = %(k)s AND member_ref > %(after)s "
+    "AND member_ref <= %(bound)s)))"
+)
 
 
 class MemberState(NamedTuple):
@@ -119,10 +135,16 @@ _PAGE_WINDOW = (
 )
 
 
-def _chunked(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
-    iterator = iter(rows)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+def _read_ahead(items: Iterator[bytes]) -> Iterator[bytes]:
+    """``items`` in order, each next one fetched on a helper thread while the caller handles
+    the one before: ClickHouse renders a window while the previous one is being sent, on the
+    server's threads or chdb's (both release the interpreter). At most two windows are in
+    memory; an early close waits for the one being fetched."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="roster-read-ahead") as pool:
+        future = pool.submit(next, items, None)
+        while (item := future.result()) is not None:
+            future = pool.submit(next, items, None)
+            yield item
 
 
 def _state(row: tuple) -> MemberState:
@@ -399,35 +421,29 @@ class MemberEventRepository:
     def iter_roster_json(self, roster_key: str) -> Iterator[bytes | MemberState]:
         """The current roster for a streamed read, in reference order: runs of members as
         their JSON elements joined by commas (bytes), as ClickHouse rendered them, and the
-        members it could not render as their MemberState (the caller renders those)."""
-        if self.client.in_process:
-            for window, params in self._roster_windows(roster_key, ""):
-                lines = self.client.execute_lines(
-                    _ROSTER_JSON_HEAD + window + _ROSTER_JSON_TAIL,
-                    params,
-                    settings=self._in_order(),
-                )
-                yield from self._rendered(roster_key, lines)
-            return
-        rows = self.client.iter_rows(
-            _ROSTER_JSON_HEAD + _ROSTER_JSON_TAIL,
-            {"k": roster_key, "after": ""},
-            settings=self._in_order(),
+        members it could not render as their MemberState (the caller renders those).
+
+        One query per window of the sort key (``_roster_windows``), each answering one row
+        of text, so memory stays flat on both engines and a response chunk is a window's
+        text. The next window is read while the caller sends this one (``_read_ahead``)."""
+        windows = (
+            self.client.execute_lines(_ROSTER_JSON_WINDOW, params)
+            for _, params in self._roster_windows(roster_key, "")
         )
-        value = itemgetter(0)
-        for chunk in _chunked(rows, _RENDER_ROWS):
-            yield from self._rendered(roster_key, ("\n".join(map(value, chunk)) + "\n").encode())
+        for lines in _read_ahead(windows):
+            yield from self._rendered(roster_key, lines)
 
     def _rendered(self, roster_key: str, lines: bytes) -> Iterator[bytes | MemberState]:
-        """The items of ``iter_roster_json`` from lines of ``_JSON_OR_HEX`` values."""
-        if not lines:
+        """The items of ``iter_roster_json`` from a ``_ROSTER_JSON_WINDOW`` value and its
+        line end (alone: a window without present members)."""
+        if len(lines) < 2:
             return
-        if _HEX_LINE.search(lines) is None:  # the common case: one bytes replace
-            yield lines[:-1].replace(b"\n", b",")
+        if lines[:1] != b"\n":  # the common case: the elements, comma-joined
+            yield lines[:-1]
             return
         items = [
             item if item[:1] == b"{" else bytes.fromhex(item.decode()).decode()
-            for item in lines[:-1].split(b"\n")
+            for item in lines[1:-1].split(b"\n")
         ]
         states = self.lookup(roster_key, [item for item in items if type(item) is str])
         run: list[bytes] = []

@@ -473,9 +473,8 @@ def test_members_rendered_by_clickhouse_equal_the_python_rendering(monkeypatch):
 
 @pytest.mark.parametrize("window", [1, 2, 3, 1000])
 def test_roster_walk_in_windows_equals_one_aggregation(monkeypatch, window):
-    """The embedded engine streams a roster window by window of the sort key: removed
-    members, updates and unmerged parts (one part per insert) on window boundaries change
-    nothing (on a server the walk is one query, and the same answer holds)."""
+    """A roster is streamed window by window of the sort key: removed members, updates and
+    unmerged parts (one part per insert) on window boundaries change nothing."""
     import groups.repository
     from groups.repository import EVENT_COLUMNS, EVENTS, MemberEventRepository
 
@@ -506,3 +505,69 @@ def test_roster_walk_in_windows_equals_one_aggregation(monkeypatch, window):
     rendered = b",".join(repository.iter_roster_json(key))
     assert [m["entity"]["reference"] for m in orjson.loads(b"[" + rendered + b"]")] == expected
     assert [s.ref for s in repository.iter_roster(key, after=refs[4])] == expected[3:]
+
+
+def test_roster_json_is_one_chunk_per_window(monkeypatch):
+    """A streamed GET's members come one window of the sort key per chunk on both engines
+    (one row of text per window from ClickHouse, not one row per member), and a batch
+    inserted twice next to a later update in one window renders each member once, newest
+    state first."""
+    import groups.repository
+    from groups.repository import EVENT_COLUMNS, EVENTS, MemberEventRepository
+
+    repository = MemberEventRepository()
+    key = f"chunks-{uuid.uuid4().hex}/1"
+    refs = [f"Patient/c{i:02d}" for i in range(12)]
+    now = datetime.now(UTC)
+
+    def rows(version, changes):
+        return [
+            (key, ref, "Patient", event, version, seq, start, "", 0, "", now, "r", "test", "")
+            for seq, (ref, event, start) in enumerate(changes)
+        ]
+
+    repository.client.insert(EVENTS, EVENT_COLUMNS, rows(1, [(ref, "added", "") for ref in refs]))
+    monkeypatch.setattr(groups.repository, "ROSTER_WINDOW", 3)
+    chunks = list(repository.iter_roster_json(key))
+    members = [orjson.loads(b"[" + chunk + b"]") for chunk in chunks]
+    assert [len(chunk) for chunk in members] == [3, 3, 3, 3]
+    assert [m["entity"]["reference"] for chunk in members for m in chunk] == refs
+
+    later = rows(2, [(refs[1], "updated", "2020"), (refs[2], "removed", "")])
+    for batch in (later, later, rows(3, [(refs[1], "updated", "2021")])):
+        repository.client.insert(EVENTS, EVENT_COLUMNS, batch)
+    monkeypatch.setattr(groups.repository, "ROSTER_WINDOW", 1000)
+    rendered = orjson.loads(b"[" + b",".join(repository.iter_roster_json(key)) + b"]")
+    assert [m["entity"]["reference"] for m in rendered] == refs[:2] + refs[3:]
+    assert rendered[1] == {"entity": {"reference": refs[1]}, "period": {"start": "2021"}}
+
+
+def test_read_ahead_keeps_order_raises_in_order_and_stops_on_close():
+    """The window being read ahead: items come in order, a failure reaches the caller after
+    the items before it, and closing the stream early fetches nothing more and leaves no
+    helper thread behind."""
+    import threading
+
+    from groups.repository import _read_ahead
+
+    fetched: list[int] = []
+
+    def items(fail_at=None):
+        for i in range(5):
+            if i == fail_at:
+                raise RuntimeError("ClickHouse went away")
+            fetched.append(i)
+            yield str(i).encode()
+
+    assert list(_read_ahead(items())) == [b"0", b"1", b"2", b"3", b"4"]
+    got = []
+    with pytest.raises(RuntimeError, match="went away"):
+        for item in _read_ahead(items(fail_at=3)):
+            got.append(item)
+    assert got == [b"0", b"1", b"2"]
+    fetched.clear()
+    stream = _read_ahead(items())
+    assert next(stream) == b"0"
+    stream.close()
+    assert fetched == [0, 1]  # the one read ahead, no more
+    assert not [t for t in threading.enumerate() if t.name.startswith("roster-read-ahead")]
