@@ -18,6 +18,11 @@ drained): the request, the shipping thread's ClickHouse inserts and outbox updat
 relay; not PostgreSQL's or ClickHouse's own CPU. Each series is run ``--rounds`` times,
 kinds interleaved, and the median of the rounds printed with the load average.
 
+``--servers-dir DIR`` (a ``scripts/test-servers.sh`` directory: the servers pair) adds the
+CPU the PostgreSQL server (postmaster and every backend) and the ClickHouse server spent per
+write over the same series, from ``/proc``: a member write's whole cost on the machine is the
+worker's, PostgreSQL's and ClickHouse's (the shipping inserts and their views).
+
 ``--py-spy DIR`` records the worker with py-spy (``--rate 1000``, all threads, idle samples
 left out) during each series into ``DIR/<kind>-<round>.txt`` (collapsed stacks).
 """
@@ -25,6 +30,7 @@ left out) during each series into ``DIR/<kind>-<round>.txt`` (collapsed stacks).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import statistics
@@ -39,6 +45,7 @@ import orjson
 
 from bench import env
 from bench.data import group_body, patient_body
+from bench.server import _children
 
 PATCH_JSON = "application/json-patch+json"
 FHIR_JSON = "application/fhir+json"
@@ -57,7 +64,49 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kinds", default="patch,add-member", help="patch,add-member")
     parser.add_argument("--py-spy", dest="py_spy", help="record the worker into this directory")
     parser.add_argument("--no-migrate", action="store_true", help="skip the migrations")
+    parser.add_argument(
+        "--servers-dir",
+        help="scripts/test-servers.sh directory: also PostgreSQL's and ClickHouse's CPU",
+    )
     return parser.parse_args(argv)
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children (live ones, and those it reaped)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    for child in _children(pid):
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile: its time is in the parent's cutime by now
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+class StoreCpu:
+    """CPU of the PostgreSQL and ClickHouse servers of a ``scripts/test-servers.sh`` directory."""
+
+    def __init__(self, servers_dir: str | None) -> None:
+        self.pids: dict[str, int] = {}
+        if servers_dir is None:
+            return
+        home = Path(servers_dir)
+        pg = home / "pg" / "data" / "postmaster.pid"
+        ch = home / "clickhouse" / "server.pid"
+        if pg.exists():
+            self.pids["postgresql"] = int(pg.read_text().split()[0])
+        if ch.exists():
+            self.pids["clickhouse"] = int(ch.read_text().split()[0])
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds of each server so far."""
+        return {name: _tree_cpu(pid) for name, pid in self.pids.items()}
 
 
 class Writer:
@@ -134,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.server import Server
 
     server = Server.from_settings()
+    stores = StoreCpu(args.servers_dir)
     header = f"{env.machine()}\nmetadata: {env.metadata_backend()}; members: {env.member_backend()}"
     server.start()
     credentials = access_credentials()
@@ -215,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     time.sleep(1.0)
                 cpu = server.cpu_seconds()
+                store_cpu = stores.sample()
                 indexes = iter(range(start_index, start_index + args.requests))
                 lock = threading.Lock()
 
@@ -236,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
                 elapsed = time.perf_counter() - started
                 time.sleep(SETTLE)
                 used = server.cpu_seconds() - cpu - SETTLE * _idle_cpu_rate(server)
+                store_used = {
+                    name: (after - store_cpu[name]) / args.requests
+                    for name, after in stores.sample().items()
+                }
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait()
@@ -245,18 +300,26 @@ def main(argv: list[str] | None = None) -> None:
                         used / args.requests,
                         statistics.median(walls),
                         args.requests / elapsed,
+                        store_used,
                     )
+                )
+                servers = "".join(
+                    f", {name} {value * 1e3:.2f}" for name, value in store_used.items()
                 )
                 print(
                     f"  {kind:10s} round {round_}: worker cpu {used / args.requests * 1e3:.2f} "
-                    f"ms/write, wall median {statistics.median(walls) * 1e3:.1f} ms, p90 "
+                    f"ms/write{servers}, wall median {statistics.median(walls) * 1e3:.1f} ms, p90 "
                     f"{walls[int(len(walls) * 0.9)] * 1e3:.1f} ms, {args.requests / elapsed:.0f} "
                     f"writes/s, load {load_before:.1f}-{env.load_average():.1f}"
                 )
         for kind, rows in results.items():
             cpu = statistics.median(r[0] for r in rows)
+            servers = "".join(
+                f", {name} {statistics.median(r[3][name] for r in rows) * 1e3:.2f}"
+                for name in stores.pids
+            )
             print(
-                f"{kind:10s}: worker cpu per write {cpu * 1e3:.2f}"
+                f"{kind:10s}: worker cpu per write {cpu * 1e3:.2f}{servers}"
                 f" ms (median of {len(rows)} series), wall median "
                 f"{statistics.median(r[1] for r in rows) * 1e3:.1f} ms, "
                 f"{statistics.median(r[2] for r in rows):.0f} writes/s"

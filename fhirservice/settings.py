@@ -260,6 +260,7 @@ FHIR_SERVICE = {
         "MAX_BUNDLE_ENTRIES": env.int("FHIR_MAX_BUNDLE_ENTRIES", default=None),
         "MAX_RESOURCE_BYTES": env.int("FHIR_MAX_RESOURCE_BYTES", default=None),
         "MAX_ARRAY_ITEMS": env.int("FHIR_MAX_ARRAY_ITEMS", default=None),
+        "MEMBER_SHIP_INTERVAL": env.float("FHIR_MEMBER_SHIP_INTERVAL", default=None),
         "MEMBER_RELAY_INTERVAL": env.float("FHIR_MEMBER_RELAY_INTERVAL", default=None),
         "MEMBER_RELAY_MAX_INTERVAL": env.float("FHIR_MEMBER_RELAY_MAX_INTERVAL", default=None),
         "MEMBER_SHUTDOWN_WAIT": env.float("FHIR_MEMBER_SHUTDOWN_WAIT", default=None),

@@ -22,6 +22,9 @@ DEFAULTS: dict[str, Any] = {
     # Who ships a write's member events after commit: "background" (a thread per process;
     # the response does not wait for ClickHouse) or "request" (the request, before answering).
     "MEMBER_SHIPPING": "background",
+    # Background shipping: seconds from the start of one round (one ClickHouse insert) to
+    # the start of the next at the soonest; writes committed meanwhile go out together.
+    "MEMBER_SHIP_INTERVAL": 0.1,
     # Roster digests (groups.digest): references kept per process, over all rosters, so that
     # writes skip the ClickHouse lookup of members a roster certainly does not hold (8 bytes
     # each; 0: off), and the largest roster digested inside a write (larger: in background).
@@ -42,6 +45,7 @@ CHECKS = {
     "GROUP_PUT_KEEPS_ROSTER": lambda v: isinstance(v, bool),
     "MEMBER_BATCH_SIZE": lambda v: isinstance(v, int) and v > 0,
     "MEMBER_SHIPPING": lambda v: v in ("background", "request"),
+    "MEMBER_SHIP_INTERVAL": lambda v: isinstance(v, int | float) and 0 <= v <= 10,
     "MEMBER_DIGEST_ENTRIES": lambda v: type(v) is int and v >= 0,
     "MEMBER_DIGEST_SYNC_MAX": lambda v: type(v) is int and v >= 0,
     "MEMBER_RELAY_INTERVAL": lambda v: isinstance(v, int | float) and v >= 0,
