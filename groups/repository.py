@@ -10,7 +10,7 @@ batch was inserted twice. No ``FINAL`` anywhere.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -135,16 +135,26 @@ _PAGE_WINDOW = (
 )
 
 
+# The threads that read windows ahead, shared by the process's requests and kept between
+# GETs (none started per request; its threads start at the first use, after a worker's
+# fork), so a served worker's per-thread CPU (/proc/PID/task/*/schedstat, as bench.server
+# sums it) keeps their time. One per request thread of a gunicorn worker (--threads 8): a
+# GET has one fetch in flight.
+_READ_AHEAD = ThreadPoolExecutor(max_workers=8, thread_name_prefix="roster-read-ahead")
+
+
 def _read_ahead(items: Iterator[bytes]) -> Iterator[bytes]:
     """``items`` in order, each next one fetched on a helper thread while the caller handles
     the one before: ClickHouse renders a window while the previous one is being sent, on the
     server's threads or chdb's (both release the interpreter). At most two windows are in
     memory; an early close waits for the one being fetched."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="roster-read-ahead") as pool:
-        future = pool.submit(next, items, None)
+    future = _READ_AHEAD.submit(next, items, None)
+    try:
         while (item := future.result()) is not None:
-            future = pool.submit(next, items, None)
+            future = _READ_AHEAD.submit(next, items, None)
             yield item
+    finally:
+        wait([future])
 
 
 def _state(row: tuple) -> MemberState:
