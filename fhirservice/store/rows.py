@@ -52,6 +52,8 @@ PLAIN_TYPES = frozenset(
         "BooleanField",
     }
 )
+# SQLite's conflict clause of a transaction's inserts when nothing follows them in it.
+ROLLBACK_ON_CONFLICT = "OR ROLLBACK"
 # Compiles a key lookup once; any value would do as long as it comes back as the one parameter.
 KEY_SLOT = "key"
 MSG_LOOKUP_COMPILED = "The lookup of {model} compiled with parameters {params!r}, not one key"
@@ -151,7 +153,11 @@ def insert_all(
     (``pgbackend.base.DatabaseWrapper.run_alone``): a statement is atomic by itself, so the
     server sees neither BEGIN nor COMMIT, and the write is one round trip instead of five
     (BEGIN, three INSERTs, COMMIT). Anything else inserts batch by batch inside the
-    transaction.
+    transaction; on SQLite, when ``alone``, as ``INSERT OR ROLLBACK``: a failing insert
+    then rolls the whole transaction back at once, as the caller's block would, so SQLite
+    keeps no statement journal to undo just that statement. The search rows' insert
+    touches ~100 pages, past the 64 KiB a statement journal keeps in memory: each create
+    wrote it to a temporary file, deleted again at the statement's end (~0.5 ms of CPU).
     """
     batches = [(model, rows) for model, rows in batches if rows]
     if not batches:
@@ -161,11 +167,7 @@ def insert_all(
     if alone_statement is not None and len(batches) > 1 and connection.transaction_unbegun():
         parts, params = [], []
         for model, rows in batches:
-            values = (
-                _instance_values(model, connection, rows)
-                if isinstance(rows[0], Model)
-                else _tuple_values(model, connection, rows)
-            )
+            values = _batch_values(model, connection, rows)
             head, row_sql = _statement(model, connection.alias)
             parts.append(head + ", ".join([row_sql] * len(values)))
             params.extend(value for row in values for value in row)
@@ -174,6 +176,11 @@ def insert_all(
         ahead_sql = ", ".join(f'"w{index}" AS ({part})' for index, part in enumerate(ahead))
         alone_statement(f"WITH {ahead_sql} {last}", params)
         return
+    if alone and connection.vendor == "sqlite":
+        for model, rows in batches:
+            values = _batch_values(model, connection, rows)
+            _execute(model, connection, values, conflict=ROLLBACK_ON_CONFLICT)
+        return
     for model, rows in batches:
         if isinstance(rows[0], Model):
             insert_rows(model, rows)
@@ -181,8 +188,21 @@ def insert_all(
             insert_values(model, rows)
 
 
-def _execute(model: type[Model], connection: Any, rows: Sequence[Sequence[Any]]) -> None:
+def _batch_values(
+    model: type[Model], connection: Any, rows: Sequence[Model] | Sequence[tuple[Any, ...]]
+) -> Sequence[Sequence[Any]]:
+    """The database values of a batch of :func:`insert_all`."""
+    if isinstance(rows[0], Model):
+        return _instance_values(model, connection, rows)
+    return _tuple_values(model, connection, rows)
+
+
+def _execute(
+    model: type[Model], connection: Any, rows: Sequence[Sequence[Any]], *, conflict: str = ""
+) -> None:
     head, row_sql = _statement(model, connection.alias)
+    if conflict:
+        head = head.replace("INSERT INTO", f"INSERT {conflict} INTO", 1)
     batch = connection.ops.bulk_batch_size(model._meta.concrete_fields, rows) or len(rows)
     with connection.cursor() as cursor:
         for start in range(0, len(rows), batch):

@@ -162,6 +162,46 @@ def test_a_create_whose_insert_fails_leaves_nothing_and_the_connection_works(
     assert client.get(f"/Patient/{response.body['id']}").status == 200
 
 
+def test_a_plain_create_on_sqlite_inserts_without_statement_journals(client: TokenClient) -> None:
+    """``INSERT OR ROLLBACK``: a failure rolls the whole transaction back, so SQLite keeps
+    no journal of the statement alone (the search rows' spilled to a temporary file)."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's statement journals")
+    client.post("/Patient", PATIENT)
+    with CaptureQueriesContext(connection) as captured:
+        response = client.post("/Patient", PATIENT, headers={"Prefer": "return=minimal"})
+    assert response.status == 201, response
+    inserts = [q["sql"] for q in captured.captured_queries if q["sql"].startswith("INSERT")]
+    assert len(inserts) == 3
+    assert all(sql.startswith("INSERT OR ROLLBACK INTO") for sql in inserts)
+
+
+def test_a_create_whose_search_rows_fail_leaves_nothing_and_the_connection_works(
+    client: TokenClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stray search row under the key of the create's first one: the last INSERT fails,
+    # after the current row's and the history row's (on SQLite, rolling all of it back).
+    taken = uuid.UUID("00000000-0000-4000-8000-000000000018")
+    key = f"Patient/{taken}"
+    SearchToken.objects.create(
+        key=f"{key}#0", resource_key="Patient/stray", resource_type="Patient", param="stray"
+    )
+    monkeypatch.setattr(services.uuid, "uuid4", lambda: taken)
+    retries = {**settings.FHIR_SERVICE, "WRITE_RETRIES": 1}
+    with override_settings(FHIR_SERVICE=retries):
+        response = client.post("/Patient", PATIENT)
+    assert response.status == 409, response
+    assert not StoredResource.objects.filter(key=key).exists()
+    assert not ResourceVersion.objects.filter(key__startswith=f"{key}/").exists()
+    assert not SearchToken.objects.filter(resource_key=key).exists()
+    monkeypatch.undo()
+    assert not connection.in_atomic_block
+    assert connection.get_autocommit()
+    response = client.post("/Patient", PATIENT)
+    assert response.status == 201, response
+    assert client.get(f"/Patient/{response.body['id']}").status == 200
+
+
 def test_a_read_is_one_statement_with_the_token_lookup(client: TokenClient) -> None:
     created = client.post("/Patient", PATIENT)
     assert created.status == 201, created
