@@ -18,6 +18,10 @@ DATE_RE = re.compile(
 
 def normalize_string(text: str) -> str:
     """Lower-case, accent-free form used for FHIR string search."""
+    if text.isascii():
+        # What the general path gives for ASCII (NFKD and case folding leave it ASCII, with
+        # nothing to strip), without a call per character: most index values are ASCII.
+        return text.lower().strip()[:MAX_VALUE]
     decomposed = unicodedata.normalize("NFKD", text)
     stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
     return stripped.casefold().strip()[:MAX_VALUE]
