@@ -123,6 +123,22 @@ def test_a_plain_create_is_two_round_trips_on_postgresql(client: TokenClient) ->
     assert SearchToken.objects.filter(resource_key=created.key).exists()
 
 
+def test_a_plain_create_runs_a_prepared_statement_on_postgresql(client: TokenClient) -> None:
+    """The create's one statement is prepared per connection, as the lookups are: its text
+    is the same for every create with as many search rows."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's prepared statements")
+    for _ in range(2):
+        response = client.post("/Patient", PATIENT, headers={"Prefer": "return=minimal"})
+        assert response.status == 201, response
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    inserts = [sql for sql in prepared if sql.startswith("WITH")]
+    assert len(inserts) == 1
+    assert "fhirservice_searchtoken" in inserts[0]
+
+
 def test_a_create_whose_insert_fails_leaves_nothing_and_the_connection_works(
     client: TokenClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
