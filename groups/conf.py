@@ -27,8 +27,10 @@ DEFAULTS: dict[str, Any] = {
     "MEMBER_SHIP_INTERVAL": 0.1,
     # Roster digests (groups.digest): references kept per process, over all rosters, so that
     # writes skip the ClickHouse lookup of members a roster certainly does not hold (8 bytes
-    # each; 0: off), and the largest roster digested inside a write (larger: in background).
-    "MEMBER_DIGEST_ENTRIES": 4_000_000,
+    # each; 0: off; 100 rosters of 10^5 written at random thrashed a bound of 4·10^6: row 8
+    # of bench/README.md), and the largest roster digested inside a write (larger: in
+    # background).
+    "MEMBER_DIGEST_ENTRIES": 16_000_000,
     "MEMBER_DIGEST_SYNC_MAX": 20_000,
     # The outbox relay of each server process (groups.outbox.background.Relay): seconds between its
     # rounds (0: none; run ``ship_member_events --loop`` instead), and the longest wait
