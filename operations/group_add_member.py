@@ -10,7 +10,7 @@ from fhirservice.rest.parameters import exactly_one, output
 from fhirservice.store.handlers import WriteContext
 from groups.members import Member
 from groups.services import RosterDelta, group_members_change
-from operations.patients import patient_by_identifier_locked, patient_match_or_create
+from operations.patients import patient_by_identifier, patient_match_or_create
 from operations.transactions import Region, run_region
 
 OPERATION = OperationDef(
@@ -21,9 +21,8 @@ OPERATION = OperationDef(
     title="Add member",
     description="Adds a Patient to the Group. The Patient is named by an identifier of an "
     "existing Patient, or sent as a DTO that the server matches by its "
-    "identifiers and creates when none matches. Runs as one transaction with the "
-    "Group locked (by identifier the Patient too; a DTO's match-or-create is "
-    "serializable); a stale groupVersion answers 409.",
+    "identifiers and creates when none matches. Runs as one serializable "
+    "transaction; a stale groupVersion answers 409.",
     parameters=(
         ParamDef(
             "patient",
@@ -80,7 +79,7 @@ def handle(
         group = tx.read("Group", resource_id, lock=True)  # first: see Region.read
         tx.expect(group, params.group_version)
         if params.identifier is not None:
-            patient = patient_by_identifier_locked(params.identifier)
+            patient = patient_by_identifier(params.identifier)
         else:
             patient, _, _ = patient_match_or_create(params.patient, context=context)
         member = Member(
@@ -98,10 +97,7 @@ def handle(
         tx.wrote(group.key, result.row.version_id)
         return patient, result.row.version_id
 
-    # By identifier the region writes only the Group and locks both rows it reads: no
-    # serializable isolation needed (see run_region). A DTO may create its Patient: the
-    # predicate check of serializable isolation keeps two such regions from making two.
-    patient, version = run_region(region, context=context, serializable=params.identifier is None)
+    patient, version = run_region(region, context=context)
     return output(
         ("member", "valueReference", {"reference": patient}),
         ("groupVersion", "valueString", str(version)),

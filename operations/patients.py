@@ -22,8 +22,7 @@ from fhirservice.search.extract import extract_rows
 from fhirservice.store import json
 from fhirservice.store.handlers import WriteContext
 from fhirservice.store.rows import insert_values
-from fhirservice.store.services import current_row, format_instant, now, resource_create
-from operations.transactions import RegionRace
+from fhirservice.store.services import format_instant, now, resource_create
 
 MSG_NO_PATIENT = "No Patient has the identifier {system}|{value}"
 MSG_AMBIGUOUS = "{count} Patients match the identifier(s) {identifiers}; the match must be unique"
@@ -59,19 +58,6 @@ def patient_by_identifier(identifier: dict[str, Any]) -> str:
             detail_code="MSG_PATIENT_AMBIGUOUS",
         )
     return keys[0]
-
-
-def patient_by_identifier_locked(identifier: dict[str, Any]) -> str:
-    """:func:`patient_by_identifier`, with the Patient's row locked until commit (a region
-    at READ COMMITTED, ``run_region(serializable=False)``): the one Patient the identifier
-    names, and still names once it is locked. Between the lookup and the lock the Patient
-    may have lost the identifier, been deleted, or another Patient may have got it: then
-    the region runs again (``RegionRace``) and its lookup answers as it now stands."""
-    key = patient_by_identifier(identifier)
-    row = current_row(key, lock=True)
-    if row is None or row.deleted or patient_keys(identifier) != [key]:
-        raise RegionRace(key)
-    return key
 
 
 def strip_references(value: Any, path: str = "Patient") -> tuple[Any, list[str]]:

@@ -94,30 +94,15 @@ class Region:
                 raise RegionRace(key)
 
 
-def run_region(
-    body: Callable[[Region], T], *, context: WriteContext, serializable: bool = True
-) -> T:
-    """Run ``body`` as a serializable, version-checked transaction, retried on races.
-
-    ``serializable=False``: a region whose only write is the one resource it locks at its
-    first read, and whose every other read is a row it locks too (or re-checks at commit),
-    runs at the backend's default isolation (PostgreSQL: READ COMMITTED). Its row locks
-    and compare-and-set already order it against every writer of what it read and wrote,
-    and serializable isolation only cost it retries: PostgreSQL tracks reads by index
-    page, and two regions on different Groups each read and then wrote the index page
-    that holds both Groups' keys (an update of a row writes its key into every index,
-    ``lastUpdated`` being indexed), so one of every two concurrent regions failed and ran
-    again (~3 attempts per ``$add-member`` at 8 clients on 50 Groups). What it gives up is
-    the predicate check, i.e. a Patient created concurrently under the identifier the
-    region looked up (a region that may create one keeps serializable isolation).
-    """
+def run_region(body: Callable[[Region], T], *, context: WriteContext) -> T:
+    """Run ``body`` as a serializable, version-checked transaction, retried on races."""
     # PostgreSQL accepts SET TRANSACTION only before a transaction's first query: a region
     # nested in a caller's atomic block (e.g. a test case's) runs at that block's level.
     outermost = not db.in_transaction()
 
     def attempt() -> T:
         region = Region(context)
-        if outermost and serializable:
+        if outermost:
             db.serializable()
         result = body(region)
         region.verify()

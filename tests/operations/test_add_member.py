@@ -8,10 +8,7 @@ Patients carry 409 ``MSG_PATIENT_AMBIGUOUS``; a stale ``groupVersion`` 409
 
 from __future__ import annotations
 
-from typing import Any
-
 from fhirservice.models import StoredResource
-from operations import transactions
 from tests.operations.conftest import (
     add_member,
     assert_error,
@@ -29,7 +26,6 @@ from tests.operations.conftest import (
     roster,
     text,
 )
-from tests.support import FhirClient, run_threads
 
 
 def patients_with(api, identifier: dict[str, str]) -> list[str]:
@@ -333,38 +329,3 @@ def test_add_member_while_clickhouse_is_down_ships_later(live_api, clickhouse_do
     assert pending.shipped_at is not None
     assert members_roster(live_api, gid) == {pid: False, other: False}
     assert read_group(live_api, gid)["quantity"] == 2
-
-
-def test_concurrent_adds_by_identifier_on_other_groups_each_commit_at_once(live_api, monkeypatch):
-    # Serializable isolation made one of every two concurrent regions on different Groups
-    # fail and run again: PostgreSQL tracks reads by index page, and each region read and
-    # then wrote the page of the key index that holds every Group's key. Locked rows need no
-    # such check: every attempt is now the only one.
-    attempts = []
-    monkeypatch.setattr(transactions.Region, "__init__", _counted(attempts))
-    threads, writes = 6, 8
-    identifiers = [new_identifier() for _ in range(threads * writes)]
-    for identifier in identifiers:
-        create_patient(live_api, identifier)
-    groups = [create_group(live_api, []) for _ in range(threads)]
-
-    def writer(t: int) -> None:
-        api = FhirClient()
-        for i in range(writes):
-            response = add_member(api, groups[t], ident(identifiers[t * writes + i]))
-            assert response.status == 200, response
-
-    run_threads(writer, threads)
-    assert len(attempts) == threads * writes
-    assert [read_group(live_api, gid)["quantity"] for gid in groups] == [writes] * threads
-
-
-def _counted(calls: list[None]) -> Any:
-    """``Region.__init__`` that also counts the regions made (one per attempt)."""
-    init = transactions.Region.__init__
-
-    def counted(self: transactions.Region, *args: Any) -> None:
-        calls.append(None)
-        init(self, *args)
-
-    return counted
