@@ -45,7 +45,7 @@ import orjson
 
 from bench import env
 from bench.data import group_body, patient_body
-from bench.server import _children
+from bench.server import children, stat_fields
 
 PATCH_JSON = "application/json-patch+json"
 FHIR_JSON = "application/fhir+json"
@@ -73,20 +73,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _tree_cpu(pid: int) -> float:
     """CPU seconds of process ``pid`` and its children (live ones, and those it reaped)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return 0.0
-    total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    for child in _children(pid):
-        try:
-            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile: its time is in the parent's cutime by now
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
+    total = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    for child in children(pid):
+        fields = stat_fields(child)
+        if fields is not None:  # else ended meanwhile: its time is in the parent's cutime
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class StoreCpu:

@@ -39,19 +39,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command (state, ppid, …, utime at index
+    11), or None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command (which may hold spaces) start after the last ")".
+    return stat.rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list[int]:
     """Process ids whose parent is ``pid`` (from /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command (which may hold spaces) start after the last ")".
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
+        fields = stat_fields(int(entry.name))
+        if fields is not None and int(fields[1]) == pid:
             found.append(int(entry.name))
     return found
 
@@ -171,7 +177,7 @@ class Server:
         if self.process is None:
             return None
         if self._worker is None or not os.path.exists(f"/proc/{self._worker}"):
-            workers = _children(self.process.pid)
+            workers = children(self.process.pid)
             self._worker = workers[0] if workers else None
         return self._worker
 
