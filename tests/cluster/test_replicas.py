@@ -56,8 +56,6 @@ CONVERGE_SECONDS = 60.0
 ZOOKEEPER_WRITES = 10
 # Members of a create that ships before it answers (FHIR_MEMBER_SHIPPING aside).
 BIG_CREATE = 60_000
-# How long the replicas may take, after a test here, to be writable and caught up again.
-SETTLE_SECONDS = 60.0
 
 
 def replicas() -> list[tuple[str, int]]:
@@ -79,35 +77,6 @@ def cluster_servers(command: str, *replica: int) -> None:
         capture_output=True,
         timeout=120,
     )
-
-
-def replicas_settled() -> bool:
-    """Every replica's tables are writable, in a live ZooKeeper session, with an empty
-    replication queue."""
-    database = get_clickhouse().database
-    for host, port in replicas():
-        with connect(f"clickhouse://default@{host}:{port}/{database}") as client:
-            unsettled = client.execute(
-                "SELECT count() FROM system.replicas WHERE database = %(d)s AND "
-                "(is_readonly = 1 OR is_session_expired = 1 OR queue_size > 0)",
-                {"d": database},
-            )
-        if unsettled[0][0]:
-            return False
-    return True
-
-
-@pytest.fixture(autouse=True)
-def settled_cluster():
-    """After each test, wait until the replicas have settled. The tests after this module
-    in the cluster pass write through one replica and read through the Distributed tables,
-    which read from another replica while the local one is read-only or behind: in one CI
-    run, reads right after these tests missed inserts made a moment before."""
-    yield
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while not replicas_settled():
-        assert time.monotonic() < deadline, "the replicas did not settle within a minute"
-        time.sleep(0.5)
 
 
 def replica_state(host: str, port: int, key: str) -> tuple[list[str], int, int]:
