@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class LoadResult:
     seconds: float  # how long locust ran
     setup_seconds: float
     during: Any = None  # what ``during`` returned
+    # CPU seconds spent during the locust run, by process: "locust" and whatever ``cpu``
+    # sampled (the service, PostgreSQL, ClickHouse), plus "machine" (all CPUs, /proc/stat).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def member_writes(self) -> list[KindStats]:
@@ -71,9 +74,11 @@ def run_load(
     workdir: Path,
     progress: Any,
     during: Callable[[], Any] | None = None,
+    cpu: Callable[[], dict[str, float]] | None = None,
 ) -> LoadResult:
     """Create the load's Groups and Patients through ``api``, run locust against ``host``
-    (and ``during`` beside it)."""
+    (and ``during`` beside it); ``cpu`` samples CPU seconds so far by process, read before and
+    after the locust run."""
     started = time.perf_counter()
     count = min(PATIENTS, max(20, max_requests // 20))
     progress(f"load test set-up: {groups} Groups of {members:,} members, {count} Patients")
@@ -131,6 +136,7 @@ def run_load(
     )
     env = {**os.environ, "FHIR_LOAD_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
     ran = time.perf_counter()
+    before = _cpu_now(cpu)
     with open(workdir / "locust.log", "wb") as log:
         locust = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -140,11 +146,37 @@ def run_load(
             if locust.poll() is None:
                 locust.kill()
                 locust.wait()
+    after = _cpu_now(cpu)
+    # locust's own CPU: the child this process reaped (its time is now in our cutime).
+    after["locust"] = before.get("locust", 0.0) + _reaped_cpu() - before["reaped"]
     if returncode:
         raise subprocess.CalledProcessError(returncode, command)
     elapsed = time.perf_counter() - ran
     kinds, total = read_stats(Path(f"{prefix}_stats.csv"))
-    return LoadResult(kinds, total, elapsed, setup, outcome)
+    used = {name: after[name] - before.get(name, 0.0) for name in after if name != "reaped"}
+    return LoadResult(kinds, total, elapsed, setup, outcome, used)
+
+
+def _cpu_now(cpu: Callable[[], dict[str, float]] | None) -> dict[str, float]:
+    """CPU seconds so far: what ``cpu`` samples, the whole machine's, and this process's
+    reaped children's (the baseline for locust's)."""
+    sample = dict(cpu()) if cpu is not None else {}
+    sample["machine"] = _machine_cpu()
+    sample["reaped"] = _reaped_cpu()
+    return sample
+
+
+def _reaped_cpu() -> float:
+    """CPU seconds of this process's children that it has waited for."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def _machine_cpu() -> float:
+    """CPU seconds every CPU has spent busy (not idle or waiting on I/O), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def read_stats(path: Path) -> tuple[list[KindStats], KindStats]:

@@ -30,7 +30,6 @@ left out) during each series into ``DIR/<kind>-<round>.txt`` (collapsed stacks).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import statistics
@@ -45,7 +44,7 @@ import orjson
 
 from bench import env
 from bench.data import group_body, patient_body
-from bench.server import children, stat_fields
+from bench.server import StoreCpu
 
 PATCH_JSON = "application/json-patch+json"
 FHIR_JSON = "application/fhir+json"
@@ -69,39 +68,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="scripts/test-servers.sh directory: also PostgreSQL's and ClickHouse's CPU",
     )
     return parser.parse_args(argv)
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of process ``pid`` and its children (live ones, and those it reaped)."""
-    fields = stat_fields(pid)
-    if fields is None:
-        return 0.0
-    total = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
-    for child in children(pid):
-        fields = stat_fields(child)
-        if fields is not None:  # else ended meanwhile: its time is in the parent's cutime
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-class StoreCpu:
-    """CPU of the PostgreSQL and ClickHouse servers of a ``scripts/test-servers.sh`` directory."""
-
-    def __init__(self, servers_dir: str | None) -> None:
-        self.pids: dict[str, int] = {}
-        if servers_dir is None:
-            return
-        home = Path(servers_dir)
-        pg = home / "pg" / "data" / "postmaster.pid"
-        ch = home / "clickhouse" / "server.pid"
-        if pg.exists():
-            self.pids["postgresql"] = int(pg.read_text().split()[0])
-        if ch.exists():
-            self.pids["clickhouse"] = int(ch.read_text().split()[0])
-
-    def sample(self) -> dict[str, float]:
-        """CPU seconds of each server so far."""
-        return {name: _tree_cpu(pid) for name, pid in self.pids.items()}
 
 
 class Writer:

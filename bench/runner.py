@@ -1019,6 +1019,13 @@ class Bench:
         from django.conf import settings
 
         from bench.load import run_load
+        from bench.server import StoreCpu, tree_cpu
+
+        stores = StoreCpu(args.servers_dir)
+        server = self.server
+
+        def cpu() -> dict[str, float]:
+            return {"service": tree_cpu(server.process.pid), **stores.sample()}
 
         return run_load(
             self.api,
@@ -1040,6 +1047,7 @@ class Bench:
                 drain_wait=OUTAGE_DRAIN_WAIT,
                 progress=progress,
             ),
+            cpu=cpu,
         )
 
     def load_lines(
@@ -1102,8 +1110,29 @@ class Bench:
             "The load generator shares the machine's "
             f"{os.cpu_count()} CPUs with the service; p50/p99 are locust's (ms buckets)"
         )
+        self.report.note(self.load_cpu_note(result, rate))
         if result.during is not None:
             self.outage_lines(result.during)
+
+    @staticmethod
+    def load_cpu_note(result: Any, member_writes_per_second: float) -> str:
+        """Where the machine's CPU went during row 8's run, per process, and per member write
+        (every process's CPU over the run divided by the member writes it completed)."""
+        used = dict(result.cpu)
+        machine = used.pop("machine", 0.0)
+        capacity = result.seconds * (os.cpu_count() or 1)
+        writes = member_writes_per_second * result.seconds
+        parts = [
+            f"{name} {spent:.1f} s ({spent / writes * 1000:.2f} ms/member write)"
+            if writes
+            else f"{name} {spent:.1f} s"
+            for name, spent in sorted(used.items(), key=lambda item: -item[1])
+        ]
+        other = machine - sum(used.values())
+        return (
+            f"row 8 CPU during the run: machine {machine:.1f} s of {capacity:.1f} s available "
+            f"({machine / capacity:.0%} busy); " + ", ".join(parts) + f", other {other:.1f} s"
+        )
 
     def outage_lines(self, outage: Any) -> None:
         """Row 8 with ``--load-outage``: how long the backlog took to drain."""

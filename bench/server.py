@@ -62,6 +62,39 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children (live ones, and those it reaped)."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return 0.0
+    total = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    for child in children(pid):
+        fields = stat_fields(child)
+        if fields is not None:  # else ended meanwhile: its time is in the parent's cutime
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class StoreCpu:
+    """CPU of the PostgreSQL and ClickHouse servers of a ``scripts/test-servers.sh`` directory."""
+
+    def __init__(self, servers_dir: str | None) -> None:
+        self.pids: dict[str, int] = {}
+        if servers_dir is None:
+            return
+        home = Path(servers_dir)
+        pg = home / "pg" / "data" / "postmaster.pid"
+        ch = home / "clickhouse" / "server.pid"
+        if pg.exists():
+            self.pids["postgresql"] = int(pg.read_text().split()[0])
+        if ch.exists():
+            self.pids["clickhouse"] = int(ch.read_text().split()[0])
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds of each server so far."""
+        return {name: tree_cpu(pid) for name, pid in self.pids.items()}
+
+
 def _status_bytes(pid: int, name: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:

@@ -3,6 +3,8 @@ in-process, and as served (gunicorn started by the benchmark, requests over HTTP
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import bench
@@ -67,6 +69,10 @@ def test_bench_quick_mode_prints_the_budget_table(
     # Row 8, the load test with mixed traffic, runs as served only.
     assert ("8 | load: member writes/s" in out) is served, out
     assert ("8 | load: all requests" in out) is served, out
+    # ... and says where the machine's CPU went during it, the service's share included.
+    assert ("row 8 CPU during the run: machine" in out) is served, out
+    service_share = re.search(r"service \d+\.\d s \(\d+\.\d\d ms/member write\)", out)
+    assert (service_share is not None) is served, out
     assert "budgets:" in out
 
 
