@@ -6,6 +6,13 @@ Patients with identifiers of this run's own system. Then ``bench/locustfile.py``
 CSV statistics come back as one ``KindStats`` per request kind: count, failures,
 throughput, p50 and p99 (locust's own percentiles, in ms buckets). ``during``, when given,
 runs in this process while locust runs (``bench.outage``: ClickHouse down under the load).
+
+``settle``, when given, runs between the set-up and locust: the set-up writes 10^7 member
+events (100 Groups of 10^5) in a few minutes, and ClickHouse merges their parts for a while
+afterwards (the load average went from ~2 to 9 right after it). Timed at once, the load
+shared the 2 CPUs with the tail of the set-up's merges rather than with the merges its own
+writes cause; the runner waits until no merge has run for a few seconds
+(``bench.runner.merges_settle``) and reports how long that took.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class LoadResult:
     # CPU seconds spent during the locust run, by process: "locust" and whatever ``cpu``
     # sampled (the service, PostgreSQL, ClickHouse), plus "machine" (all CPUs, /proc/stat).
     cpu: dict[str, float] = field(default_factory=dict)
+    settled: str = ""  # what ``settle`` returned (a sentence for the report's notes)
 
     @property
     def member_writes(self) -> list[KindStats]:
@@ -75,10 +83,11 @@ def run_load(
     progress: Any,
     during: Callable[[], Any] | None = None,
     cpu: Callable[[], dict[str, float]] | None = None,
+    settle: Callable[[], str] | None = None,
 ) -> LoadResult:
-    """Create the load's Groups and Patients through ``api``, run locust against ``host``
-    (and ``during`` beside it); ``cpu`` samples CPU seconds so far by process, read before and
-    after the locust run."""
+    """Create the load's Groups and Patients through ``api``, wait for ``settle``, run
+    locust against ``host`` (and ``during`` beside it); ``cpu`` samples CPU seconds so far by
+    process, read before and after the locust run."""
     started = time.perf_counter()
     count = min(PATIENTS, max(20, max_requests // 20))
     progress(f"load test set-up: {groups} Groups of {members:,} members, {count} Patients")
@@ -89,6 +98,11 @@ def run_load(
     system = f"urn:bench:load:{tag}:mrn"
     patients = [api.create_patient(patient_body(index, system)) for index in range(count)]
     setup = time.perf_counter() - started
+    settled = ""
+    if settle is not None:
+        progress("load test: waiting for ClickHouse's merges of the set-up's parts")
+        settled = settle()
+        progress(f"load test: {settled}")
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "load.json"
     config.write_text(
@@ -154,7 +168,7 @@ def run_load(
     elapsed = time.perf_counter() - ran
     kinds, total = read_stats(Path(f"{prefix}_stats.csv"))
     used = {name: after[name] - before.get(name, 0.0) for name in after if name != "reaped"}
-    return LoadResult(kinds, total, elapsed, setup, outcome, used)
+    return LoadResult(kinds, total, elapsed, setup, outcome, used, settled)
 
 
 def _cpu_now(cpu: Callable[[], dict[str, float]] | None) -> dict[str, float]:

@@ -386,9 +386,14 @@ class MemberEventRepository:
     def lookup(self, roster_key: str, refs: list[str]) -> dict[str, MemberState]:
         """Current state of some member references (absent: never in the roster)."""
         states: dict[str, MemberState] = {}
+        # PREWHERE: the key columns of the granules the sort key selects are read first, the
+        # seven aggregate states only where a reference matched. A write's lookup is mostly of
+        # a member the roster does not hold (the digest could not tell): with WHERE, 18.16
+        # read every column of those granules (a 10^5 roster in a 10^7-row table: 40 MB,
+        # ~12 ms of server CPU per lookup; 4.4 MB and ~4 ms with PREWHERE).
         for chunk in in_chunks(refs):
             rows = self.client.execute(
-                f"SELECT {_STATE_COLUMNS} FROM {STATE} WHERE roster_key = %(k)s "
+                f"SELECT {_STATE_COLUMNS} FROM {STATE} PREWHERE roster_key = %(k)s "
                 f"AND member_ref IN %(refs)s GROUP BY roster_key, member_ref",
                 {"k": roster_key, "refs": chunk},
             )
@@ -629,12 +634,14 @@ class MemberEventRepository:
         pairs: list[tuple[str, str]] = []
         # No optimize_aggregation_in_order here: the IN list selects a few granules, which a
         # hash aggregation handles at once, while the in-order pipeline costs chdb ~40 ms
-        # per query (7 ms without it, on a 6-million-row table).
+        # per query (7 ms without it, on a 6-million-row table). PREWHERE, as in ``lookup``:
+        # the states only where a reference matched (~2 instead of ~3 ms of 18.16's CPU).
         for chunk in in_chunks(refs):
             rows = self.client.execute(
                 f"SELECT member_ref, roster_key FROM (SELECT member_ref, roster_key, "
                 f"argMaxMerge(present) AS p, argMaxMerge(inactive) AS i FROM {REVERSE} "
-                f"WHERE member_ref IN %(refs)s GROUP BY member_ref, roster_key) WHERE {condition}",
+                f"PREWHERE member_ref IN %(refs)s GROUP BY member_ref, roster_key) "
+                f"WHERE {condition}",
                 {"refs": chunk},
             )
             pairs.extend((row[0], row[1]) for row in rows)
