@@ -1,4 +1,5 @@
-"""Django system checks for the backend configuration (``manage.py check``)."""
+"""Django system checks for the backend configuration and the middleware (``manage.py
+check``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.utils.module_loading import import_string
 
 from fhirservice.clickhouse.migrations import MSG_CHDB_CLUSTER, on_cluster_clause
 from fhirservice.conf import valid_clickhouse_url
@@ -94,4 +96,39 @@ def check_embedded_workers(app_configs: Any = None, **kwargs: Any) -> list[check
                 id="fhirservice.W002",
             )
         ]
+    return []
+
+
+# What the admin needs among the browser-session middleware (Django's own check, admin.E408
+# to E410, looks in MIDDLEWARE only and is silenced in settings), in this order.
+ADMIN_SESSION_MIDDLEWARE = (
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+)
+BROWSER_SESSION_MIDDLEWARE = "fhirservice.middleware.BrowserSessionMiddleware"
+MSG_SESSION_MIDDLEWARE = (
+    "SESSION_MIDDLEWARE must list {needed} (or a subclass) after {previous}, and MIDDLEWARE "
+    "must list fhirservice.middleware.BrowserSessionMiddleware, which runs it: the admin "
+    "needs it"
+)
+
+
+@checks.register()
+def check_session_middleware(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The admin's sessions, authentication and messages run, inside
+    ``BrowserSessionMiddleware`` (admin.E408-E410 for the middleware it runs)."""
+    listed = [import_string(path) for path in getattr(settings, "SESSION_MIDDLEWARE", [])]
+    runs = BROWSER_SESSION_MIDDLEWARE in settings.MIDDLEWARE
+    position = -1
+    previous = "its start"
+    for needed in ADMIN_SESSION_MIDDLEWARE:
+        cls = import_string(needed)
+        found = next(
+            (i for i, item in enumerate(listed) if i > position and issubclass(item, cls)), None
+        )
+        if found is None or not runs:
+            text = MSG_SESSION_MIDDLEWARE.format(needed=needed, previous=previous)
+            return [checks.Error(text, id="fhirservice.E005")]
+        position, previous = found, needed
     return []

@@ -118,7 +118,7 @@ class RouteMetricsMiddleware(PrometheusAfterMiddleware):
             and 200 <= response.status_code < 300
             and request.path.startswith(f"/{fhir_settings.BASE_PATH}")
         ):
-            WRITES.labels(route=route_of(request), method=request.method).inc()
+            self.label_metric(WRITES, request, route=route_of(request), method=request.method).inc()
         return super().process_response(request, response)
 
 

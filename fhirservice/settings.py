@@ -77,17 +77,28 @@ MIDDLEWARE = [
     # Serves STATIC_ROOT (the admin's CSS and scripts, gathered by collectstatic) from the
     # app server itself: gunicorn has no static file handler and no proxy is assumed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
     "groups.middleware.GroupMemberEventsMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # SESSION_MIDDLEWARE below, which FHIR requests without a session cookie skip.
+    "fhirservice.middleware.BrowserSessionMiddleware",
+    # Innermost: latency and status by route, and the FHIR write counter.
+    "fhirservice.metrics.RouteMetricsMiddleware",
+]
+
+# Browser sessions: the admin, and a staff user calling the API from its session. Run by
+# fhirservice.middleware.BrowserSessionMiddleware in this order, as if listed in MIDDLEWARE.
+SESSION_MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     # Django's, for the admin only (FHIR requests neither add nor show messages).
     "fhirservice.middleware.AdminMessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Innermost: latency and status by route, and the FHIR write counter.
-    "fhirservice.metrics.RouteMetricsMiddleware",
 ]
+
+# The admin's check that its middleware is in MIDDLEWARE: fhirservice.checks E005 checks it
+# in SESSION_MIDDLEWARE instead.
+SILENCED_SYSTEM_CHECKS = ["admin.E408", "admin.E409", "admin.E410"]
 
 ROOT_URLCONF = "fhirservice.urls"
 WSGI_APPLICATION = "fhirservice.wsgi.application"

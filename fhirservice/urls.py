@@ -11,20 +11,23 @@ from fhirservice.conf import fhir_settings
 from fhirservice.rest.views import SystemView
 
 urlpatterns = [
+    # The FHIR API first: Django tries the patterns in order on every request, and nearly
+    # every request is a FHIR one. SMART discovery below the base and the base itself come
+    # before the base's catch-all (the unknown-route answer).
+    path(f"{fhir_settings.BASE_PATH}/.well-known/smart-configuration", smart_configuration),
+    re_path(rf"^{fhir_settings.BASE_PATH}/?$", SystemView.as_view()),
+    path(f"{fhir_settings.BASE_PATH}/", include("fhirservice.rest.urls")),
     path("admin/", admin.site.urls),
     # Client-credentials tokens (and their revocation), failed client authentications
     # throttled; see fhirservice.access.oauth.
     path(TOKEN_PATH, oauth.TokenView.as_view(), name="oauth2_token"),
     path(REVOKE_PATH, oauth.RevokeTokenView.as_view(), name="oauth2_revoke"),
-    # SMART App Launch discovery (public): below the FHIR base, and at the site root.
-    path(f"{fhir_settings.BASE_PATH}/.well-known/smart-configuration", smart_configuration),
+    # SMART App Launch discovery (public) at the site root, as below the FHIR base.
     path(".well-known/smart-configuration", smart_configuration),
     # Operability (unauthenticated, cheap): liveness, readiness, Prometheus metrics.
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics_view, name="metrics"),
-    re_path(rf"^{fhir_settings.BASE_PATH}/?$", SystemView.as_view()),
-    path(f"{fhir_settings.BASE_PATH}/", include("fhirservice.rest.urls")),
 ]
 
 handler400 = "fhirservice.rest.errors.bad_request"

@@ -174,6 +174,22 @@ def test_a_staff_session_is_an_unrestricted_caller(admin_client, db: None) -> No
     assert version.organization == "org-a"  # the id keeps its organization
 
 
+def test_a_staff_session_writes_only_with_the_csrf_token(django_user_model, db: None) -> None:
+    # A browser session runs the session middleware on FHIR paths too (only FHIR requests
+    # without the session cookie skip it), and its writes are CSRF-checked.
+    staff = django_user_model.objects.create_superuser("boss", "boss@example.org", "pw-pw-pw")
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(staff)
+    body = orjson.dumps({"resourceType": "Patient", "id": "by-staff", "active": True})
+    path = "/4_0_0/Patient/by-staff"
+    refused = browser.put(path, body, content_type="application/fhir+json")
+    assert refused.status_code == 403
+    assert orjson.loads(refused.content)["resourceType"] == "OperationOutcome"
+    token = browser.get("/admin/password_change/").cookies["csrftoken"].value
+    created = browser.put(path, body, content_type="application/fhir+json", HTTP_X_CSRFTOKEN=token)
+    assert created.status_code == 201, created.content
+
+
 def test_the_capability_statement_says_where_tokens_come_from(db: None) -> None:
     statement = TokenClient(None).get("/metadata").body
     security = statement["rest"][0]["security"]

@@ -297,3 +297,27 @@ def test_manage_py_check_passes_on_the_defaults(tmp_path):
         "call_command('check', fail_level='WARNING')",
     )
     assert done.returncode == 0, done.stderr
+
+
+SESSIONS = "django.contrib.sessions.middleware.SessionMiddleware"
+AUTHENTICATION = "django.contrib.auth.middleware.AuthenticationMiddleware"
+MESSAGES = "fhirservice.middleware.AdminMessageMiddleware"
+
+
+@pytest.mark.parametrize(
+    ("session_middleware", "runs", "expected"),
+    [
+        ([SESSIONS, AUTHENTICATION, MESSAGES], True, []),
+        # The admin's needs, wherever they are listed: Django's own check looks in MIDDLEWARE.
+        ([AUTHENTICATION, MESSAGES], True, ["fhirservice.E005"]),
+        ([AUTHENTICATION, SESSIONS, MESSAGES], True, ["fhirservice.E005"]),
+        ([SESSIONS, AUTHENTICATION], True, ["fhirservice.E005"]),
+        ([SESSIONS, AUTHENTICATION, MESSAGES], False, ["fhirservice.E005"]),
+    ],
+)
+def test_session_middleware_check(session_middleware, runs, expected):
+    middleware = [
+        item for item in settings.MIDDLEWARE if runs or item != checks.BROWSER_SESSION_MIDDLEWARE
+    ]
+    with override_settings(SESSION_MIDDLEWARE=session_middleware, MIDDLEWARE=middleware):
+        assert check_ids(checks.check_session_middleware()) == expected

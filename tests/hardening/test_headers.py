@@ -130,7 +130,25 @@ def test_no_trace_in_any_error_body(api):
         assert "Traceback" not in text and 'File "' not in text
 
 
-# --- CSRF on the admin ---------------------------------------------------------------------
+# --- CSRF on the admin, sessions for the browser only --------------------------------------
+
+
+@pytest.mark.django_db
+def test_fhir_requests_without_a_session_cookie_skip_the_session_middleware(api, django_user_model):
+    # FHIR answers keep every header (above); the request met no session, user or messages.
+    answer = Client().get(f"{BASE}/metadata")
+    assert answer.status_code == 200
+    assert_headers(answer, {**EVERY_ANSWER, **FHIR_ANSWER})
+    for attribute in ("session", "user", "_messages", "csrf_processing_done"):
+        assert not hasattr(answer.wsgi_request, attribute), attribute
+    # The admin, and a FHIR request of a browser session, still run the whole chain.
+    assert hasattr(Client().get("/admin/login/").wsgi_request, "session")
+    staff = django_user_model.objects.create_superuser("boss", "boss@example.org", "pw-pw-pw")
+    browser = Client()
+    browser.force_login(staff)
+    from_browser = browser.get(f"{BASE}/metadata").wsgi_request
+    assert from_browser.user == staff
+    assert not hasattr(from_browser, "_messages")  # the FHIR base shows no messages
 
 
 @pytest.mark.django_db
