@@ -111,3 +111,27 @@ def test_the_start_up_fills_what_the_first_write_used_to_fill(transactional_db):
     assert all("regex" in pattern.pattern.__dict__ for pattern in patterns)
     assert all("related_objects" in model._meta.__dict__ for model in apps.get_models())
     assert patient_compartment.cache_info().currsize == 1
+
+
+def test_a_serving_worker_reads_each_gunicorn_setting_once(monkeypatch):
+    from gunicorn.config import Config, Setting
+
+    cfg = Config()
+    cfg.set("threads", 2)
+    cfg.set("keepalive", 7)
+    reads: list[str] = []
+    original = Setting.get
+
+    def counted(setting: Setting) -> object:
+        reads.append(setting.name)
+        return original(setting)
+
+    monkeypatch.setattr(Setting, "get", counted)
+    gunicorn_conf.post_worker_init(SimpleNamespace(tpool=None, cfg=cfg))
+    for _ in range(3):
+        assert (cfg.keepalive, cfg.threads, bool(cfg.is_ssl)) == (7, 2, False)
+    assert sorted(reads) == ["certfile", "keepalive", "keyfile", "threads"]
+    with pytest.raises(AttributeError, match="keepalive"):
+        cfg.set("keepalive", 1)
+    with pytest.raises(AttributeError, match="No configuration setting"):
+        cfg.no_such_setting  # noqa: B018
