@@ -73,6 +73,9 @@ class OutputFormat:
 
 
 DEFAULT_FORMAT = OutputFormat()
+# Attribute of the Django request: the format FormatMiddleware negotiated (absent when the
+# request accepts none we write: the view then answers 406).
+NEGOTIATED_ATTR = "fhir_output_format"
 _CURRENT: ContextVar[OutputFormat] = ContextVar("fhir_output_format", default=DEFAULT_FORMAT)
 
 
@@ -169,6 +172,8 @@ class FormatMiddleware:
             chosen = negotiate(request)
         except NotAcceptable:
             chosen = DEFAULT_FORMAT
+        else:
+            setattr(request, NEGOTIATED_ATTR, chosen)  # the renderer's choice, negotiated once
         token = _CURRENT.set(chosen)
         try:
             return self.get_response(request)
@@ -185,7 +190,7 @@ class FhirContentNegotiation(BaseContentNegotiation):
 
     def select_renderer(self, request: Any, renderers: list[Any], format_suffix: str | None = None):
         """The renderer and media type for the response."""
-        chosen = negotiate(request._request)
+        chosen = getattr(request._request, NEGOTIATED_ATTR, None) or negotiate(request._request)
         for renderer in renderers:
             if renderer.media_type == chosen.media_type:
                 return renderer, renderer.media_type
