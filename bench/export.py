@@ -167,6 +167,8 @@ RESOURCE_COLUMNS = (
     "organization",
 )
 VERSION_COLUMNS = (*RESOURCE_COLUMNS, "method", "request_id", "actor")
+# The current rows also keep the minute of last_updated (StoredResource.updated_minute).
+CURRENT_COLUMNS = (*RESOURCE_COLUMNS, "updated_minute")
 LINK_COLUMNS = ("key", "resource_key", "resource_type", "patient_id", "shared")
 
 
@@ -181,6 +183,7 @@ def seed(members: int, observations: int, run: str, organization: str) -> list[s
     now = datetime.now(UTC)
     stamp = now.isoformat().replace("+00:00", "Z")
     moment = connection.ops.adapt_datetimefield_value(now)
+    minute = connection.ops.adapt_datetimefield_value(now.replace(second=0, microsecond=0))
     created = ("POST", "", "")  # method, request_id, actor of a history row
     refs: list[str] = []
     rows: list[tuple[str, str, str]] = []
@@ -188,8 +191,11 @@ def seed(members: int, observations: int, run: str, organization: str) -> list[s
     def flush() -> None:
         store_rows(
             StoredResource,
-            RESOURCE_COLUMNS,
-            [(f"{t}/{i}", t, i, 1, 1, moment, False, body, organization) for t, i, body in rows],
+            CURRENT_COLUMNS,
+            [
+                (f"{t}/{i}", t, i, 1, 1, moment, False, body, organization, minute)
+                for t, i, body in rows
+            ],
         )
         store_rows(
             ResourceVersion,

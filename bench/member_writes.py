@@ -23,6 +23,12 @@ CPU the PostgreSQL server (postmaster and every backend) and the ClickHouse serv
 write over the same series, from ``/proc``: a member write's whole cost on the machine is the
 worker's, PostgreSQL's and ClickHouse's (the shipping inserts and their views).
 
+On PostgreSQL it also prints, per write, the transactions that rolled back (a serializable
+``$add-member`` that lost a race rolls back and runs again: attempts per request = 1 + that)
+and the share of the current rows' updates that were HOT (no index entry written), from
+``pg_stat_database`` and ``pg_stat_user_tables``, read ``STATS_FLUSH`` seconds after the
+series (a backend reports its counters at most every 10 s when it goes idle).
+
 ``--py-spy DIR`` records the worker with py-spy (``--rate 1000``, all threads, idle samples
 left out) during each series into ``DIR/<kind>-<round>.txt`` (collapsed stacks).
 """
@@ -50,6 +56,13 @@ PATCH_JSON = "application/json-patch+json"
 FHIR_JSON = "application/fhir+json"
 # Seconds to wait after a series for the background shipping to drain before reading CPU.
 SETTLE = 1.5
+# Seconds until every PostgreSQL backend has reported its counters (PGSTAT_IDLE_INTERVAL 10 s).
+STATS_FLUSH = 11.0
+PG_COUNTERS = (
+    "SELECT d.xact_rollback, t.n_tup_upd, t.n_tup_hot_upd FROM pg_stat_database d, "
+    "pg_stat_user_tables t WHERE d.datname = current_database() "
+    "AND t.relname = 'fhirservice_storedresource'"
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +81,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="scripts/test-servers.sh directory: also PostgreSQL's and ClickHouse's CPU",
     )
     return parser.parse_args(argv)
+
+
+def pg_counters() -> tuple[int, int, int] | None:
+    """(rolled back transactions, current-row updates, HOT ones) so far on PostgreSQL."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None
+    time.sleep(STATS_FLUSH)
+    with connection.cursor() as cursor:
+        cursor.execute(PG_COUNTERS)
+        return cursor.fetchone()
 
 
 class Writer:
@@ -225,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                         stderr=subprocess.DEVNULL,
                     )
                     time.sleep(1.0)
+                counters = pg_counters()
                 cpu = server.cpu_seconds()
                 store_cpu = stores.sample()
                 indexes = iter(range(start_index, start_index + args.requests))
@@ -267,6 +293,13 @@ def main(argv: list[str] | None = None) -> None:
                 servers = "".join(
                     f", {name} {value * 1e3:.2f}" for name, value in store_used.items()
                 )
+                if counters is not None:
+                    ended = pg_counters()
+                    rollbacks, updates, hot = (b - a for a, b in zip(counters, ended, strict=True))
+                    servers += (
+                        f"; {rollbacks / args.requests:.2f} rollbacks/write, "
+                        f"{hot}/{updates} updates HOT"
+                    )
                 print(
                     f"  {kind:10s} round {round_}: worker cpu {used / args.requests * 1e3:.2f} "
                     f"ms/write{servers}, wall median {statistics.median(walls) * 1e3:.1f} ms, p90 "

@@ -107,6 +107,8 @@ RESOURCE_COLUMNS = (
     "organization",
 )
 VERSION_COLUMNS = (*RESOURCE_COLUMNS, "method", "request_id", "actor")
+# The current rows also keep the minute of last_updated (StoredResource.updated_minute).
+CURRENT_COLUMNS = (*RESOURCE_COLUMNS, "updated_minute")
 
 
 def _store(bodies: list[dict], extract_times: list[float]) -> None:
@@ -120,6 +122,8 @@ def _store(bodies: list[dict], extract_times: list[float]) -> None:
     stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     adapt = connection.ops.adapt_datetimefield_value
     moment = now if connection.vendor == "postgresql" else adapt(now)
+    minute = now.replace(second=0, microsecond=0)
+    minute = minute if connection.vendor == "postgresql" else adapt(minute)
     dates = [COLUMNS.index("low"), COLUMNS.index("high")]
     rows, tokens = [], []
     for body in bodies:
@@ -137,7 +141,7 @@ def _store(bodies: list[dict], extract_times: list[float]) -> None:
         text = orjson.dumps(body).decode()
         rows.append((key, body["resourceType"], body["id"], 1, moment, text, 1, False, ""))
     with transaction.atomic():
-        store_rows(StoredResource, RESOURCE_COLUMNS, rows)
+        store_rows(StoredResource, CURRENT_COLUMNS, [(*row, minute) for row in rows])
         history = [(f"{r[0]}/_history/1", *r[1:], "POST", "", "") for r in rows]
         store_rows(ResourceVersion, VERSION_COLUMNS, history)
         store_rows(SearchToken, COLUMNS, tokens)

@@ -17,7 +17,7 @@ from typing import Any
 from fhirservice import access
 from fhirservice.access.boundaries import visible_keys, with_organization
 from fhirservice.errors import BadRequest, Conflict, NotFound
-from fhirservice.models import ResourceVersion, SearchToken, StoredResource
+from fhirservice.models import ResourceVersion, SearchToken, StoredResource, minute_of
 from fhirservice.search.extract import extract_rows
 from fhirservice.store import json
 from fhirservice.store.handlers import WriteContext
@@ -206,7 +206,7 @@ def _bulk_create_patients(missing: dict[tuple[str, str], str], *, context: Write
                 "body": text,
                 "organization": organization,
             }
-            current.append(StoredResource(key=key, **fields))
+            current.append(StoredResource(key=key, updated_minute=minute_of(moment), **fields))
             versions.append(
                 ResourceVersion(
                     key=f"{key}/_history/1",

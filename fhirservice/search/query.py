@@ -32,7 +32,7 @@ from fhirservice.access.boundaries import visible_q
 from fhirservice.conf import fhir_settings
 from fhirservice.errors import BadRequest
 from fhirservice.fhir.resource_types import R4_RESOURCE_TYPES, is_resource_type
-from fhirservice.models import SearchToken, StoredResource
+from fhirservice.models import SearchToken, StoredResource, minute_of
 from fhirservice.plugins import search_param
 from fhirservice.search.chain import chain_filter, is_chain
 from fhirservice.search.dates import Box, boxes_q, date_rows, index_ranges, prefix_boxes
@@ -68,6 +68,14 @@ PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 # Kept for callers that parse dates with this module (AuditEvent search).
 DATE_PREFIXES = PREFIXES
 COLUMN_SORTS = {"_id": "key", "_lastUpdated": "last_updated"}
+# The stored rows' index of time holds ``last_updated`` cut to the minute (see
+# StoredResource.updated_minute): a ``_lastUpdated`` range or sort bounds and orders by it
+# too, which changes no answer (the minute never decreases as the instant grows) and reads
+# the index. The prefixes whose instants are at or after the range's low (high) end:
+_LOWER_BOUND = {"eq": 0, "ap": 0, "ge": 0, "gt": 1, "sa": 1}
+# The prefixes whose instants are before the range's low (high) end:
+_UPPER_BOUND = {"eq": 1, "ap": 1, "le": 1, "lt": 0, "eb": 0}
+_MINUTE = "updated_minute"
 SORTABLE_TYPES = {"string", "token", "reference", "date", "number", "quantity", "uri"}
 # Token modifiers the spec defines that need terminology services.
 TERMINOLOGY_MODIFIERS = {"in", "not-in", "above", "below"}
@@ -415,8 +423,19 @@ def _last_updated_filter(raw: str, modifier: str) -> Q:
         )
     alternatives = Q()
     for value in _split_values(raw):
-        alternatives |= _last_updated_q(*_parse_date("_lastUpdated", value))
+        prefix, low, high = _parse_date("_lastUpdated", value)
+        alternatives |= _last_updated_q(prefix, low, high) & _minute_q(prefix, (low, high))
     return alternatives
+
+
+def _minute_q(prefix: str, ends: tuple[datetime, datetime]) -> Q:
+    """The minutes (``updated_minute``) of the instants a ``_lastUpdated`` range holds."""
+    condition = Q()
+    if prefix in _LOWER_BOUND:
+        condition &= Q(**{f"{_MINUTE}__gte": minute_of(ends[_LOWER_BOUND[prefix]])})
+    if prefix in _UPPER_BOUND:
+        condition &= Q(**{f"{_MINUTE}__lt": ends[_UPPER_BOUND[prefix]]})
+    return condition
 
 
 def _date_condition(name: str, raw: str) -> list[Box]:
@@ -678,10 +697,12 @@ def _sorted(spec: SearchSpec, queryset: QuerySet[StoredResource]) -> tuple[Query
         if annotation is not None:
             queryset = queryset.annotate(**{column: annotation})
         columns.append(column)
-    ordering = [
-        F(column).desc() if desc else F(column).asc()
-        for column, (_, desc) in zip(columns, spec.sort, strict=True)
-    ]
+    ordering = []
+    for column, (_, desc) in zip(columns, spec.sort, strict=True):
+        # Ordered by the minute first (the same order): the minute's index gives it, and
+        # only the rows of one minute are sorted by their instant.
+        for name in (_MINUTE, column) if column == COLUMN_SORTS["_lastUpdated"] else (column,):
+            ordering.append(F(name).desc() if desc else F(name).asc())
     return queryset.order_by(*ordering), columns
 
 
@@ -695,16 +716,22 @@ def _after_cursor(spec: SearchSpec, columns: list[str], cursor: list[Any]) -> Q:
         raise BadRequest(MSG_BAD_CURSOR, detail_code="MSG_PARAM_INVALID")
     condition = Q(pk__in=[])
     equal = Q()
-    for column, (name, descending), value in zip(columns, spec.sort, cursor, strict=True):
+    bound = Q()
+    for position, (column, (name, descending), value) in enumerate(
+        zip(columns, spec.sort, cursor, strict=True)
+    ):
         if _is_date_sort(spec, name):
             try:
                 value = datetime.fromisoformat(value)
             except (TypeError, ValueError) as exc:
                 raise BadRequest(MSG_BAD_CURSOR, detail_code="MSG_PARAM_INVALID") from exc
+        if position == 0 and name == "_lastUpdated" and isinstance(value, datetime):
+            # Every later row is in this row's minute or beyond it: the index's range.
+            bound = Q(**{f"{_MINUTE}__{'lte' if descending else 'gte'}": minute_of(value)})
         step = Q(**{f"{column}__{'lt' if descending else 'gt'}": value})
         condition |= equal & step
         equal &= Q(**{column: value})
-    return condition
+    return condition & bound
 
 
 def _is_date_sort(spec: SearchSpec, name: str) -> bool:

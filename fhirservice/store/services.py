@@ -45,7 +45,7 @@ from fhirservice.errors import (
     PreconditionFailed,
 )
 from fhirservice.fhir.resource_types import is_resource_type
-from fhirservice.models import ResourceVersion, SearchToken, StoredResource
+from fhirservice.models import ResourceVersion, SearchToken, StoredResource, minute_of
 from fhirservice.search.extract import Row, extract_rows
 from fhirservice.search.query import search_keys
 from fhirservice.store import json
@@ -290,11 +290,12 @@ def _persist(draft: VersionWrite, current: StoredResource | None, *, alone: bool
         "body": text,
         "organization": organization,
     }
+    current_fields = {**fields, "updated_minute": minute_of(moment)}
     row = StoredResource(
         key=draft.key,
         resource_type=draft.resource_type,
         resource_id=draft.resource_id,
-        **fields,
+        **current_fields,
     )
     version = ResourceVersion(
         key=f"{draft.key}/_history/{draft.version_id}",
@@ -314,7 +315,7 @@ def _persist(draft: VersionWrite, current: StoredResource | None, *, alone: bool
         )
         return row
     updated = update_row(
-        StoredResource, draft.key, where={"version_id": current.version_id}, values=fields
+        StoredResource, draft.key, where={"version_id": current.version_id}, values=current_fields
     )
     if updated != 1:
         raise VersionRace(draft.key)

@@ -49,7 +49,7 @@ from django.db.models import Case, F, IntegerField, Lookup, Q, Value, When
 from fhirservice.access import Access, acting_as
 from fhirservice.access.boundaries import visible_q
 from fhirservice.conf import fhir_settings
-from fhirservice.models import ResourceVersion, StoredResource
+from fhirservice.models import ResourceVersion, StoredResource, minute_of
 from fhirservice.rest.rendering import render_resource
 from fhirservice.search.query import search_keys
 from fhirservice.store.json import dumps
@@ -409,7 +409,8 @@ class Export:
             while True:
                 query = Q(resource_type=resource_type, resource_id__gt=after)
                 if since is not None:
-                    query &= Q(last_updated__gte=since)
+                    # The minute too: the index of time holds it (StoredResource.updated_minute).
+                    query &= Q(last_updated__gte=since, updated_minute__gte=minute_of(since))
                 fetched = self._fetch(query, order="resource_id", limit=self.chunk)
                 if not fetched:
                     break

@@ -8,12 +8,13 @@ handling of unknown parameters, and keyset paging that stays correct while other
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import urlencode
 
 import pytest
 from django.test import override_settings
 
+from fhirservice.models import StoredResource, minute_of
 from fhirservice.search.query import MSG_UNKNOWN_PARAM
 from fhirservice.store.services import format_instant, now
 from tests.fhirservice.test_api_errors import assert_outcome
@@ -154,6 +155,44 @@ def test_search_by_last_updated_follows_updates(api, people):
     api.patch(f"/Patient/{people['bob']}", [{"op": "add", "path": "/active", "value": True}])
     assert found(api, people, ("_lastUpdated", f"gt{edge}")) == {"bob"}
     assert found(api, people, ("_lastUpdated", f"lt{edge}")) == {"peter", "anna", "carl"}
+
+
+def test_last_updated_within_and_across_minutes(api):
+    # The index of time holds the minute (StoredResource.updated_minute); a range that starts
+    # or ends inside a minute, and a sort over several, still go by the instant.
+    at = {
+        "a": datetime(2026, 1, 1, 10, 0, 50, tzinfo=UTC),
+        "b": datetime(2026, 1, 1, 10, 1, 10, tzinfo=UTC),
+        "c": datetime(2026, 1, 1, 10, 1, 40, tzinfo=UTC),
+        "d": datetime(2026, 1, 1, 10, 2, 5, tzinfo=UTC),
+    }
+    ids = {}
+    for name, moment in at.items():
+        rid = api.post("/Patient", patient(family=name)).body["id"]
+        StoredResource.objects.filter(key=f"Patient/{rid}").update(
+            last_updated=moment, updated_minute=minute_of(moment)
+        )
+        ids[rid] = name
+
+    def matching(*values):
+        return found(api, ids, *[("_lastUpdated", v) for v in values])
+
+    assert matching("ge2026-01-01T10:01:20Z") == {"c", "d"}
+    assert matching("gt2026-01-01T10:01:10Z") == {"c", "d"}
+    assert matching("sa2026-01-01T10:00:50Z") == {"b", "c", "d"}
+    assert matching("lt2026-01-01T10:01:40Z") == {"a", "b"}
+    assert matching("le2026-01-01T10:01:40Z") == {"a", "b", "c"}
+    assert matching("eb2026-01-01T10:02:05Z") == {"a", "b", "c"}
+    assert matching("2026-01-01T10:01:10Z") == {"b"}
+    assert matching("ne2026-01-01T10:01:10Z") == {"a", "c", "d"}
+    assert matching("ge2026-01-01T10:00:55Z", "lt2026-01-01T10:02:00Z") == {"b", "c"}
+    for sort, order in (("_lastUpdated", "abcd"), ("-_lastUpdated", "dcba")):
+        served, url = [], f"/Patient?_sort={sort}&_count=1"
+        while url is not None:
+            bundle = api.get(url).body
+            served.extend(ids[e["resource"]["id"]] for e in bundle.get("entry", []))
+            url = next_link(bundle)
+        assert "".join(served) == order
 
 
 @pytest.mark.parametrize("value", ["yesterday", "gt", "xx2020", "2020-02-30", "ge2020-1-1"])
