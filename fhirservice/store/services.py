@@ -51,7 +51,7 @@ from fhirservice.search.query import search_keys
 from fhirservice.store import json
 from fhirservice.store.content import parse_patch, without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext, handler_for, resource_saved
-from fhirservice.store.rows import insert_all, insert_rows, insert_values, row_by_key, update_row
+from fhirservice.store.rows import insert_all, insert_values, row_by_key, update_row
 
 MSG_TYPE_MISMATCH = "The body's resourceType {found!r} does not match the URL's {expected!r}"
 MSG_ID_MISMATCH = "The body's id {found!r} does not match the URL's id {expected!r}"
@@ -222,6 +222,7 @@ def write_version(
         build(draft)
         resource_saved.send(sender=VersionWrite, write=draft)
         if exists and not draft.changed and _same_content(current, draft.body):
+            insert_all(draft.rows)  # none, unless a receiver stored rows and left it unchanged
             return WriteResult(row=current, created=False, changed=False)
         row = _persist(draft, current, alone=alone)
         return WriteResult(row=row, created=not exists)
@@ -262,7 +263,9 @@ def _persist(draft: VersionWrite, current: StoredResource | None, *, alone: bool
     ``alone``: nothing runs after this in the transaction. A first version then inserts its
     three tables through ``rows.insert_all``, which on PostgreSQL sends them as one statement
     outside a transaction when nothing ran in it before (``resource_saved`` receivers wrote
-    nothing): a plain create was BEGIN, three INSERTs and COMMIT, five round trips.
+    nothing): a plain create was BEGIN, three INSERTs and COMMIT, five round trips. The
+    rows receivers handed to ``draft.rows`` (a roster write's outbox row) go with them, and
+    with a later version's UPDATE and history row (``rows.update_row``).
     """
     moment = now()
     text = ""
@@ -310,16 +313,26 @@ def _persist(draft: VersionWrite, current: StoredResource | None, *, alone: bool
         # A first version has no tokens to replace.
         tokens = extract_rows(draft.key, draft.body) if draft.body is not None else []
         insert_all(
-            [(StoredResource, [row]), (ResourceVersion, [version]), (SearchToken, tokens)],
+            [
+                (StoredResource, [row]),
+                (ResourceVersion, [version]),
+                (SearchToken, tokens),
+                *draft.rows,
+            ],
             alone=alone,
         )
         return row
+    # The receivers' rows and the history row in the UPDATE's statement on PostgreSQL: a
+    # lost compare-and-set raises VersionRace, which rolls them back with the transaction.
     updated = update_row(
-        StoredResource, draft.key, where={"version_id": current.version_id}, values=current_fields
+        StoredResource,
+        draft.key,
+        where={"version_id": current.version_id},
+        values=current_fields,
+        inserts=[*draft.rows, (ResourceVersion, [version])],
     )
     if updated != 1:
         raise VersionRace(draft.key)
-    insert_rows(ResourceVersion, [version])
     if draft.same_search_values and not draft.deleted and _has_tokens(current):
         return row
     tokens = extract_rows(draft.key, draft.body) if draft.body is not None else []

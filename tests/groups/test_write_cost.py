@@ -10,15 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import connection, connections
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
-from fhirservice.models import SearchToken
+from fhirservice.models import ResourceVersion, SearchToken, StoredResource
 from fhirservice.store import services
 from fhirservice.store.handlers import WriteContext
+from groups.models import MemberOutbox
 from groups.outbox import background
 from operations.transactions import Region, RegionRace, run_region
-from tests.groups.conftest import add, create_group, patched
+from tests.groups.conftest import add, create_group, patch, patched
+
+WRITES = ("INSERT", "UPDATE", "DELETE", "WITH")
 
 
 @pytest.fixture
@@ -145,3 +151,51 @@ def test_add_member_locks_the_group_at_its_first_read(api):
     ]
     # The region's first read of the Group already holds it: a concurrent PATCH waits.
     assert row_reads and row_reads[0].rstrip().endswith("FOR UPDATE"), row_reads
+
+
+def test_a_member_patch_stores_its_rows_in_one_statement_on_postgresql(api):
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's data-modifying WITH")
+    gid = create_group(api, ["Patient/a"])
+    with CaptureQueriesContext(connection) as captured:
+        patched(api, gid, [add("Patient/b")])
+    writes = [q["sql"] for q in captured.captured_queries if q["sql"].startswith(WRITES)]
+    # The outbox row and the history row ride in the current row's UPDATE: one statement
+    # after the locking read, not three.
+    assert len(writes) == 1, writes
+    assert writes[0].startswith("WITH")
+    for part in ('INTO "groups_memberoutbox"', 'INTO "fhirservice_resourceversion"'):
+        assert part in writes[0]
+    assert ' UPDATE "fhirservice_storedresource" SET ' in writes[0]
+    stored = StoredResource.objects.get(key=f"Group/{gid}")
+    assert stored.version_id == 2
+    assert ResourceVersion.objects.filter(key=f"Group/{gid}/_history/2").exists()
+    assert MemberOutbox.objects.filter(group_id=gid, version=2).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_member_patch_whose_outbox_row_fails_leaves_nothing(live_api):
+    gid = create_group(live_api, ["Patient/a"])
+    # A stray outbox row under the key the next version's row gets: the write's statement
+    # fails (its history row and UPDATE with it, on PostgreSQL), and is retried until 409.
+    roster = MemberOutbox.objects.get(group_id=gid, version=1).roster_key
+    MemberOutbox.objects.create(
+        key=f"{roster}/2/0",
+        roster_key=roster,
+        group_id=gid,
+        version=2,
+        event_count=0,
+        events="[]",
+        recorded_at=timezone.now(),
+        shipped_at=timezone.now(),
+    )
+    retries = {**settings.FHIR_SERVICE, "WRITE_RETRIES": 1}
+    with override_settings(FHIR_SERVICE=retries):
+        response = patch(live_api, gid, [add("Patient/b")])
+    assert response.status == 409, response
+    assert StoredResource.objects.get(key=f"Group/{gid}").version_id == 1
+    assert not ResourceVersion.objects.filter(key=f"Group/{gid}/_history/2").exists()
+    assert MemberOutbox.objects.filter(group_id=gid, version=2).count() == 1
+    # The connection works on: the next write goes through once the key is free.
+    MemberOutbox.objects.filter(key=f"{roster}/2/0").delete()
+    assert patched(live_api, gid, [add("Patient/b")])["quantity"] == 2
