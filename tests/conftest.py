@@ -31,20 +31,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-# Tests that kill ClickHouse replicas and ZooKeeper (the cluster pass only).
-DISRUPTIVE_TESTS = "tests/cluster/"
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The cluster tests that kill replicas and ZooKeeper run after every other test (after
-    pytest-django has ordered the rest by database use): roster tests that ran after them
-    read nothing back from inserts made a moment before (5 failures in one CI run, 19 in a
-    run of tests/cluster with tests/groups/test_reads.py), although both replicas reported
-    themselves writable and caught up."""
-    items.sort(key=lambda item: item.nodeid.startswith(DISRUPTIVE_TESTS))
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Shipping a test's writes queued in the background ends before its fixtures are torn

@@ -121,12 +121,19 @@ class DriverClient(ClickHouseClient):
             # stored when it returns, as on one node: insert_distributed_sync; and stored
             # even when a block repeats one inserted before (a state rebuilt after a delete),
             # which replicated tables would otherwise drop: insert_deduplicate 0. Our tables
-            # are idempotent by construction, as on one node. Neither changes a plain table.
+            # are idempotent by construction, as on one node. And a Distributed read runs on
+            # the replica connected to, where this process's inserts land, however far behind
+            # that replica calls itself: max_replica_delay_for_distributed_queries 0. Left at
+            # 300 s, a replica back from a crash (or a lost ZooKeeper session) reports
+            # "infinitely" behind until its first queue update (~ZooKeeper's session timeout)
+            # and sends reads to another replica, which has not yet fetched what it just took.
+            # None of these changes a plain table.
             "settings": {
                 "insert_block_size": INSERT_BATCH_ROWS,
                 "parallel_view_processing": 1,
                 "insert_distributed_sync": 1,
                 "insert_deduplicate": 0,
+                "max_replica_delay_for_distributed_queries": 0,
             },
         }
         # Failover: a new connection tries this process's replica, then the others in order

@@ -391,3 +391,57 @@ def test_a_process_keeps_reading_its_writes_after_failing_over_and_back():
         proxy.cut()
         with connect(f"clickhouse://default@{first[0]}:{first[1]}/{database}") as admin:
             admin.command(fetches.format("START"))
+
+
+def test_a_restarted_replica_reads_its_own_writes_before_it_has_rejoined():
+    """A replica back from ``kill -9`` takes inserts at once, but reports itself infinitely
+    behind (``absolute_delay`` = now) until its first replication queue update, which waits
+    for ZooKeeper to expire the dead process's session (``session_timeout_ms``, 10 s here).
+    A Distributed read must still run on it: sent to the other replica (ClickHouse's
+    ``max_replica_delay_for_distributed_queries``), it missed what was inserted a moment
+    before (replication being slower than the read; stopped here to make it certain)."""
+    hosts = replicas()
+    (first, other) = hosts[:2]
+    database = get_clickhouse().database
+    tables = [local_table(table) for table in (EVENTS, STATE, REVERSE)]
+    cluster_servers("kill-replica", 1)
+    cluster_servers("start-replica", 1)
+    client = connect(settings.CLICKHOUSE_URL)
+    try:
+        with connect(f"clickhouse://default@{other[0]}:{other[1]}/{database}") as admin:
+            for table in tables:
+                admin.command(f"SYSTEM STOP FETCHES {table}")
+        # The window this test is about: the restarted replica is writable and its queue
+        # empty, yet it calls itself stale.
+        ((readonly, delay),) = client.execute(
+            "SELECT max(is_readonly), min(absolute_delay) FROM system.replicas "
+            "WHERE database = currentDatabase()"
+        )
+        assert (readonly, delay > 300) == (0, True), (readonly, delay)
+        key = f"restarted-{uuid.uuid4().hex}/1"
+        row = (key, "Patient/r0", "Patient", "added", 1, 0, "", "", 0, "", datetime.now(UTC))
+        client.insert(EVENTS, EVENT_COLUMNS, [row + ("r", "test", "")])
+        counts = client.execute(
+            f"SELECT count() FROM {EVENTS} WHERE roster_key = %(k)s", {"k": key}
+        )
+        assert counts == [(1,)]
+    finally:
+        client.close()
+        with connect(f"clickhouse://default@{other[0]}:{other[1]}/{database}") as admin:
+            for table in tables:
+                admin.command(f"SYSTEM START FETCHES {table}")
+        reset_clickhouse()
+        wait_until_caught_up(hosts, database)
+
+
+def wait_until_caught_up(hosts: list[tuple[str, int]], database: str) -> None:
+    """Every replica writable and not behind (later tests read right away)."""
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    for host, port in hosts:
+        with connect(f"clickhouse://default@{host}:{port}/{database}") as client:
+            while client.execute(
+                "SELECT max(is_readonly) + max(absolute_delay) + max(queue_size) "
+                "FROM system.replicas WHERE database = currentDatabase()"
+            ) != [(0,)]:
+                assert time.monotonic() < deadline, (host, port)
+                time.sleep(0.5)
