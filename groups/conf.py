@@ -22,9 +22,10 @@ DEFAULTS: dict[str, Any] = {
     # Who ships a write's member events after commit: "background" (a thread per process;
     # the response does not wait for ClickHouse) or "request" (the request, before answering).
     "MEMBER_SHIPPING": "background",
-    # Background shipping: seconds from the start of one round (one ClickHouse insert) to
-    # the start of the next at the soonest; writes committed meanwhile go out together.
-    "MEMBER_SHIP_INTERVAL": 0.1,
+    # Background shipping under a load (writes came while the last round ran): seconds from
+    # the start of one round (one ClickHouse insert) to the start of the next at the soonest;
+    # writes committed meanwhile go out together (groups.outbox.background).
+    "MEMBER_SHIP_INTERVAL": 0.5,
     # Roster digests (groups.digest): references kept per process, over all rosters, so that
     # writes skip the ClickHouse lookup of members a roster certainly does not hold (8 bytes
     # each; 0: off; 100 rosters of 10^5 written at random thrashed a bound of 4·10^6: row 8

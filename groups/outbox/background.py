@@ -8,11 +8,15 @@ the ClickHouse insert and its materialized views: tens of milliseconds per inser
 small PATCH. Reads merge unshipped batches, so every client still reads its own writes.
 
 Writes queued while the thread is busy are shipped together in its next round, which turns
-a burst of small PATCHes into few inserts; and a round starts at most every
-``MEMBER_SHIP_INTERVAL`` seconds (0.1), so under a steady load of writes each round gathers
-what came in meanwhile: every ClickHouse insert costs the server ~5-8 ms of CPU however few
-rows it holds (its materialized views), which at 300 PATCHes/s in rounds of one or two writes
-was 1.5 ms of ClickHouse CPU per write. An idle shipper still ships a write at once.
+a burst of small PATCHes into few inserts; and when writes were queued while the last round
+ran (they come faster than rounds: a load) the next round starts ``MEMBER_SHIP_INTERVAL``
+seconds (0.5) after it at the soonest, so under a steady load each round gathers what came
+in meanwhile. Every ClickHouse insert costs the server ~3-13 ms of CPU however few rows it holds
+(three parts: the log and its two views), and, worse, a merge: at 10^7 rows 18.16 merges
+each new small part of a state table into the same growing part (2-6 parts per merge,
+rewriting 10^4-10^5 rows for a few dozen new ones), so ClickHouse's CPU grows with the
+inserts per second, not with the rows. An idle shipper, and one to which nothing came while
+its last round ran (one client writing and reading in turn), ships a write at once.
 ``"request"`` ships in the request right after commit instead (one insert per write: simpler
 to reason about, slower to answer).
 
@@ -89,6 +93,7 @@ class BackgroundShipper:
         self._round: dict[str, list[str]] = {}  # the keys being shipped now
         self._thread: threading.Thread | None = None
         self._started = float("-inf")  # when the last round started (time.monotonic)
+        self._loaded = False  # writes were queued while the last round ran
 
     def submit(self, roster: str, keys: list[str]) -> None:
         """Queue a committed write's batches; returns at once."""
@@ -119,11 +124,13 @@ class BackgroundShipper:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue))
-            # Not before MEMBER_SHIP_INTERVAL after the last round started: writes committed
-            # meanwhile join this round (submit queues without waiting for the lock's owner).
-            pause = self._started + fhir_settings.MEMBER_SHIP_INTERVAL - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
+            # Under a load (writes came while the last round ran) not before
+            # MEMBER_SHIP_INTERVAL after the last round started: writes committed meanwhile
+            # join this round (submit queues without waiting for the lock's owner).
+            if self._loaded:
+                pause = self._started + fhir_settings.MEMBER_SHIP_INTERVAL - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
             with self._cond:
                 self._started = time.monotonic()
                 work, self._queue = self._queue, {}
@@ -135,7 +142,7 @@ class BackgroundShipper:
                 _log_failure(LOG_SHIPPING_FAILED, exc, len(work))
             finally:
                 with self._cond:
-                    more = bool(self._queue)
+                    more = self._loaded = bool(self._queue)
                 _release_connections(keep=more)
                 with self._cond:
                     self._busy = False

@@ -92,6 +92,9 @@ def test_writes_of_many_rosters_queued_meanwhile_go_out_in_one_call(monkeypatch)
         calls.append({roster: list(keys) for roster, keys in written.items()})
 
     monkeypatch.setattr(ship_module, "written_batches_ship", record)
+    # A shipper of its own: the process's may be inside MEMBER_SHIP_INTERVAL after a round of
+    # several writes, and "first" would then wait and go out with the others.
+    monkeypatch.setattr(shipping, "_shipper", shipping.BackgroundShipper())
     with shipping.serving_request():
         shipping.after_commit("r/8", ["first"], events=1)
         time.sleep(0.2)  # the shipper is now inside the first round
@@ -107,20 +110,40 @@ def test_writes_of_many_rosters_queued_meanwhile_go_out_in_one_call(monkeypatch)
 def test_rounds_start_at_most_every_ship_interval(after_commit, monkeypatch):
     # A shipper of its own: the process's may have started a round less than 1 s ago.
     monkeypatch.setattr(shipping, "_shipper", shipping.BackgroundShipper())
+    gate = threading.Event()
     ship = Recorder()
     with (
         override_settings(FHIR_SERVICE={"MEMBER_SHIP_INTERVAL": 1.0}),
         shipping.serving_request(),
     ):
-        after_commit("r/11", ["first"], ship, 1)
-        time.sleep(0.2)  # the first round (at once: the shipper was idle) is over
+        after_commit("r/11", ["first"], Recorder(wait=gate), 1)
+        time.sleep(0.2)  # the first round (at once: the shipper was idle) waits at the gate
+        after_commit("r/12", ["x"], ship, 1)  # queued while a round runs: a load
+        gate.set()
+        time.sleep(0.2)  # the first round is over; the next waits for the interval
         for key in ("a", "b"):
-            after_commit("r/11", [key], ship, 1)
+            after_commit("r/12", [key], ship, 1)
             time.sleep(0.1)
         assert shipping.flush()
-    # Under a steady load a round gathers the writes of the interval: one ClickHouse insert
-    # (~5-8 ms of its CPU, whatever its size) for both, not one each.
-    assert [keys for _, keys, _ in ship.calls] == [["first"], ["a", "b"]]
+    # Under a load a round gathers the writes of the interval: one ClickHouse insert (and one
+    # part to merge per table) for all three, not one each.
+    assert [keys for _, keys, _ in ship.calls] == [["x", "a", "b"]]
+
+
+def test_a_lone_writer_does_not_wait_for_the_ship_interval(after_commit, monkeypatch):
+    monkeypatch.setattr(shipping, "_shipper", shipping.BackgroundShipper())
+    ship = Recorder()
+    with (
+        override_settings(FHIR_SERVICE={"MEMBER_SHIP_INTERVAL": 5.0}),
+        shipping.serving_request(),
+    ):
+        after_commit("r/13", ["first"], ship, 1)
+        assert shipping.flush(timeout=3)
+        # One client writing and reading in turn: nothing came while the last round ran, so
+        # the next write ships at once, not MEMBER_SHIP_INTERVAL after that round started.
+        after_commit("r/13", ["second"], ship, 1)
+        assert shipping.flush(timeout=3)
+    assert [keys for _, keys, _ in ship.calls] == [["first"], ["second"]]
 
 
 def test_a_write_of_a_whole_batch_ships_before_the_answer(after_commit):
