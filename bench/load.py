@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,7 +168,13 @@ def run_load(
         raise subprocess.CalledProcessError(returncode, command)
     elapsed = time.perf_counter() - ran
     kinds, total = read_stats(Path(f"{prefix}_stats.csv"))
-    used = {name: after[name] - before.get(name, 0.0) for name in after if name != "reaped"}
+    # A process sampled before but not after (a server restarted during the run) is NaN.
+    used = {
+        name: after[name] - before[name] if name in after else math.nan
+        for name in before
+        if name != "reaped"
+    }
+    used["locust"] = after["locust"]
     return LoadResult(kinds, total, elapsed, setup, outcome, used, settled)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import secrets
@@ -1143,13 +1144,16 @@ class Bench:
         machine = used.pop("machine", 0.0)
         capacity = result.seconds * (os.cpu_count() or 1)
         writes = member_writes_per_second * result.seconds
+        restarted = sorted(name for name, spent in used.items() if math.isnan(spent))
+        counted = {name: spent for name, spent in used.items() if name not in restarted}
         parts = [
             f"{name} {spent:.1f} s ({spent / writes * 1000:.2f} ms/member write)"
             if writes
             else f"{name} {spent:.1f} s"
-            for name, spent in sorted(used.items(), key=lambda item: -item[1])
+            for name, spent in sorted(counted.items(), key=lambda item: -item[1])
         ]
-        other = machine - sum(used.values())
+        parts += [f"{name} restarted during the run, not counted" for name in restarted]
+        other = machine - sum(counted.values())
         return (
             f"row 8 CPU during the run: machine {machine:.1f} s of {capacity:.1f} s available "
             f"({machine / capacity:.0%} busy); " + ", ".join(parts) + f", other {other:.1f} s"

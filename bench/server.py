@@ -79,20 +79,26 @@ class StoreCpu:
     """CPU of the PostgreSQL and ClickHouse servers of a ``scripts/test-servers.sh`` directory."""
 
     def __init__(self, servers_dir: str | None) -> None:
-        self.pids: dict[str, int] = {}
-        if servers_dir is None:
-            return
-        home = Path(servers_dir)
-        pg = home / "pg" / "data" / "postmaster.pid"
-        ch = home / "clickhouse" / "server.pid"
-        if pg.exists():
-            self.pids["postgresql"] = int(pg.read_text().split()[0])
-        if ch.exists():
-            self.pids["clickhouse"] = int(ch.read_text().split()[0])
+        self.pid_files: dict[str, Path] = {}
+        if servers_dir is not None:
+            home = Path(servers_dir)
+            self.pid_files = {
+                "postgresql": home / "pg" / "data" / "postmaster.pid",
+                "clickhouse": home / "clickhouse" / "server.pid",
+            }
+        self.pids = {name: pid for name in self.pid_files if (pid := self._pid(name))}
+
+    def _pid(self, name: str) -> int | None:
+        try:
+            return int(self.pid_files[name].read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def sample(self) -> dict[str, float]:
-        """CPU seconds of each server so far."""
-        return {name: tree_cpu(pid) for name, pid in self.pids.items()}
+        """CPU seconds of each server so far; a server restarted since this object was made
+        (a new process: ``--load-outage`` kills ClickHouse) is left out, as its time cannot
+        be told from the old process's."""
+        return {name: tree_cpu(pid) for name, pid in self.pids.items() if self._pid(name) == pid}
 
 
 def _status_bytes(pid: int, name: str) -> int | None:

@@ -3,7 +3,9 @@ in-process, and as served (gunicorn started by the benchmark, requests over HTTP
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -137,3 +139,24 @@ def test_export_bench_runs_as_a_client_would(
     captured = capsys.readouterr()
     assert "| 5 | 55 |" in captured.out, captured
     assert ("SMART Backend Services client" in captured.err) is auth, captured.err
+
+
+def test_store_cpu_leaves_out_a_server_restarted_since_it_started(tmp_path):
+    """Row 8's CPU split under ``--load-outage``: ClickHouse killed and started again is a new
+    process, whose CPU cannot be set against the old one's (it came out negative)."""
+    from bench.server import StoreCpu
+
+    (tmp_path / "pg" / "data").mkdir(parents=True)
+    (tmp_path / "clickhouse").mkdir()
+    first, second = (subprocess.Popen(["sleep", "30"]) for _ in range(2))
+    try:
+        (tmp_path / "pg" / "data" / "postmaster.pid").write_text(f"{os.getpid()}\n/data\n")
+        (tmp_path / "clickhouse" / "server.pid").write_text(f"{first.pid}\n")
+        stores = StoreCpu(str(tmp_path))
+        assert set(stores.sample()) == {"postgresql", "clickhouse"}
+        (tmp_path / "clickhouse" / "server.pid").write_text(f"{second.pid}\n")  # restarted
+        assert set(stores.sample()) == {"postgresql"}
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.wait()
