@@ -151,7 +151,7 @@ def run_load(
     )
     env = {**os.environ, "FHIR_LOAD_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
     ran = time.perf_counter()
-    before = _cpu_now(cpu)
+    before, reaped = _cpu_now(cpu), _reaped_cpu()
     with open(workdir / "locust.log", "wb") as log:
         locust = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -162,28 +162,23 @@ def run_load(
                 locust.kill()
                 locust.wait()
     after = _cpu_now(cpu)
-    # locust's own CPU: the child this process reaped (its time is now in our cutime).
-    after["locust"] = before.get("locust", 0.0) + _reaped_cpu() - before["reaped"]
+    # A process sampled before but not after (a server restarted during the run) is NaN;
+    # locust's own CPU is that of the child this process reaped (now in our cutime).
+    used = {
+        name: after[name] - spent if name in after else math.nan for name, spent in before.items()
+    }
+    used["locust"] = _reaped_cpu() - reaped
     if returncode:
         raise subprocess.CalledProcessError(returncode, command)
     elapsed = time.perf_counter() - ran
     kinds, total = read_stats(Path(f"{prefix}_stats.csv"))
-    # A process sampled before but not after (a server restarted during the run) is NaN.
-    used = {
-        name: after[name] - before[name] if name in after else math.nan
-        for name in before
-        if name != "reaped"
-    }
-    used["locust"] = after["locust"]
     return LoadResult(kinds, total, elapsed, setup, outcome, used, settled)
 
 
 def _cpu_now(cpu: Callable[[], dict[str, float]] | None) -> dict[str, float]:
-    """CPU seconds so far: what ``cpu`` samples, the whole machine's, and this process's
-    reaped children's (the baseline for locust's)."""
+    """CPU seconds so far: what ``cpu`` samples, and the whole machine's."""
     sample = dict(cpu()) if cpu is not None else {}
     sample["machine"] = _machine_cpu()
-    sample["reaped"] = _reaped_cpu()
     return sample
 
 
