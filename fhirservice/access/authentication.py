@@ -237,3 +237,13 @@ class StaffSessionAuthentication(SessionAuthentication):
             return None
         self.enforce_csrf(request)
         return user, staff_access(user)
+
+    def enforce_csrf(self, request: Request) -> None:
+        """Django's CSRF check, on the Django request beneath DRF's.
+
+        The check looks for the token among a POST's form fields before the header. On DRF's
+        request that parses the body with DRF's parsers, of which this API has none (bodies
+        are read by ``fhirservice.rest``): a FHIR POST answered 415. Django's own request only
+        parses form bodies, and FHIR bodies are not forms.
+        """
+        super().enforce_csrf(request._request)
