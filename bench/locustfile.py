@@ -1,12 +1,13 @@
 """Mixed traffic for the load test (row 8, ``bench.load``), run by ``locust --headless``.
 
-Each simulated client sends, by weight: member PATCHes adding one new member to one of the
-load Groups, ``$add-member`` of an existing Patient (by identifier), Group quantity reads,
-Patient reads, ``Group?member=`` searches, and plain Patient CRUD (create, update, delete).
+Each simulated client sends, by the weights of the run's profile (``bench.load.PROFILES``):
+member PATCHes adding one new member to one of the load Groups, ``$add-member`` of an
+existing Patient (by identifier), Group quantity reads, Patient reads, ``Group?member=``
+searches, plain Patient CRUD (create, update, delete), or liveness probes (``/healthz``).
 Request names group the statistics by kind. ``bench.load`` writes the set-up (base path,
-Group ids, Patient ids and identifiers, bearer token, request cap) as JSON to the file named
-by ``FHIR_LOAD_CONFIG``; after ``max_requests`` requests the run stops (bounded in requests
-as well as in time).
+Group ids, Patient ids and identifiers, bearer token, request cap, weights, pace) as JSON to
+the file named by ``FHIR_LOAD_CONFIG``; after ``max_requests`` requests the run stops
+(bounded in requests as well as in time).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import random
 
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, between, constant_throughput, events
 
 CONFIG = json.loads(open(os.environ["FHIR_LOAD_CONFIG"]).read())  # noqa: SIM115
 BASE = CONFIG["base_path"]
@@ -40,6 +41,7 @@ SEARCH = "GET Group?member="
 CREATE = "POST Patient"
 UPDATE = "PUT Patient/{id}"
 DELETE = "DELETE Patient/{id}"
+HEALTHZ = "GET /healthz"
 MEMBER_WRITES = (PATCH, ADD_MEMBER)
 
 _counter = itertools.count()
@@ -77,75 +79,99 @@ def _patient(index: int) -> bytes:
     ).encode()
 
 
+def patch_member(user: FastHttpUser) -> None:
+    """PATCH one of the Groups, adding one new member."""
+    group = random.choice(GROUPS)
+    ref = f"Patient/{TAG}-load-{next(_counter)}"
+    body = json.dumps([{"op": "add", "path": "/member/-", "value": {"entity": {"reference": ref}}}])
+    user.client.patch(f"{BASE}/Group/{group}", data=body, headers=PATCH_HEADERS, name=PATCH)
+
+
+def add_member(user: FastHttpUser) -> None:
+    """``$add-member`` of an existing Patient, by identifier."""
+    group = random.choice(GROUPS)
+    index = random.randrange(len(PATIENTS))
+    body = json.dumps(
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {
+                    "name": "identifier",
+                    "valueIdentifier": {"system": MRN_SYSTEM, "value": f"mrn-{index}"},
+                }
+            ],
+        }
+    )
+    user.client.post(
+        f"{BASE}/Group/{group}/$add-member", data=body, headers=HEADERS, name=ADD_MEMBER
+    )
+
+
+def read_quantity(user: FastHttpUser) -> None:
+    """A Group's quantity (the Group without its roster)."""
+    group = random.choice(GROUPS)
+    user.client.get(f"{BASE}/Group/{group}?_elements=quantity", headers=READ_HEADERS, name=QUANTITY)
+
+
+def read_patient(user: FastHttpUser) -> None:
+    """A Patient by id."""
+    patient = random.choice(PATIENTS)
+    user.client.get(f"{BASE}/Patient/{patient}", headers=READ_HEADERS, name=READ_PATIENT)
+
+
+def search_member(user: FastHttpUser) -> None:
+    """The Groups a Patient is a member of."""
+    patient = random.choice(PATIENTS)
+    user.client.get(f"{BASE}/Group?member=Patient/{patient}", headers=READ_HEADERS, name=SEARCH)
+
+
+def patient_crud(user: FastHttpUser) -> None:
+    """Create a Patient, update it, delete it."""
+    index = next(_counter)
+    with user.client.post(
+        f"{BASE}/Patient",
+        data=_patient(index),
+        headers=HEADERS,
+        name=CREATE,
+        catch_response=True,
+    ) as response:
+        location = response.headers.get("Location", "")
+        if response.status_code != 201 or "/Patient/" not in location:
+            response.failure(f"HTTP {response.status_code}, Location {location!r}")
+            return
+    patient = location.split("/Patient/")[1].split("/")[0]
+    body = json.loads(_patient(index))
+    body["id"] = patient
+    body["active"] = True
+    user.client.put(
+        f"{BASE}/Patient/{patient}", data=json.dumps(body), headers=HEADERS, name=UPDATE
+    )
+    user.client.delete(f"{BASE}/Patient/{patient}", headers=READ_HEADERS, name=DELETE)
+
+
+def healthz(user: FastHttpUser) -> None:
+    """Liveness: a request through gunicorn, Django and the middleware, no store."""
+    user.client.get("/healthz", name=HEALTHZ)
+
+
+TASKS = {
+    "patch": patch_member,
+    "add-member": add_member,
+    "quantity": read_quantity,
+    "read": read_patient,
+    "search": search_member,
+    "crud": patient_crud,
+    "healthz": healthz,
+}
+
+
 class FhirClient(FastHttpUser):
-    """One client of the service; keep-alive connections (geventhttpclient)."""
+    """One client of the service; keep-alive connections (geventhttpclient). Paced clients
+    run at most ``user_rate`` tasks per second each."""
 
-    wait_time = between(0, 0.01)
-
-    @task(8)
-    def patch_member(self) -> None:
-        group = random.choice(GROUPS)
-        ref = f"Patient/{TAG}-load-{next(_counter)}"
-        body = json.dumps(
-            [{"op": "add", "path": "/member/-", "value": {"entity": {"reference": ref}}}]
-        )
-        self.client.patch(f"{BASE}/Group/{group}", data=body, headers=PATCH_HEADERS, name=PATCH)
-
-    @task(2)
-    def add_member(self) -> None:
-        group = random.choice(GROUPS)
-        index = random.randrange(len(PATIENTS))
-        body = json.dumps(
-            {
-                "resourceType": "Parameters",
-                "parameter": [
-                    {
-                        "name": "identifier",
-                        "valueIdentifier": {"system": MRN_SYSTEM, "value": f"mrn-{index}"},
-                    }
-                ],
-            }
-        )
-        self.client.post(
-            f"{BASE}/Group/{group}/$add-member", data=body, headers=HEADERS, name=ADD_MEMBER
-        )
-
-    @task(2)
-    def read_quantity(self) -> None:
-        group = random.choice(GROUPS)
-        self.client.get(
-            f"{BASE}/Group/{group}?_elements=quantity", headers=READ_HEADERS, name=QUANTITY
-        )
-
-    @task(2)
-    def read_patient(self) -> None:
-        patient = random.choice(PATIENTS)
-        self.client.get(f"{BASE}/Patient/{patient}", headers=READ_HEADERS, name=READ_PATIENT)
-
-    @task(1)
-    def search_member(self) -> None:
-        patient = random.choice(PATIENTS)
-        self.client.get(f"{BASE}/Group?member=Patient/{patient}", headers=READ_HEADERS, name=SEARCH)
-
-    @task(1)
-    def patient_crud(self) -> None:
-        index = next(_counter)
-        with self.client.post(
-            f"{BASE}/Patient",
-            data=_patient(index),
-            headers=HEADERS,
-            name=CREATE,
-            catch_response=True,
-        ) as response:
-            location = response.headers.get("Location", "")
-            if response.status_code != 201 or "/Patient/" not in location:
-                response.failure(f"HTTP {response.status_code}, Location {location!r}")
-                return
-        patient = location.split("/Patient/")[1].split("/")[0]
-        body = json.loads(_patient(index))
-        body["id"] = patient
-        body["active"] = True
-        self.client.put(
-            f"{BASE}/Patient/{patient}", data=json.dumps(body), headers=HEADERS, name=UPDATE
-        )
-        self.client.delete(f"{BASE}/Patient/{patient}", headers=READ_HEADERS, name=DELETE)
+    tasks = {TASKS[name]: weight for name, weight in CONFIG["weights"].items()}
+    wait_time = (
+        between(0, 0.01)
+        if CONFIG["user_rate"] is None
+        else constant_throughput(CONFIG["user_rate"])
+    )

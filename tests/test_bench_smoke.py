@@ -74,12 +74,42 @@ def test_bench_quick_mode_prints_the_budget_table(
     assert ("8 | load: all requests" in out) is served, out
     # ... and says where the machine's CPU went during it, the service's share included.
     assert ("row 8 CPU during the run: machine" in out) is served, out
-    service_share = re.search(r"service \d+\.\d s \(\d+\.\d\d ms/member write\)", out)
+    service_share = re.search(
+        r"service \d+\.\d s \(\d+\.\d\d ms/member write, \d+\.\d\d ms/request\)", out
+    )
     assert (service_share is not None) is served, out
     # On a ClickHouse server row 8 waits for the merges of its set-up before the load.
     server = settings.CLICKHOUSE_URL.startswith("clickhouse://")
     assert ("between the set-up and the load" in out) is (served and server), out
     assert "budgets:" in out
+
+
+@pytest.mark.slow
+def test_row_8_takes_the_mix_apart_and_paces_it(settings, transactional_db: None, capsys):
+    # One kind alone, paced: here the floor (GET /healthz), which has no member writes and so
+    # no budget lines; its CPU per request is what any request costs before the FHIR API.
+    ch_migrations.apply(get_clickhouse())
+    settings.FHIR_SERVICE = {**settings.FHIR_SERVICE, "AUTH": False}
+    rows = "--rows 8 --load-groups 1 --load-members 10 --load-users 4 --load-seconds 4"
+    options = "--load-profile floor --load-rate 40 --load-requests 1000 --no-migrate"
+    status = main(["--quick", *rows.split(), *options.split()])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "8 | load: GET /healthz" in out, out
+    assert "load: member writes/s" not in out, out
+    assert "profile floor, not the budget's mixed traffic: no verdicts" in out, out
+    assert "paced to 40 requests/s in all" in out, out
+    served = int(re.search(r"8 \| load: GET /healthz +\| ([\d,]+)", out)[1].replace(",", ""))
+    assert 80 <= served <= 240, out  # ~40/s for 4 s: paced, not as fast as answered
+    assert re.search(r"service \d+\.\d s \(\d+\.\d\d ms/request\)", out), out
+
+
+def test_a_pace_in_member_writes_sets_the_task_rate() -> None:
+    from bench.load import task_rate
+
+    assert task_rate("mix", 500) == 800  # member writes are 10 of the mix's 16 weights
+    assert task_rate("patch", 500) == 500
+    assert task_rate("floor", 500) == 500  # no member writes: requests
 
 
 def test_merges_settle_waits_for_a_quiet_spell(db: None) -> None:
