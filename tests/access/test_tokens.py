@@ -207,6 +207,15 @@ def test_a_staff_session_creates_with_post_and_the_csrf_token(django_user_model,
     assert created.status_code == 201, created.content
     stored = browser.get(created["Location"], HTTP_ACCEPT="application/fhir+json")
     assert orjson.loads(stored.content)["active"] is True
+    # A form body (POST _search) is read by Django's check and still by the search after it.
+    found = browser.post(
+        "/4_0_0/Patient/_search",
+        "active=true",
+        content_type="application/x-www-form-urlencoded",
+        HTTP_X_CSRFTOKEN=token,
+    )
+    assert found.status_code == 200, found.content
+    assert orjson.loads(found.content)["total"] == 1
 
 
 def test_the_capability_statement_says_where_tokens_come_from(db: None) -> None:
