@@ -54,6 +54,9 @@ _RECENT_MAX = 65_536
 # time it may take (gunicorn gives a booting worker 30 s before it counts as hung).
 WARM_CANDIDATES = 200
 WARM_SECONDS = 5.0
+# Outbox batches read per statement when a digest catches up (one batch holds up to
+# MEMBER_BATCH_SIZE events: a page stays a few batches, as the streamed read's chunks were).
+CATCH_UP_ROWS = 4
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -193,13 +196,35 @@ class DigestRegistry:
         return digest.absent(refs)
 
     def _catch_up(self, digest: RosterDigest, version: int) -> None:
-        """Add the batches of versions after the digest's, up to ``version`` (other writers)."""
+        """Add the batches of versions after the digest's, up to ``version`` (other writers).
+
+        Under a load on several processes about every other write catches up a version or
+        two, so this is on the write path: the batches are read by ``(group_id, version)``,
+        the outbox index that holds just that range (by ``roster_key`` the read visited
+        every batch of the roster's history, ~220 pages at 350 versions, and grew with it),
+        in pages of ``CATCH_UP_ROWS`` by key set, each one statement (a server-side cursor,
+        which ``iterator`` opens on PostgreSQL, was three or four: DECLARE, FETCHes, CLOSE).
+        """
         covered = digest.version
-        rows = MemberOutbox.objects.filter(
-            roster_key=digest.roster_key, version__gt=covered, version__lte=version
+        group_id = digest.roster_key.rpartition("/")[0]
+        rows = (
+            MemberOutbox.objects.filter(
+                group_id=group_id, roster_key=digest.roster_key, version__lte=version
+            )
+            .order_by("version", "chunk")
+            .values_list("version", "chunk", "events")
         )
-        for events in rows.values_list("events", flat=True).iterator(chunk_size=4):
-            digest.add(_held_hashes(orjson.loads(events)))
+        page = rows.filter(version__gt=covered)
+        while True:
+            batches = list(page[:CATCH_UP_ROWS])
+            for _, _, events in batches:
+                digest.add(_held_hashes(orjson.loads(events)))
+            if len(batches) < CATCH_UP_ROWS:
+                break
+            last_version, last_chunk, _ = batches[-1]
+            page = rows.filter(version__gte=last_version).exclude(
+                version=last_version, chunk__lte=last_chunk
+            )
         db.on_commit(lambda: digest.advance(covered=covered, to=version))
 
     def note_write(self, roster_key: str, version: int, events: Sequence[list[Any]]) -> None:

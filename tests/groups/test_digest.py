@@ -10,13 +10,16 @@ whether a write asked it: a write that needed the lookup then records its events
 from __future__ import annotations
 
 import sys
+import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 import groups.outbox.record
 import groups.session
@@ -24,7 +27,7 @@ import groups.storage
 from fhirservice.conf import fhir_settings
 from fhirservice.store.handlers import WriteContext
 from groups.conf import DEFAULTS
-from groups.digest import DigestRegistry, RosterDigest, digests
+from groups.digest import CATCH_UP_ROWS, DigestRegistry, RosterDigest, digests
 from groups.members import parse_member
 from groups.outbox.ship import member_batches_ship
 from groups.services import RosterDelta, group_members_change
@@ -107,6 +110,60 @@ def test_members_written_by_another_process_are_caught_up(live_api, monkeypatch)
     assert events_of(gid, D) == ["added"]
     assert digests.get(key).version == stored_version(gid)
     assert refs_of(read(live_api, gid)) == [A, B, C, D, X]
+
+
+@contextmanager
+def round_trips() -> Iterator[list[int]]:
+    """Counts the block's round trips to PostgreSQL, from libpq's trace (each ends with the
+    server's ReadyForQuery); the count is in the list after the block."""
+    from psycopg.pq import Trace
+
+    pgconn = connection.connection.pgconn
+    count: list[int] = []
+    with tempfile.TemporaryFile() as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield count
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        count.append(trace.read().decode("utf-8", "replace").count("\tReadyForQuery\t"))
+
+
+def test_a_catch_up_reads_pages_of_the_versions_range(live_api, monkeypatch) -> None:
+    """Under a load on several processes about every other write catches up: it reads the
+    other writers' batches by (group_id, version), the index that holds just that range,
+    a page of CATCH_UP_ROWS per statement and one round trip each (no server-side cursor:
+    DECLARE, FETCHes and CLOSE were 3-4 round trips, and by ``roster_key`` alone
+    PostgreSQL visited every batch of the roster's history)."""
+    refs = [f"Patient/dg-cu{n}" for n in range(6)]
+    gid = create_group(live_api, [A])
+    patched(live_api, gid, [add(B)])
+    key = current_key(gid)
+    with other_process(monkeypatch):
+        patched(live_api, gid, [add(refs[0])])
+        with service_settings(MEMBER_BATCH_SIZE=1):  # one version of three batches
+            patched(live_api, gid, [add(refs[1]), add(refs[2]), add(refs[3])])
+        patched(live_api, gid, [add(refs[4])])
+    covered, version = digests.get(key).version, stored_version(gid)
+    batches = [row for row in outbox_rows(gid) if row.version > covered]
+    assert len(batches) == CATCH_UP_ROWS + 1
+
+    with transaction.atomic():
+        connection.cursor().execute("SELECT 1")  # the transaction's BEGIN goes before
+        with CaptureQueriesContext(connection) as captured:
+            if connection.vendor == "postgresql":
+                with round_trips() as count:
+                    absent = digests.absent(key, version, refs, size=8)
+                assert count == [2]
+            else:
+                absent = digests.absent(key, version, refs, size=8)
+    assert absent == {refs[5]}
+    reads = [query["sql"] for query in captured.captured_queries]
+    assert len(reads) == 2
+    assert all('"group_id" = ' in sql and "groups_memberoutbox" in sql for sql in reads)
+    assert digests.get(key).version == version
 
 
 def test_rolled_back_write_never_counts_as_covered(live_api, monkeypatch) -> None:
