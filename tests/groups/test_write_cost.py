@@ -199,3 +199,16 @@ def test_a_member_patch_whose_outbox_row_fails_leaves_nothing(live_api):
     # The connection works on: the next write goes through once the key is free.
     MemberOutbox.objects.filter(key=f"{roster}/2/0").delete()
     assert patched(live_api, gid, [add("Patient/b")])["quantity"] == 2
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's pattern indexes")
+def test_the_outbox_key_has_no_pattern_index(db):
+    """Every member write inserts an outbox row and shipping updates it (not HOT: shipped_at
+    is indexed); Django's ``LIKE`` index of the key, which no query reads, took an entry
+    each time (groups migration 0004)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = %s AND indexname LIKE %s",
+            [MemberOutbox._meta.db_table, "%\\_like"],
+        )
+        assert cursor.fetchall() == []
