@@ -674,16 +674,12 @@ def resource_delete(
 ) -> WriteResult | None:
     """DELETE: a new version that marks the resource deleted; deleting again changes nothing.
 
-    Returns None when the resource was already deleted.
+    Returns None when the resource was already deleted. The write's locked read of the
+    current row answers an unknown or invisible id (404) and a deleted one (None): a read of
+    its own before the transaction was one more statement, planned anew, per delete.
     """
     check_type(resource_type)
     check_id(resource_id)
-    key = f"{resource_type}/{resource_id}"
-    current = StoredResource.objects.filter(key=key).first()
-    if current is None or not is_visible(current):
-        raise NotFound(MSG_NOT_FOUND.format(type=resource_type, id=resource_id))
-    if current.deleted:
-        return None
 
     def build(draft: VersionWrite) -> None:
         draft.deleted = True

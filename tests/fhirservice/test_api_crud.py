@@ -10,7 +10,9 @@ import uuid
 from email.utils import parsedate_to_datetime
 
 import pytest
+from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from fhirservice.errors import (
     MSG_DELETED,
@@ -330,6 +332,21 @@ def test_deleting_again_is_harmless(api):
     assert again.status == 204
     assert row_counts() == before
     assert_outcome(api.get(f"/Patient/{rid}"), 410, "MSG_DELETED")
+
+
+def test_a_delete_reads_the_current_row_once(api):
+    """The write's locked read of the row is the only one: a read of its own before the
+    write's transaction was one more statement per delete (row 8's Patient CRUD)."""
+    rid = create(api).body["id"]
+    with CaptureQueriesContext(connection) as captured:
+        assert api.delete(f"/Patient/{rid}").status == 204
+    reads = [
+        query["sql"]
+        for query in captured.captured_queries
+        if query["sql"].lstrip().upper().startswith("SELECT")
+        and "fhirservice_storedresource" in query["sql"]
+    ]
+    assert len(reads) == 1, reads
 
 
 def test_delete_of_an_unknown_resource_is_404(api):
