@@ -77,11 +77,16 @@ def serializable() -> None:
     """Run the current transaction at ``SERIALIZABLE`` isolation where the backend has it.
 
     PostgreSQL's serializable snapshot isolation also catches predicate conflicts ("no
-    Patient with this identifier yet, so both create one"). It accepts the statement only
-    before the transaction's first query. SQLite's ``BEGIN IMMEDIATE`` already runs writers
-    one after another; MongoDB's transactions abort on write conflicts.
+    Patient with this identifier yet, so both create one"). It accepts the level only
+    before the transaction's first query: a transaction that has not begun yet begins with
+    it (``BEGIN ISOLATION LEVEL SERIALIZABLE``, ``pgbackend``), else ``SET TRANSACTION`` is a
+    round trip of its own. SQLite's ``BEGIN IMMEDIATE`` already runs writers one after
+    another; MongoDB's transactions abort on write conflicts.
     """
     if connection.vendor == "postgresql":
+        begin = getattr(connection, "begin_serializable", None)
+        if begin is not None and begin():
+            return
         with connection.cursor() as cursor:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
 

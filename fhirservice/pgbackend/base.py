@@ -37,6 +37,7 @@ from typing import Any
 
 from django.db.backends.postgresql import base
 from django.db.backends.postgresql.psycopg_any import register_tzloader
+from psycopg import IsolationLevel
 from psycopg.pq import Format, TransactionStatus
 
 
@@ -54,6 +55,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
     """PostgreSQL, checked for a dropped connection by polling its socket."""
 
     ops_class = DatabaseOperations
+    # The isolation level to restore when the transaction that began serializable ends
+    # (see begin_serializable); None: no such transaction.
+    _isolation_after: tuple[IsolationLevel | None] | None = None
 
     def close_if_health_check_failed(self) -> None:
         """Close the connection when the server ended it (once per request, as Django's)."""
@@ -99,6 +103,33 @@ class DatabaseWrapper(base.DatabaseWrapper):
             and self.connection is not None
             and self.connection.info.transaction_status == TransactionStatus.IDLE
         )
+
+    def begin_serializable(self) -> bool:
+        """Begin the current, unbegun transaction (:meth:`transaction_unbegun`) at
+        ``SERIALIZABLE``; False, doing nothing, when it began already.
+
+        psycopg sends ``BEGIN ISOLATION LEVEL SERIALIZABLE`` with the transaction's first
+        statement: one round trip, where ``BEGIN`` and ``SET TRANSACTION`` were two. The
+        connection's own level comes back when the outermost atomic block ends, before its
+        on-commit callbacks run (:meth:`_set_autocommit`), so no later transaction inherits it.
+        """
+        if not self.transaction_unbegun():
+            return False
+        raw = self.connection
+        if self._isolation_after is None:
+            self._isolation_after = (raw.isolation_level,)
+        raw.isolation_level = IsolationLevel.SERIALIZABLE
+        return True
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        if autocommit and self._isolation_after is not None:
+            (level,) = self._isolation_after
+            self._isolation_after = None
+            # IDLE after the COMMIT or ROLLBACK; otherwise the connection broke, Django
+            # closes it, and a new one starts at the configured level.
+            if self.connection.info.transaction_status == TransactionStatus.IDLE:
+                self.connection.isolation_level = level
+        super()._set_autocommit(autocommit)
 
     def run_alone(self, sql: str, params: Any) -> None:
         """Run ``sql`` as the whole of the current, unbegun transaction (see
