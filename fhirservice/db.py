@@ -5,6 +5,7 @@ Store, group and operation code never asks which backend runs; it calls these:
 - :func:`atomic`: ``django.db.transaction.atomic`` does nothing on django-mongodb-backend,
   whose own ``atomic`` runs a MongoDB transaction (replica sets only), so that a version, its
   history row and its outbox rows commit together on every backend;
+- :func:`no_savepoints`: nested atomic blocks without savepoints, for a unit that fails whole;
 - :func:`lock_rows`: row locks where the backend has them (PostgreSQL);
 - :func:`serializable`: PostgreSQL's ``SERIALIZABLE`` isolation (SQLite serializes writers
   with ``BEGIN IMMEDIATE``, see settings; MongoDB runs snapshot transactions);
@@ -20,7 +21,8 @@ import random
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from django.db import (
@@ -34,6 +36,8 @@ from django.db import (
 
 T = TypeVar("T")
 
+# Where the connection says that nested atomic blocks take no savepoint (no_savepoints).
+NO_SAVEPOINTS_ATTR = "fhir_no_savepoints"
 # PostgreSQL's serialization failure and deadlock (SQLSTATE): the transaction lost a race.
 TRANSIENT_SQLSTATES = ("40001", "40P01")
 # SQLite primary result codes that mean the file cannot be used now: BUSY and LOCKED (a lock
@@ -45,14 +49,35 @@ SQLITE_DEFAULT_TIMEOUT = 5.0
 
 
 def atomic(**kwargs: Any) -> Any:
-    """The backend's atomic block (a context manager)."""
+    """The backend's atomic block (a context manager); inside :func:`no_savepoints`, a block
+    nested in another takes no savepoint."""
     if connection.vendor == "mongodb":
         # Imported on MongoDB only: importing the package registers its checks, lookups and
         # expressions with Django, which SQL backends need not carry.
         from django_mongodb_backend import transaction as mongo_transaction
 
         return mongo_transaction.atomic(**kwargs)
+    if getattr(connection, NO_SAVEPOINTS_ATTR, False) and connection.in_atomic_block:
+        kwargs.setdefault("savepoint", False)
     return transaction.atomic(**kwargs)
+
+
+@contextmanager
+def no_savepoints() -> Iterator[None]:
+    """Inside, :func:`atomic` blocks nested in the current one take no savepoint.
+
+    For a unit whose every error rolls back its whole transaction (an operation region:
+    nothing in it catches an error and goes on), where a savepoint only costs two round
+    trips (``SAVEPOINT``, ``RELEASE SAVEPOINT``). A nested block that fails then marks the
+    transaction for rollback instead of rolling back to its savepoint; a statement run after
+    catching such an error raises Django's ``TransactionManagementError``.
+    """
+    before = getattr(connection, NO_SAVEPOINTS_ATTR, False)
+    setattr(connection, NO_SAVEPOINTS_ATTR, True)
+    try:
+        yield
+    finally:
+        setattr(connection, NO_SAVEPOINTS_ATTR, before)
 
 
 def in_transaction() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fhirservice.models import StoredResource
 from fhirservice.store.content import without_server_meta
 from fhirservice.store.handlers import VersionWrite, WriteContext
 from fhirservice.store.json import loads
@@ -26,12 +27,18 @@ from groups.storage import roster_storage
 
 
 def group_members_change(
-    *, group_id: str, delta: RosterDelta, context: WriteContext, if_match: int | None = None
+    *,
+    group_id: str,
+    delta: RosterDelta,
+    context: WriteContext,
+    if_match: int | None = None,
+    locked: StoredResource | None = None,
 ) -> WriteResult:
     """A new Group version that applies ``delta`` to the roster (body otherwise unchanged).
 
     The delta travels as the write's payload to the post-save path, so its events go through
-    the same outbox and shipping as every other roster write.
+    the same outbox and shipping as every other roster write. ``locked``: the Group's current
+    row as the caller's transaction read it locked (``write_version``).
     """
 
     def build(draft: VersionWrite) -> None:
@@ -46,6 +53,7 @@ def group_members_change(
         build=build,
         if_match=if_match,
         must_exist=True,
+        locked=locked,
     )
 
 

@@ -93,6 +93,7 @@ def handle(
             delta=RosterDelta(puts=[member]),
             context=context,
             if_match=group.version_id,
+            locked=group,
         )
         tx.wrote(group.key, result.row.version_id)
         return patient, result.row.version_id

@@ -89,7 +89,11 @@ def handle(
         else:
             delta = RosterDelta(puts=[member._replace(inactive=True)])
         result = group_members_change(
-            group_id=group.resource_id, delta=delta, context=context, if_match=group.version_id
+            group_id=group.resource_id,
+            delta=delta,
+            context=context,
+            if_match=group.version_id,
+            locked=group,
         )
         tx.wrote(group.key, result.row.version_id)
         return result.row.version_id

@@ -71,6 +71,7 @@ MSG_CONDITION_ID_TAKEN = (
     "The body's id {found!r} names an existing {type} that the condition does not match"
 )
 MSG_CONDITION_NO_MATCH = "No {type} matches the condition {query!r}"
+MSG_LOCKED_ROW = "The row of {key} passed as read locked must be read in this transaction"
 MSG_CONDITIONAL_DELETE_LIMIT = (
     "The condition matches more than {limit} resources; a conditional delete removes at most "
     "{limit} (setting CONDITIONAL_DELETE_MAX); narrow the criteria"
@@ -171,21 +172,32 @@ def write_version(
     may_create: bool = False,
     must_exist: bool = False,
     fresh: bool = False,
+    locked: StoredResource | None = None,
 ) -> WriteResult:
     """Write one new version of ``Type/id``; ``build`` fills in the draft's body and payload.
 
     ``build`` runs inside the transaction, once per attempt, and sees ``draft.previous`` (the
     current row, or None). It may raise a FhirError to abort without writing. ``fresh``: the
-    id was just generated here (a UUID), so no row can exist and none is read.
+    id was just generated here (a UUID), so no row can exist and none is read. ``locked``:
+    the current row as the caller's own transaction read it with its lock (an operation
+    region's first read), so it is not read again; only inside that transaction.
     """
     key = f"{resource_type}/{resource_id}"
     # The unit is the whole transaction (run_write opens it), and persisting is its end.
     alone = not db.in_transaction()
+    if locked is not None and (alone or locked.key != key):
+        # Outside the caller's transaction a retry would need the row read anew.
+        raise ValueError(MSG_LOCKED_ROW.format(key=key))
 
     def unit() -> WriteResult:
         # A fresh id skips the lookup: it was a statement of its own and ~10% of a create's
-        # CPU, and the INSERT's primary key would still refuse a duplicate.
-        current = None if fresh else current_row(key, lock=True)
+        # CPU, and the INSERT's primary key would still refuse a duplicate. A row the caller
+        # holds locked cannot have changed since it read it (and the UPDATE's compare-and-set
+        # on its version would still refuse a newer one).
+        if locked is not None:
+            current = locked
+        else:
+            current = None if fresh else current_row(key, lock=True)
         if current is not None and not is_visible(current):
             # Another organization's id (even a deleted one) answers as an unknown one, and
             # update-as-create cannot take it over.
