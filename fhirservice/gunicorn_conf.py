@@ -36,10 +36,11 @@ MSG_SETTLED = "gunicorn setting {name!r} changed after the worker started servin
 def post_worker_init(worker: Any) -> None:
     """After the worker loaded the application (``fhirservice.wsgi``, which ran
     ``serving.warm_up``) and before it accepts a connection: warm the threads that will
-    serve its requests (``serving.warm_request_threads``), and settle its configuration
-    (:class:`SettledConfig`)."""
-    from fhirservice.serving import warm_request_threads
+    serve its requests (``serving.warm_request_threads``), settle its configuration
+    (:class:`SettledConfig`) and its garbage collector (``serving.settle_collector``)."""
+    from fhirservice.serving import settle_collector, warm_request_threads
 
     if type(worker.cfg) is Config:
         worker.cfg.__class__ = SettledConfig
     warm_request_threads(getattr(worker, "tpool", None), worker.cfg.threads)
+    settle_collector()

@@ -18,6 +18,7 @@ nothing: what it held is what the outbox's relay is for.
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import threading
 from concurrent import futures
@@ -39,6 +40,11 @@ service_stopping = Signal()
 # Sent once in each request thread of a server process before it serves, on that thread's
 # own metadata connection; receivers take keyword arguments only and write nothing.
 request_thread_starting = Signal()
+
+# The cyclic collector's thresholds in a serving process (settle_collector): the youngest
+# generation collected after 100,000 allocations net instead of CPython's 700, the older
+# ones after 1,000 collections of the one below instead of 10.
+GC_THRESHOLDS = (100_000, 1_000, 1_000)
 
 # The longest wait for the request threads' warm-up (gunicorn gives a booting worker 30 s
 # before it counts as hung; the digests' warm-up may already have taken 5).
@@ -63,6 +69,23 @@ def warm_up() -> None:
     # twice (warm_up called again) would run the receivers twice.
     atexit.unregister(service_stop)
     atexit.register(service_stop)
+
+
+def settle_collector() -> None:
+    """Set the cyclic garbage collector for serving, once the process is warm.
+
+    What the process holds by then (the application, its modules, the warm caches) lives as
+    long as the process: ``gc.freeze`` takes it out of every later collection, after one
+    last collection so no garbage of the start is kept. A request allocates tens of
+    thousands of objects, nearly all freed by reference counting; at CPython's thresholds
+    the collector ran several times per request, each time stopping every request thread
+    of the process (they share the GIL). Measured as served (row 8's mix paced to 100 member
+    writes/s, servers pair, 2 workers): median latency 26 → 11 ms for a PATCH, 12 → 5 ms
+    for a Patient read; paced to 150/s, the service's CPU per request 4.08 → 3.52 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _compile_url_patterns(resolver: URLResolver) -> None:

@@ -1,9 +1,11 @@
 """A server process's request threads start warm (``fhirservice.serving``,
 ``fhirservice.gunicorn_conf``): each holds its own metadata connection before the first
-request, which used to open it (~3.9 ms of the first request of each thread on PostgreSQL)."""
+request, which used to open it (~3.9 ms of the first request of each thread on PostgreSQL);
+and its garbage collector is set for serving once it is warm."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent import futures
 from types import SimpleNamespace
@@ -14,6 +16,30 @@ from django.db import connections
 from fhirservice import gunicorn_conf
 
 THREADS = 4
+
+
+@pytest.fixture(autouse=True)
+def _collector_restored():
+    """The hook sets this (test) process's garbage collector: set it back after each test."""
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def test_a_serving_worker_collects_rarely_and_never_what_it_started_with(transactional_db):
+    from fhirservice.serving import GC_THRESHOLDS
+
+    started_with: list = []  # an object the process holds when it starts serving
+    assert any(o is started_with for o in gc.get_objects())
+    gunicorn_conf.post_worker_init(SimpleNamespace(tpool=None, cfg=SimpleNamespace(threads=1)))
+    assert gc.get_threshold() == GC_THRESHOLDS
+    assert gc.get_freeze_count() > 0
+    assert not any(o is started_with for o in gc.get_objects())  # frozen: out of every scan
+    cycle: list = []
+    cycle.append(cycle)  # garbage made while serving is still collected
+    del cycle
+    assert gc.collect() >= 1
 
 
 def held_connections(pool: futures.Executor) -> list[bool]:
