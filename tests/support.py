@@ -2,24 +2,29 @@
 
 Every FHIR JSON body the API returns is parsed with fhirclient's strict R4 models
 (``tests.fhir_check``), an implementation we did not write, so a malformed response fails the
-test that provoked it. ``run_threads`` runs real threads against the committed database.
+test that provoked it. ``run_threads`` runs real threads against the committed database;
+``pg_trace`` and ``round_trips`` watch what a block sends to PostgreSQL.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import pytest
-from django.db import connections
+from django.db import connection, connections
 from django.test import Client
 
 from groups.outbox import background
 from tests.fhir_check import assert_strict_r4
 
+# The server's message that ends each round trip, in libpq's trace.
+READY_FOR_QUERY = "\tReadyForQuery\t"
 BASE = "/4_0_0"
 FHIR_JSON = "application/fhir+json"
 PATCH_JSON = "application/json-patch+json"
@@ -162,3 +167,33 @@ def run_threads(work: Callable[[int], Any], count: int, *, timeout: float = 300)
     if errors:
         raise errors[0]
     return results
+
+
+@contextmanager
+def pg_trace() -> Iterator[list[str]]:
+    """libpq's trace of the block's messages to and from PostgreSQL, on the default
+    connection (its lines are in the list after the block)."""
+    from psycopg.pq import Trace
+
+    connection.ensure_connection()
+    pgconn = connection.connection.pgconn
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield lines
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        lines.extend(trace.read().decode("utf-8", "replace").splitlines())
+
+
+@contextmanager
+def round_trips() -> Iterator[list[int]]:
+    """The block's round trips to PostgreSQL, from libpq's trace (each ends with the server's
+    ReadyForQuery): the count is in the list after the block."""
+    count: list[int] = []
+    with pg_trace() as lines:
+        yield count
+    count.append(sum(READY_FOR_QUERY in line for line in lines))

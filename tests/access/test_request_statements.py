@@ -14,10 +14,7 @@ ReadyForQuery): transaction control and the network wait are what a statement co
 from __future__ import annotations
 
 import re
-import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -27,15 +24,14 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from oauth2_provider.models import get_access_token_model
-from psycopg.pq import Trace
 
 from fhirservice.models import ResourceVersion, SearchToken, StoredResource
 from fhirservice.store import services
 from tests.access.conftest import TokenClient, make_client
+from tests.support import round_trips
 
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK")
 TABLE_RE = re.compile(r'\b(?:FROM|JOIN|INTO)\s+"?(\w+)')
-READY_FOR_QUERY = "\tReadyForQuery\t"
 PATIENT = {
     "resourceType": "Patient",
     "identifier": [{"system": "urn:test:statements", "value": "mrn-1"}],
@@ -60,23 +56,6 @@ def statements(captured: CaptureQueriesContext) -> list[str]:
         tables = list(dict.fromkeys(TABLE_RE.findall(sql)))
         found.append(" ".join([verb, *tables]))
     return found
-
-
-@contextmanager
-def round_trips() -> Iterator[list[int]]:
-    """Counts the round trips to PostgreSQL of the block (the count is in the list after)."""
-    connection.ensure_connection()
-    pgconn = connection.connection.pgconn
-    count: list[int] = []
-    with tempfile.TemporaryFile() as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
-        try:
-            yield count
-        finally:
-            pgconn.untrace()
-        trace.seek(0)
-        count.append(trace.read().decode("utf-8", "replace").count(READY_FOR_QUERY))
 
 
 TOKEN_LOOKUP = "oauth2_provider_accesstoken oauth2_provider_application fhir_access_clientprofile"

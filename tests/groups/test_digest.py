@@ -10,8 +10,6 @@ whether a write asked it: a write that needed the lookup then records its events
 from __future__ import annotations
 
 import sys
-import tempfile
-from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,7 +41,7 @@ from tests.groups.conftest import (
     remove_ref,
     stored_version,
 )
-from tests.support import run_threads
+from tests.support import round_trips, run_threads
 
 A, B, C, D, X, Y = (f"Patient/dg-{n}" for n in "abcdxy")
 
@@ -110,25 +108,6 @@ def test_members_written_by_another_process_are_caught_up(live_api, monkeypatch)
     assert events_of(gid, D) == ["added"]
     assert digests.get(key).version == stored_version(gid)
     assert refs_of(read(live_api, gid)) == [A, B, C, D, X]
-
-
-@contextmanager
-def round_trips() -> Iterator[list[int]]:
-    """Counts the block's round trips to PostgreSQL, from libpq's trace (each ends with the
-    server's ReadyForQuery); the count is in the list after the block."""
-    from psycopg.pq import Trace
-
-    pgconn = connection.connection.pgconn
-    count: list[int] = []
-    with tempfile.TemporaryFile() as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
-        try:
-            yield count
-        finally:
-            pgconn.untrace()
-        trace.seek(0)
-        count.append(trace.read().decode("utf-8", "replace").count("\tReadyForQuery\t"))
 
 
 def test_a_catch_up_reads_pages_of_the_versions_range(live_api, monkeypatch) -> None:

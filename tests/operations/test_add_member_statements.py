@@ -18,15 +18,11 @@ when anything in it fails (no savepoint to stop at) and runs again after a lost 
 from __future__ import annotations
 
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
-from psycopg.pq import Trace
 
 from fhirservice import db
 from fhirservice.errors import Conflict, PreconditionFailed
@@ -51,11 +47,10 @@ from tests.operations.conftest import (
     store_counts,
     text,
 )
-from tests.support import FhirClient, run_threads
+from tests.support import READY_FOR_QUERY, FhirClient, pg_trace, run_threads
 
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK")
 TABLE_RE = re.compile(r'\b(?:FROM|JOIN|INTO|UPDATE)\s+"?(\w+)')
-READY_FOR_QUERY = "\tReadyForQuery\t"
 TOKEN_LOOKUP = "oauth2_provider_accesstoken oauth2_provider_application fhir_access_clientprofile"
 GROUP_READ = "SELECT fhirservice_storedresource"
 # The tables in the order the statement names them: the organization's subquery first.
@@ -76,23 +71,6 @@ def statements(captured: CaptureQueriesContext) -> list[str]:
         lock = ["FOR UPDATE"] if sql.upper().endswith("FOR UPDATE") else []
         found.append(" ".join([verb, *tables, *lock]))
     return found
-
-
-@contextmanager
-def traced() -> Iterator[list[str]]:
-    """libpq's trace of the block's messages to and from PostgreSQL (in the list after)."""
-    connection.ensure_connection()
-    pgconn = connection.connection.pgconn
-    lines: list[str] = []
-    with tempfile.TemporaryFile() as trace:
-        pgconn.trace(trace.fileno())
-        pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
-        try:
-            yield lines
-        finally:
-            pgconn.untrace()
-        trace.seek(0)
-        lines.extend(trace.read().decode("utf-8", "replace").splitlines())
 
 
 def isolation() -> str:
@@ -161,7 +139,7 @@ def test_add_member_reads_the_group_once_and_the_patient_in_one_statement(
 def test_add_member_is_six_round_trips_on_postgresql(client: TokenClient) -> None:
     postgresql_only()
     gid, identifier = warmed_group(client)
-    with traced() as trace:
+    with pg_trace() as trace:
         response = add_member(client, gid, ident(identifier))
     assert response.status == 200, response
     # The token, BEGIN, the Group, the Patient, the UPDATE, COMMIT.
