@@ -16,8 +16,10 @@ import itertools
 import json
 import os
 import random
+import time
+from collections.abc import Callable
 
-from locust import FastHttpUser, between, constant_throughput, events
+from locust import FastHttpUser, between, events
 
 CONFIG = json.loads(open(os.environ["FHIR_LOAD_CONFIG"]).read())  # noqa: SIM115
 BASE = CONFIG["base_path"]
@@ -165,13 +167,30 @@ TASKS = {
 }
 
 
+def poisson_pace(rate: float) -> Callable[[FastHttpUser], float]:
+    """Waits that start a client's tasks as a Poisson process of ``rate`` per second: each
+    start due an exponential interval after the last one, at once when the client is
+    behind (no burst to catch up).
+
+    Locust's ``constant_throughput`` kept a constant interval, and its clients fell into
+    step: Patient reads paced to 100/s from 32 clients measured p50 19-36 ms with it, 3 ms
+    with random waits, while the service's own log had ~2-6 ms.
+    """
+
+    def wait(user: FastHttpUser) -> float:
+        now = time.monotonic()
+        due = max(getattr(user, "_due", now) + random.expovariate(rate), now)
+        user._due = due
+        return due - now
+
+    return wait
+
+
 class FhirClient(FastHttpUser):
     """One client of the service; keep-alive connections (geventhttpclient). Paced clients
     run at most ``user_rate`` tasks per second each."""
 
     tasks = {TASKS[name]: weight for name, weight in CONFIG["weights"].items()}
     wait_time = (
-        between(0, 0.01)
-        if CONFIG["user_rate"] is None
-        else constant_throughput(CONFIG["user_rate"])
+        between(0, 0.01) if CONFIG["user_rate"] is None else poisson_pace(CONFIG["user_rate"])
     )

@@ -1113,7 +1113,7 @@ class Bench:
             if args.load_rate is None
             else f"paced to {args.load_rate:g} "
             + ("member writes/s" if writes else "requests/s")
-            + " in all (locust's constant_throughput)"
+            + " in all (Poisson starts per client, bench.locustfile.poisson_pace)"
         )
         self.report.note(
             f"row 8: locust --headless, {args.load_users} clients (FastHttpUser, keep-alive, "
