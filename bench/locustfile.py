@@ -187,8 +187,8 @@ def poisson_pace(rate: float) -> Callable[[FastHttpUser], float]:
 
 
 class FhirClient(FastHttpUser):
-    """One client of the service; keep-alive connections (geventhttpclient). Paced clients
-    run at most ``user_rate`` tasks per second each."""
+    """One client of the service; keep-alive connections (geventhttpclient). A paced client
+    starts ``user_rate`` tasks per second on average (``poisson_pace``)."""
 
     tasks = {TASKS[name]: weight for name, weight in CONFIG["weights"].items()}
     wait_time = (

@@ -64,15 +64,10 @@ def patient_keys(identifier: dict[str, Any]) -> list[str]:
     with prepared_cursor(connection) as cursor:
         cursor.execute(sql, [bound.get(slot, slot) for slot in slots])
         rows = cursor.fetchall()
+    # As visible_keys: a restricted caller sees a key whose current row it may see (a token
+    # without a current row has no organization, which no restricted caller sees).
     caller = access.current()
-    # As visible_keys: a restricted caller sees a key whose current row it may see.
-    return sorted(
-        {
-            key
-            for key, organization in rows
-            if not caller.restricted or (organization is not None and caller.sees(organization))
-        }
-    )
+    return sorted({key for key, organization in rows if caller.sees(organization)})
 
 
 @cache
