@@ -59,33 +59,45 @@ def patient_keys(identifier: dict[str, Any]) -> list[str]:
         if system:
             tokens = tokens.filter(system=system)
         return visible_keys(sorted(set(tokens.values_list("resource_key", flat=True))))
-    sql, slots = _identifier_lookup(connection.alias, bool(system))
+    caller = access.current()
+    sql, slots = _identifier_lookup(connection.alias, bool(system), caller.restricted)
     bound = {VALUE_SLOT: value, SYSTEM_SLOT: system}
     with prepared_cursor(connection) as cursor:
         cursor.execute(sql, [bound.get(slot, slot) for slot in slots])
         rows = cursor.fetchall()
+    if not caller.restricted:
+        return sorted({key for (key,) in rows})
     # As visible_keys: a restricted caller sees a key whose current row it may see (a token
     # without a current row has no organization, which no restricted caller sees).
-    caller = access.current()
     return sorted({key for key, organization in rows if caller.sees(organization)})
 
 
 @cache
-def _identifier_lookup(alias: str, with_system: bool) -> tuple[str, tuple[Any, ...]]:
+def _identifier_lookup(
+    alias: str, with_system: bool, restricted: bool
+) -> tuple[str, tuple[Any, ...]]:
     """The identifier lookup's SQL on ``alias`` and its parameters, ``VALUE_SLOT`` and
-    ``SYSTEM_SLOT`` where a call's value and system go: (Patient key, organization of its
-    current row or NULL) for each token."""
-    organization = StoredResource.objects.filter(key=OuterRef("resource_key")).values(
-        "organization"
-    )[:1]
+    ``SYSTEM_SLOT`` where a call's value and system go: the Patient key of each token, and
+    for a ``restricted`` caller the organization of its current row (or NULL).
+
+    An unrestricted caller's lookup reads no current row, as ``visible_keys`` reads none for
+    it: in a serializable region that read took predicate locks on the current rows' index
+    pages, where another region's Group update could then conflict with it.
+    """
     tokens = SearchToken.objects.using(alias).filter(
         resource_type="Patient", param="identifier", value=VALUE_SLOT
     )
     if with_system:
         tokens = tokens.filter(system=SYSTEM_SLOT)
-    query = tokens.annotate(organization=Subquery(organization)).values_list(
-        "resource_key", "organization"
-    )
+    if restricted:
+        organization = StoredResource.objects.filter(key=OuterRef("resource_key")).values(
+            "organization"
+        )[:1]
+        query = tokens.annotate(organization=Subquery(organization)).values_list(
+            "resource_key", "organization"
+        )
+    else:
+        query = tokens.values_list("resource_key")
     return query.query.get_compiler(using=alias).as_sql()
 
 

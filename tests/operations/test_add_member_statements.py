@@ -287,3 +287,26 @@ def test_a_locked_row_keeps_the_version_check(live_api: FhirClient) -> None:
     with pytest.raises(ValueError, match=f"Group/{gid}"):
         group_members_change(group_id=gid, delta=RosterDelta(), context=context, locked=row)
     assert StoredResource.objects.get(key=f"Group/{gid}").version_id == 1
+
+
+def test_an_unrestricted_callers_patient_lookup_reads_no_current_row(
+    live_api: FhirClient,
+) -> None:
+    # As visible_keys, which reads no row for a caller without a boundary: in a serializable
+    # region such a read took predicate locks on the current rows' index pages.
+    from fhirservice import access
+    from operations.patients import patient_keys
+
+    identifier = new_identifier()
+    created = live_api.post("/Patient", {"resourceType": "Patient", "identifier": [identifier]})
+    assert created.status == 201, created
+    with access.acting_as(access.Access()), CaptureQueriesContext(connection) as captured:
+        keys = patient_keys(identifier)
+    assert keys == [f"Patient/{created.body['id']}"]
+    assert [q["sql"] for q in captured.captured_queries if "storedresource" in q["sql"]] == []
+    with (
+        access.acting_as(access.Access(organization="elsewhere")),
+        CaptureQueriesContext(connection) as restricted,
+    ):
+        assert patient_keys(identifier) == keys  # created without organization: shared
+    assert any("storedresource" in q["sql"] for q in restricted.captured_queries)
