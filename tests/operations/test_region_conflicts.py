@@ -9,7 +9,7 @@ it, and one of them failed and ran again. No index of the current rows holds
 minute of its previous version is HOT and writes no index entry.
 
 That holds where PostgreSQL reads the current rows and the tokens through their indexes:
-past a few pages (~150 resources). A table that ``ANALYZE`` saw at a page or two is read
+past a few pages (~150 resources). A table that ``ANALYZE`` saw at a few pages is read
 whole (a sequential scan), and a serializable whole-table read locks the whole table; then
 any two regions conflict and one runs again (ADR 0011). The test database is emptied
 between tests and autovacuum analyzes it at moments of its own, so the no-conflict test
