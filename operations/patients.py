@@ -81,8 +81,8 @@ def _identifier_lookup(
     for a ``restricted`` caller the organization of its current row (or NULL).
 
     An unrestricted caller's lookup reads no current row, as ``visible_keys`` reads none for
-    it: in a serializable region that read took predicate locks on the current rows' index
-    pages, where another region's Group update could then conflict with it.
+    it: the join read the current rows' key index for nothing (and in a serializable region
+    held predicate locks on its pages).
     """
     tokens = SearchToken.objects.using(alias).filter(
         resource_type="Patient", param="identifier", value=VALUE_SLOT

@@ -139,6 +139,11 @@ def patient(family: str = "Chalmers", given: str = "Peter", **extra: Any) -> dic
     return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}], **extra}
 
 
+def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
+    """A Bundle of ``kind`` (``transaction``, ``batch``, ...) holding ``entries``."""
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
 def run_threads(work: Callable[[int], Any], count: int, *, timeout: float = 300) -> list[Any]:
     """Run ``work(index)`` in ``count`` threads released together; their results, in order.
 

@@ -16,6 +16,7 @@ import pytest
 from fhirservice.models import ResourceVersion, StoredResource
 from tests.access.conftest import TokenClient, create_patient, make_client, new_identifier
 from tests.access.test_interactions import snapshot
+from tests.support import bundle
 
 
 def put_new(api: TokenClient, resource_id: str | None = None) -> Any:
@@ -30,7 +31,7 @@ def conditional_create(api: TokenClient, identifier: dict[str, str]) -> Any:
 
 
 def transaction(*entries: dict[str, Any], kind: str = "transaction") -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+    return bundle(kind, *entries)
 
 
 def put_entry(resource_id: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tests.access.conftest import (
     new_identifier,
     parameters,
 )
-from tests.support import FhirResponse
+from tests.support import FhirResponse, bundle
 
 
 @dataclass
@@ -61,10 +61,6 @@ def ident(identifier: dict[str, str]) -> dict[str, Any]:
 
 def reference(name: str, ref: str) -> dict[str, Any]:
     return {"name": name, "valueReference": {"reference": ref}}
-
-
-def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
 
 
 Call = Callable[[TokenClient, World], FhirResponse]

@@ -16,15 +16,11 @@ import pytest
 
 from fhirservice.bundles import MSG_ENTRY_FAILED
 from tests.fhirservice.test_api_errors import assert_outcome, row_counts
-from tests.support import patient
+from tests.support import bundle, patient
 
 # Groups are stored here: their rosters need the ClickHouse tables.
 
 SERVER = "http://testserver/4_0_0"
-
-
-def bundle(kind: str, *entries: dict) -> dict:
-    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
 
 
 def post(resource: dict, full_url: str | None = None, **request) -> dict:

@@ -32,7 +32,7 @@ from tests.access.conftest import make_client
 from tests.fhirservice.test_api_errors import assert_outcome, row_counts
 from tests.fhirservice.test_settings import run_django
 from tests.groups.conftest import group, member, outbox_events, read, refs_of
-from tests.support import FhirClient, patient, run_threads
+from tests.support import FhirClient, bundle, patient, run_threads
 
 SYSTEM = "urn:cond"
 
@@ -363,10 +363,6 @@ def test_the_delete_mode_and_bound_come_from_the_environment(tmp_path):
 
 
 # --- Bundles -----------------------------------------------------------------------------
-
-
-def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
 
 
 def test_transaction_runs_conditional_update_patch_and_delete(api):

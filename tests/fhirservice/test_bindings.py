@@ -30,9 +30,9 @@ from fhirservice.management.commands.report_binding_violations import (
     MSG_NONE,
 )
 from tests.external import r4_examples
-from tests.fhirservice.test_api_bundles import bundle, post, put
+from tests.fhirservice.test_api_bundles import post, put
 from tests.fhirservice.test_api_errors import assert_outcome, row_counts
-from tests.support import backend_independent, patient
+from tests.support import backend_independent, bundle, patient
 
 GENDER = "http://hl7.org/fhir/ValueSet/administrative-gender"
 CONTACT_SYSTEM = "http://hl7.org/fhir/ValueSet/contact-point-system"

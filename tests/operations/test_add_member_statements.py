@@ -292,8 +292,8 @@ def test_a_locked_row_keeps_the_version_check(live_api: FhirClient) -> None:
 def test_an_unrestricted_callers_patient_lookup_reads_no_current_row(
     live_api: FhirClient,
 ) -> None:
-    # As visible_keys, which reads no row for a caller without a boundary: in a serializable
-    # region such a read took predicate locks on the current rows' index pages.
+    # As visible_keys, which reads no row for a caller without a boundary: the join read the
+    # current rows' key index for nothing (in a serializable region, predicate locks too).
     from fhirservice import access
     from operations.patients import patient_keys
 

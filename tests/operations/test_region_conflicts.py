@@ -35,7 +35,7 @@ from tests.operations.conftest import (
     ident,
 )
 from tests.operations.conftest import new_identifier as fresh_identifier
-from tests.support import FhirClient, run_threads
+from tests.support import FhirClient, bundle, run_threads
 
 # A test's writes stay within one minute when it starts at most this far into one.
 LATEST_START_SECOND = 40
@@ -65,16 +65,14 @@ def _same_minute() -> None:
 def _fill_tables(api: FhirClient) -> None:
     """Give the current rows and the tokens the size at which PostgreSQL reads them through
     their indexes, whenever autovacuum last analyzed them (one transaction Bundle)."""
-    entry = {"request": {"method": "POST", "url": "Patient"}}
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {**entry, "resource": {"resourceType": "Patient", "identifier": [fresh_identifier()]}}
-            for _ in range(FILLER_PATIENTS)
-        ],
-    }
-    response = api.post("", bundle)
+    entries = (
+        {
+            "resource": {"resourceType": "Patient", "identifier": [fresh_identifier()]},
+            "request": {"method": "POST", "url": "Patient"},
+        }
+        for _ in range(FILLER_PATIENTS)
+    )
+    response = api.post("", bundle("transaction", *entries))
     assert response.status == 200, response
 
 
